@@ -1,0 +1,127 @@
+//! Who may see what: token claims → channels and message visibility.
+//!
+//! Invariant: deny unless a rule allows. The rules are the contract's: `user:X` for X and
+//! admins, `project:X` for holders of X or `*`, `system`/`alerts`/`audit` for admins, and any
+//! other channel only through the `channels` claim (exact names, `prefix:*` patterns, or `*`).
+
+use serde::Deserialize;
+
+use super::channel::{self, ChannelKind};
+
+/// The claims ringcast reads from a token. Unknown claims are ignored.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Project ids this user may see; `"*"` means all.
+    #[serde(default)]
+    pub projects: Vec<String>,
+    /// Further channel names or `prefix:*` patterns (`"*"` allows every channel).
+    #[serde(default)]
+    pub channels: Vec<String>,
+    /// Expiry, seconds since the Unix epoch.
+    #[serde(default)]
+    pub exp: Option<u64>,
+}
+
+impl Claims {
+    pub fn is_admin(&self) -> bool {
+        self.roles.iter().any(|r| r == "admin")
+    }
+
+    pub fn has_project(&self, project: &str) -> bool {
+        self.projects.iter().any(|p| p == "*" || p == project)
+    }
+
+    fn channels_claim_allows(&self, name: &str) -> bool {
+        self.channels
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => pattern == name,
+            })
+    }
+
+    /// May this token subscribe to `name` (a valid channel name)?
+    pub fn can_subscribe(&self, name: &str) -> bool {
+        match channel::kind(name) {
+            ChannelKind::User(user) => self.sub == user || self.is_admin(),
+            ChannelKind::Project(project) => self.has_project(project),
+            ChannelKind::Admin => self.is_admin(),
+            ChannelKind::Other => self.channels_claim_allows(name),
+        }
+    }
+
+    /// May this token see a message published with these visibility fields?
+    pub fn can_see(&self, project_id: Option<&str>, user_id: Option<&str>) -> bool {
+        project_id.is_none_or(|p| self.has_project(p))
+            && user_id.is_none_or(|u| self.sub == u || self.is_admin())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(sub: &str, roles: &[&str], projects: &[&str], channels: &[&str]) -> Claims {
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        Claims {
+            sub: sub.into(),
+            roles: owned(roles),
+            projects: owned(projects),
+            channels: owned(channels),
+            exp: None,
+        }
+    }
+
+    #[test]
+    fn user_channels() {
+        let alice = claims("alice", &[], &[], &[]);
+        assert!(alice.can_subscribe("user:alice"));
+        assert!(!alice.can_subscribe("user:bob"));
+        assert!(claims("root", &["admin"], &[], &[]).can_subscribe("user:bob"));
+    }
+
+    #[test]
+    fn project_channels() {
+        let u = claims("u", &[], &["p1"], &[]);
+        assert!(u.can_subscribe("project:p1"));
+        assert!(!u.can_subscribe("project:p2"));
+        assert!(!u.can_subscribe("project:p1x"));
+        assert!(claims("u", &[], &["*"], &[]).can_subscribe("project:anything"));
+        // admin alone does not open projects: the rule is the projects claim
+        assert!(!claims("root", &["admin"], &[], &[]).can_subscribe("project:p1"));
+    }
+
+    #[test]
+    fn admin_channels() {
+        for ch in ["system", "alerts", "audit"] {
+            assert!(claims("root", &["admin"], &[], &[]).can_subscribe(ch));
+            assert!(!claims("u", &[], &["*"], &["*"]).can_subscribe(ch));
+        }
+    }
+
+    #[test]
+    fn other_channels_need_the_channels_claim() {
+        let u = claims("u", &[], &["*"], &["task:*", "dashboard"]);
+        assert!(u.can_subscribe("task:t9"));
+        assert!(u.can_subscribe("dashboard"));
+        assert!(!u.can_subscribe("agent:a1"));
+        assert!(!claims("u", &[], &["*"], &[]).can_subscribe("dashboard"));
+        assert!(claims("u", &[], &[], &["*"]).can_subscribe("agent:a1"));
+    }
+
+    #[test]
+    fn message_visibility() {
+        let u = claims("u", &[], &["p1"], &[]);
+        assert!(u.can_see(None, None));
+        assert!(u.can_see(Some("p1"), None));
+        assert!(!u.can_see(Some("p2"), None));
+        assert!(u.can_see(None, Some("u")));
+        assert!(!u.can_see(None, Some("v")));
+        assert!(!u.can_see(Some("p1"), Some("v")));
+        assert!(claims("root", &["admin"], &[], &[]).can_see(None, Some("v")));
+    }
+}

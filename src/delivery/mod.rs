@@ -1,0 +1,40 @@
+//! Delivery core: channels, sequencing, replay rings, rooms, access rules and heartbeats.
+//!
+//! Pure: no sockets, no clocks (time comes in as `now_ms` / `Instant` arguments), no threads.
+//! The runtime is the only caller.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub mod access;
+pub mod channel;
+pub mod heartbeat;
+pub mod ring;
+pub mod rooms;
+pub mod sequencer;
+
+/// One sequenced message, as every subscriber receives it: the frame is built once and shared.
+#[derive(Debug)]
+pub struct Delivery {
+    pub channel: Arc<str>,
+    pub seq: u64,
+    /// The complete WebSocket frame (header and JSON payload), the same bytes for every socket.
+    pub frame: Bytes,
+    /// Message-level visibility: only connections allowed to see this project / user get it.
+    pub project_id: Option<Box<str>>,
+    pub user_id: Option<Box<str>>,
+}
+
+/// A message as a publisher sent it, before it has a seq.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub channel: Arc<str>,
+    pub event: Box<str>,
+    /// The publisher's `data`, exactly as sent (raw JSON text).
+    pub data: Box<str>,
+    pub project_id: Option<Box<str>>,
+    pub user_id: Option<Box<str>>,
+    /// Never kept for replay.
+    pub ephemeral: bool,
+}

@@ -1,0 +1,310 @@
+//! Settings: a TOML file, overridden by `RINGCAST_*` environment variables, overridden by flags;
+//! checked once at start with errors that say what to fix.
+//!
+//! Invariant: a `Config` that left `load` is complete and valid; nothing downstream re-checks it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::delivery::heartbeat::HeartbeatConfig;
+use crate::delivery::ring::RingBounds;
+
+/// Which io driver the workers run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoDriver {
+    /// io_uring when the kernel allows it, else epoll with a warning.
+    Auto,
+    /// io_uring or refuse to start.
+    Uring,
+    /// epoll (monoio's legacy driver).
+    Legacy,
+}
+
+/// Command-line flags; each also reads its `RINGCAST_*` variable. Unset ones fall back to the
+/// file, then to the defaults.
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "ringcast",
+    version,
+    about = "Real-time push server (WebSocket fan-out on io_uring)"
+)]
+pub struct Flags {
+    /// TOML settings file.
+    #[arg(long, env = "RINGCAST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:8080.
+    #[arg(long, env = "RINGCAST_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Worker threads, one per core by default.
+    #[arg(long, env = "RINGCAST_WORKERS")]
+    pub workers: Option<usize>,
+    /// HS256 secret for client tokens.
+    #[arg(long, env = "RINGCAST_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Key publishers send as `Authorization: Bearer <key>`.
+    #[arg(long, env = "RINGCAST_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Redis URL; turns cluster mode on.
+    #[arg(long, env = "RINGCAST_REDIS_URL")]
+    pub redis_url: Option<String>,
+    #[arg(long, env = "RINGCAST_IO_DRIVER", value_enum)]
+    pub io_driver: Option<IoDriver>,
+    #[arg(long, env = "RINGCAST_REPLAY_MAX_MESSAGES")]
+    pub replay_max_messages: Option<usize>,
+    #[arg(long, env = "RINGCAST_REPLAY_MAX_AGE_SECS")]
+    pub replay_max_age_secs: Option<u64>,
+    #[arg(long, env = "RINGCAST_PING_INTERVAL_MS")]
+    pub ping_interval_ms: Option<u64>,
+    #[arg(long, env = "RINGCAST_PONG_TIMEOUT_MS")]
+    pub pong_timeout_ms: Option<u64>,
+    #[arg(long, env = "RINGCAST_MAX_MISSED_PONGS")]
+    pub max_missed_pongs: Option<u32>,
+    #[arg(long, env = "RINGCAST_DRAIN_TIMEOUT_MS")]
+    pub drain_timeout_ms: Option<u64>,
+    #[arg(long, env = "RINGCAST_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    #[arg(long, env = "RINGCAST_MAX_CHANNELS_PER_CONNECTION")]
+    pub max_channels_per_connection: Option<usize>,
+    #[arg(long, env = "RINGCAST_JWT_LEEWAY_SECS")]
+    pub jwt_leeway_secs: Option<u64>,
+}
+
+/// The same settings as the file holds them (all optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    listen: Option<SocketAddr>,
+    workers: Option<usize>,
+    jwt_secret: Option<String>,
+    api_key: Option<String>,
+    redis_url: Option<String>,
+    io_driver: Option<IoDriver>,
+    replay_max_messages: Option<usize>,
+    replay_max_age_secs: Option<u64>,
+    ping_interval_ms: Option<u64>,
+    pong_timeout_ms: Option<u64>,
+    max_missed_pongs: Option<u32>,
+    drain_timeout_ms: Option<u64>,
+    max_message_bytes: Option<usize>,
+    max_channels_per_connection: Option<usize>,
+    jwt_leeway_secs: Option<u64>,
+}
+
+/// The settings in force.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub workers: usize,
+    /// `None` only in development mode, before `main` picks a random one.
+    pub jwt_secret: Option<String>,
+    pub api_key: Option<String>,
+    pub io_driver: IoDriver,
+    pub ring: RingBounds,
+    pub heartbeat: HeartbeatConfig,
+    pub drain_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub max_channels_per_connection: usize,
+    pub jwt_leeway_secs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Merges file, environment (already folded into `flags` by clap) and flags, then checks.
+    pub fn load(flags: Flags) -> Result<Config, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => read_file(path)?,
+            None => FileSettings::default(),
+        };
+        if flags.redis_url.or(file.redis_url).is_some() {
+            return Err(ConfigError::Invalid(
+                "RINGCAST_REDIS_URL is set, but cluster mode is not built yet in this version; \
+                 unset it to run a single node"
+                    .into(),
+            ));
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let config = Config {
+            listen: flags
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid literal")),
+            workers: flags.workers.or(file.workers).unwrap_or(cores),
+            jwt_secret: flags.jwt_secret.or(file.jwt_secret),
+            api_key: flags.api_key.or(file.api_key),
+            io_driver: flags.io_driver.or(file.io_driver).unwrap_or(IoDriver::Auto),
+            ring: RingBounds {
+                max_messages: flags
+                    .replay_max_messages
+                    .or(file.replay_max_messages)
+                    .unwrap_or(1000),
+                max_age_ms: flags
+                    .replay_max_age_secs
+                    .or(file.replay_max_age_secs)
+                    .unwrap_or(300)
+                    .saturating_mul(1000),
+            },
+            heartbeat: HeartbeatConfig {
+                ping_interval: ms(flags.ping_interval_ms.or(file.ping_interval_ms), 30_000),
+                pong_timeout: ms(flags.pong_timeout_ms.or(file.pong_timeout_ms), 10_000),
+                max_missed: flags
+                    .max_missed_pongs
+                    .or(file.max_missed_pongs)
+                    .unwrap_or(3),
+            },
+            drain_timeout: ms(flags.drain_timeout_ms.or(file.drain_timeout_ms), 30_000),
+            max_message_bytes: flags
+                .max_message_bytes
+                .or(file.max_message_bytes)
+                .unwrap_or(1 << 20),
+            max_channels_per_connection: flags
+                .max_channels_per_connection
+                .or(file.max_channels_per_connection)
+                .unwrap_or(100),
+            jwt_leeway_secs: flags.jwt_leeway_secs.or(file.jwt_leeway_secs).unwrap_or(5),
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let fail = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.workers == 0 || self.workers > 1024 {
+            return fail("workers must be between 1 and 1024");
+        }
+        if self.ring.max_messages == 0 {
+            return fail("replay_max_messages must be at least 1");
+        }
+        if self.heartbeat.ping_interval.is_zero() || self.heartbeat.pong_timeout.is_zero() {
+            return fail("ping_interval_ms and pong_timeout_ms must be above 0");
+        }
+        if self.heartbeat.max_missed == 0 {
+            return fail("max_missed_pongs must be at least 1");
+        }
+        if self.max_message_bytes < 125 {
+            return fail("max_message_bytes must be at least 125");
+        }
+        if self.max_channels_per_connection == 0 {
+            return fail("max_channels_per_connection must be at least 1");
+        }
+        if matches!(&self.jwt_secret, Some(s) if s.len() < 16) {
+            return fail("RINGCAST_JWT_SECRET must be at least 16 bytes");
+        }
+        if matches!(&self.api_key, Some(k) if k.len() < 16) {
+            return fail("RINGCAST_API_KEY must be at least 16 bytes");
+        }
+        if !self.listen.ip().is_loopback() && (self.jwt_secret.is_none() || self.api_key.is_none())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to listen on {} without RINGCAST_JWT_SECRET and RINGCAST_API_KEY: \
+                 development mode (random secrets) is only for loopback addresses",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
+
+    /// Development mode: loopback and no JWT secret configured.
+    pub fn is_dev_mode(&self) -> bool {
+        self.jwt_secret.is_none()
+    }
+}
+
+fn ms(value: Option<u64>, default_ms: u64) -> Duration {
+    Duration::from_millis(value.unwrap_or(default_ms))
+}
+
+fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_a_working_dev_node() {
+        let c = Config::load(Flags::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert!(c.is_dev_mode());
+        assert_eq!(c.ring, RingBounds::default());
+        assert_eq!(c.heartbeat, HeartbeatConfig::default());
+        assert_eq!(c.max_message_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn public_address_needs_secrets() {
+        let flags = Flags {
+            listen: Some("0.0.0.0:8080".parse().unwrap()),
+            ..Flags::default()
+        };
+        let err = Config::load(flags).unwrap_err().to_string();
+        assert!(err.contains("refusing to listen on 0.0.0.0:8080"), "{err}");
+    }
+
+    #[test]
+    fn flags_beat_the_file() {
+        let dir = std::env::temp_dir().join(format!("ringcast-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ringcast.toml");
+        std::fs::write(&path, "workers = 3\nreplay_max_messages = 50\n").unwrap();
+        let flags = Flags {
+            config: Some(path.clone()),
+            workers: Some(1),
+            ..Flags::default()
+        };
+        let c = Config::load(flags).unwrap();
+        assert_eq!(c.workers, 1);
+        assert_eq!(c.ring.max_messages, 50);
+        std::fs::write(&path, "wokers = 3\n").unwrap();
+        let err = Config::load(Flags {
+            config: Some(path),
+            ..Flags::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("wokers"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = Config::load(Flags {
+            workers: Some(0),
+            ..Flags::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("workers"), "{err}");
+        assert!(Config::load(Flags {
+            redis_url: Some("redis://127.0.0.1".into()),
+            ..Flags::default()
+        })
+        .is_err());
+    }
+}

@@ -1,0 +1,222 @@
+//! The front door of every accepted socket: HTTP/1.1 requests (publish, health, metrics) with
+//! keep-alive, and WebSocket upgrades handed to the runtime.
+//!
+//! Invariant: a request that is refused gets a complete HTTP response that says why; only a
+//! request that passed every check (upgrade headers, token, channels) becomes a connection.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use crate::proto::http::{self, HeadError, Parse, Request};
+use crate::runtime::core::Core;
+
+use super::jwt::Verifier;
+use super::{publish, upgrade};
+
+/// Largest request body accepted (a publish batch).
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+const READ_CHUNK: usize = 8192;
+
+/// What the HTTP edge needs besides the core.
+pub struct Edge {
+    pub verifier: Verifier,
+    pub api_key: String,
+}
+
+/// A response to write, and whether the connection goes on afterwards.
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: Vec<u8>) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            headers: Vec::new(),
+            body,
+        }
+    }
+
+    pub fn text(status: u16, body: impl Into<String>) -> Reply {
+        let mut body = body.into().into_bytes();
+        body.push(b'\n');
+        Reply {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            headers: Vec::new(),
+            body,
+        }
+    }
+
+    /// `{"error": "..."}` with the given status.
+    pub fn error(status: u16, message: &str) -> Reply {
+        Reply::json(
+            status,
+            serde_json::to_vec(&serde_json::json!({ "error": message })).expect("json"),
+        )
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn encode(&self, keep_alive: bool) -> Vec<u8> {
+        let headers: Vec<(&str, &str)> =
+            self.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        http::response(
+            self.status,
+            self.content_type,
+            &headers,
+            &self.body,
+            keep_alive,
+        )
+    }
+}
+
+/// Serves one accepted socket until it closes or becomes a WebSocket.
+pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, _peer: SocketAddr) {
+    let mut buf = BytesMut::new();
+    let mut chunk: Vec<u8> = Vec::new();
+    loop {
+        let (request, head_len) = loop {
+            match http::parse_request(&buf) {
+                Ok(Parse::Complete { request, head_len }) => break (request, head_len),
+                Ok(Parse::Partial) => {}
+                Err(e) => return refuse_head(&mut stream, &e).await,
+            }
+            if !read_more(&mut stream, &mut buf, &mut chunk).await {
+                return;
+            }
+        };
+        let _ = buf.split_to(head_len);
+        if request.path.starts_with("/ws") && request.method == "GET" {
+            return upgrade::serve(&edge, core, stream, request, buf).await;
+        }
+        let body_len = match request.content_length() {
+            Ok(n) if n <= MAX_BODY_BYTES => n,
+            Ok(_) => {
+                let reply = Reply::error(413, "request body is larger than 8 MiB");
+                let _ = stream.write_all(reply.encode(false)).await;
+                return;
+            }
+            Err(e) => return refuse_head(&mut stream, &e).await,
+        };
+        while buf.len() < body_len {
+            if !read_more(&mut stream, &mut buf, &mut chunk).await {
+                return;
+            }
+        }
+        let body = buf.split_to(body_len);
+        let keep_alive = request.keep_alive();
+        let reply = route(&edge, &core, &request, &body).await;
+        let (res, _) = stream.write_all(reply.encode(keep_alive)).await;
+        if res.is_err() || !keep_alive {
+            return;
+        }
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut, chunk: &mut Vec<u8>) -> bool {
+    let mut owned = std::mem::take(chunk);
+    owned.reserve(READ_CHUNK);
+    let (res, mut owned) = stream.read(owned).await;
+    let ok = match res {
+        Ok(n) if n > 0 => {
+            buf.extend_from_slice(&owned[..n]);
+            true
+        }
+        _ => false,
+    };
+    owned.clear();
+    *chunk = owned;
+    ok
+}
+
+async fn refuse_head(stream: &mut TcpStream, e: &HeadError) {
+    let reply = Reply::text(e.status(), e.reason());
+    let _ = stream.write_all(reply.encode(false)).await;
+}
+
+async fn route(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET" | "HEAD", "/healthz") => Reply::text(200, "ok"),
+        ("GET" | "HEAD", "/readyz") => {
+            if core.shared.is_draining() {
+                Reply::text(503, "draining")
+            } else {
+                Reply::text(200, "ready")
+            }
+        }
+        ("GET", "/metrics") => metrics(core),
+        ("POST", "/api/v1/publish") => publish::handle(edge, core, req, body).await,
+        (_, "/healthz" | "/readyz" | "/metrics") => {
+            Reply::error(405, "method not allowed").with_header("Allow", "GET")
+        }
+        (_, "/api/v1/publish") => {
+            Reply::error(405, "method not allowed").with_header("Allow", "POST")
+        }
+        _ => Reply::error(404, "no such endpoint"),
+    }
+}
+
+fn metrics(core: &Core) -> Reply {
+    let s = &core.shared.stats;
+    let text = format!(
+        "# HELP ringcast_connections Open WebSocket connections.\n\
+         # TYPE ringcast_connections gauge\n\
+         ringcast_connections {}\n\
+         # HELP ringcast_connections_total WebSocket connections accepted since start.\n\
+         # TYPE ringcast_connections_total counter\n\
+         ringcast_connections_total {}\n\
+         # HELP ringcast_published_total Messages sequenced since start.\n\
+         # TYPE ringcast_published_total counter\n\
+         ringcast_published_total {}\n\
+         # HELP ringcast_frames_queued_total Event frames queued to subscribers since start.\n\
+         # TYPE ringcast_frames_queued_total counter\n\
+         ringcast_frames_queued_total {}\n\
+         # HELP ringcast_draining 1 while the node drains.\n\
+         # TYPE ringcast_draining gauge\n\
+         ringcast_draining {}\n",
+        s.connections.load(Ordering::Relaxed),
+        s.connections_total.load(Ordering::Relaxed),
+        s.published.load(Ordering::Relaxed),
+        s.frames_queued.load(Ordering::Relaxed),
+        u8::from(core.shared.is_draining()),
+    );
+    Reply {
+        status: 200,
+        content_type: "text/plain; version=0.0.4",
+        headers: Vec::new(),
+        body: text.into_bytes(),
+    }
+}
+
+/// Compares secrets in time independent of where they differ.
+pub fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// The bearer token of an `Authorization` header, if any.
+pub fn bearer(req: &Request) -> Option<&str> {
+    let value = req.header("authorization")?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}

@@ -1,0 +1,7 @@
+//! Edges: the HTTP endpoints, tokens and configuration.
+
+pub mod config;
+pub mod http;
+pub mod jwt;
+pub mod publish;
+pub mod upgrade;

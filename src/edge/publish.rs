@@ -1,0 +1,161 @@
+//! `POST /api/v1/publish`: one message or a batch, sequenced by each channel's owner core.
+//!
+//! Invariant: the answer carries the seq of every message, in request order, and comes as soon
+//! as the owners have sequenced them — never after waiting for delivery to subscribers.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::delivery::{channel, Publication};
+use crate::proto::http::Request;
+use crate::runtime::core::Core;
+use crate::runtime::mesh::MeshMsg;
+
+use super::http::{bearer, same_secret, Edge, Reply};
+
+/// Most messages in one publish request.
+pub const MAX_BATCH: usize = 10_000;
+
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    channel: String,
+    event: String,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    project_id: Option<String>,
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)] // accepted per the contract; filters by agent come later
+    agent_id: Option<String>,
+    #[serde(default)]
+    priority: Option<String>,
+    #[serde(default)]
+    ephemeral: bool,
+}
+
+pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
+    match bearer(req) {
+        Some(key) if same_secret(key, &edge.api_key) => {}
+        _ => {
+            return Reply::error(401, "publishing needs Authorization: Bearer <API key>")
+                .with_header("WWW-Authenticate", "Bearer")
+        }
+    }
+    if core.shared.is_draining() {
+        return Reply::error(503, "node is draining; publish to another node");
+    }
+    let (incoming, single) = match parse_body(body) {
+        Ok(parsed) => parsed,
+        Err(message) => return Reply::error(400, &message),
+    };
+    let publications = match incoming
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            check(m).map_err(|e| {
+                if single {
+                    e
+                } else {
+                    format!("message {i}: {e}")
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(p) => p,
+        Err(message) => return Reply::error(400, &message),
+    };
+    let results = match sequence(core, publications).await {
+        Some(r) => r,
+        None => return Reply::error(503, "node is shutting down"),
+    };
+    let body = if single {
+        serde_json::to_vec(&results[0])
+    } else {
+        serde_json::to_vec(&results)
+    };
+    Reply::json(200, body.expect("json"))
+}
+
+#[derive(serde::Serialize)]
+struct Sequenced {
+    channel: Arc<str>,
+    seq: u64,
+}
+
+fn parse_body(body: &[u8]) -> Result<(Vec<Incoming<'_>>, bool), String> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    match first {
+        Some(b'[') => {
+            let batch: Vec<Incoming> =
+                serde_json::from_slice(body).map_err(|e| format!("bad JSON body: {e}"))?;
+            if batch.is_empty() {
+                return Err("empty batch".into());
+            }
+            if batch.len() > MAX_BATCH {
+                return Err(format!("at most {MAX_BATCH} messages per request"));
+            }
+            Ok((batch, false))
+        }
+        Some(b'{') => {
+            let one: Incoming =
+                serde_json::from_slice(body).map_err(|e| format!("bad JSON body: {e}"))?;
+            Ok((vec![one], true))
+        }
+        _ => Err("body must be a JSON object or an array of objects".into()),
+    }
+}
+
+fn check(m: Incoming<'_>) -> Result<Publication, String> {
+    channel::validate(&m.channel).map_err(|e| format!("{e}"))?;
+    if m.event.is_empty() || m.event.len() > 200 {
+        return Err("event must be 1 to 200 bytes".into());
+    }
+    if let Some(p) = m.priority.as_deref() {
+        if !matches!(p, "critical" | "high" | "normal" | "low") {
+            return Err("priority must be critical, high, normal or low".into());
+        }
+    }
+    Ok(Publication {
+        channel: m.channel.into(),
+        event: m.event.into(),
+        data: m.data.map_or("null", |d| d.get()).into(),
+        project_id: m.project_id.map(Into::into),
+        user_id: m.user_id.map(Into::into),
+        ephemeral: m.ephemeral,
+    })
+}
+
+/// Sends each message to its channel's owner core and waits for the seqs.
+async fn sequence(core: &Core, publications: Vec<Publication>) -> Option<Vec<Sequenced>> {
+    let mesh = &core.shared.mesh;
+    let mut per_owner: Vec<Vec<(usize, Publication)>> =
+        (0..mesh.cores()).map(|_| Vec::new()).collect();
+    let mut results: Vec<Sequenced> = Vec::with_capacity(publications.len());
+    for (i, p) in publications.into_iter().enumerate() {
+        results.push(Sequenced {
+            channel: p.channel.clone(),
+            seq: 0,
+        });
+        per_owner[channel::owner_core(&p.channel, mesh.cores())].push((i, p));
+    }
+    let mut waits = Vec::new();
+    for (owner, batch) in per_owner.into_iter().enumerate() {
+        if batch.is_empty() {
+            continue;
+        }
+        let (reply, answer) = futures_channel::oneshot::channel();
+        mesh.send(owner, MeshMsg::Publish { batch, reply });
+        waits.push(answer);
+    }
+    for answer in waits {
+        for (i, seq) in answer.await.ok()? {
+            results[i].seq = seq;
+        }
+    }
+    Some(results)
+}

@@ -1,0 +1,185 @@
+//! `GET /ws` and `GET /ws/projects/{id}`: the WebSocket handshake with token and channels.
+//!
+//! Invariant: the `101` goes out only after the upgrade headers, the token and every requested
+//! channel passed; otherwise the client gets the HTTP status the contract names (400, 401, 403,
+//! 404, 426, 503) and a body saying why.
+
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+
+use crate::delivery::access::Claims;
+use crate::delivery::channel;
+use crate::delivery::heartbeat::Heartbeat;
+use crate::delivery::sequencer::Resume;
+use crate::proto::http::{self, Request};
+use crate::proto::msg::Control;
+use crate::runtime::conn::{self, Conn};
+use crate::runtime::core::Core;
+
+use super::http::{bearer, Edge, Reply};
+
+/// Subprotocol a browser offers (with `bearer.<token>`) and the server selects.
+pub const SUBPROTOCOL: &str = "ringcast";
+/// Prefix of the subprotocol offer that carries the token.
+pub const TOKEN_PROTOCOL_PREFIX: &str = "bearer.";
+
+/// What a valid handshake asked for.
+#[derive(Debug)]
+struct Opening {
+    claims: Claims,
+    channels: Vec<String>,
+    resume: Resume,
+    protocol: Option<&'static str>,
+}
+
+pub async fn serve(
+    edge: &Edge,
+    core: Rc<Core>,
+    mut stream: TcpStream,
+    req: Request,
+    leftover: BytesMut,
+) {
+    let upgrade = match http::websocket_upgrade(&req) {
+        Ok(u) => u,
+        Err(refusal) => {
+            let _ = stream.write_all(refusal.response()).await;
+            return;
+        }
+    };
+    let opening = match open(edge, &core, &req, &upgrade.protocols) {
+        Ok(o) => o,
+        Err(reply) => {
+            let _ = stream.write_all(reply.encode(false)).await;
+            return;
+        }
+    };
+    let (res, _) = stream
+        .write_all(http::accept_response(&upgrade.key, opening.protocol))
+        .await;
+    if res.is_err() {
+        return;
+    }
+    let settings = &core.shared.settings;
+    let conn = Rc::new(Conn::new(
+        core.next_conn_id(),
+        opening.claims,
+        stream.as_raw_fd(),
+        Heartbeat::new(Instant::now(), &settings.heartbeat),
+    ));
+    core.register(conn.clone());
+    let welcome = Control::Welcome {
+        connection_id: &format!("{:x}", conn.id),
+        epoch: &core.shared.epoch,
+        heartbeat_ms: settings.heartbeat.ping_interval.as_millis() as u64,
+        channels: &opening.channels,
+    }
+    .frame();
+    conn.greet_after(welcome, opening.channels.len());
+    for name in &opening.channels {
+        if let Err(e) = core.subscribe(&conn, name, opening.resume, true) {
+            // Checked in `open`; reaching here is a bug, so say so rather than hang the welcome.
+            tracing::error!(conn = conn.id, "initial subscribe failed: {}", e.message);
+            conn.initial_subscribed();
+        }
+    }
+    conn::run(core, stream, conn, leftover).await;
+}
+
+fn open(edge: &Edge, core: &Core, req: &Request, protocols: &[String]) -> Result<Opening, Reply> {
+    if core.shared.is_draining() {
+        return Err(
+            Reply::error(503, "node is draining; reconnect to another node")
+                .with_header("Retry-After", "1"),
+        );
+    }
+    let mut channels: Vec<String> = Vec::new();
+    match req.path.as_str() {
+        "/ws" => {}
+        path => match path.strip_prefix("/ws/projects/") {
+            Some(project) if !project.is_empty() && !project.contains('/') => {
+                channels.push(format!("project:{project}"))
+            }
+            _ => return Err(Reply::error(404, "no such endpoint")),
+        },
+    }
+    let token = req
+        .query_param("token")
+        .filter(|t| !t.is_empty())
+        .or_else(|| bearer(req).map(str::to_owned))
+        .or_else(|| {
+            protocols
+                .iter()
+                .find_map(|p| p.strip_prefix(TOKEN_PROTOCOL_PREFIX).map(str::to_owned))
+        });
+    let Some(token) = token else {
+        return Err(unauthorized(
+            "missing token: pass ?token=, Authorization: Bearer, or a bearer.<token> subprotocol",
+        ));
+    };
+    let claims = edge
+        .verifier
+        .verify(&token)
+        .map_err(|e| unauthorized(&e.to_string()))?;
+    if let Some(list) = req.query_param("channels") {
+        for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if !channels.iter().any(|c| c == name) {
+                channels.push(name.to_owned());
+            }
+        }
+    }
+    let max = core.shared.settings.max_channels_per_connection;
+    if channels.len() > max {
+        return Err(Reply::error(
+            400,
+            &format!("at most {max} channels per connection"),
+        ));
+    }
+    for name in &channels {
+        if let Err(e) = channel::validate(name) {
+            return Err(Reply::error(400, &format!("channels: {e}")));
+        }
+        if !claims.can_subscribe(name) {
+            return Err(Reply::error(
+                403,
+                &format!("not allowed to subscribe to {name}"),
+            ));
+        }
+    }
+    let resume = match req.query_param("last_sequence_id") {
+        None => Resume::Live,
+        Some(raw) => {
+            let seq: u64 = raw.parse().map_err(|_| {
+                Reply::error(400, "last_sequence_id must be a non-negative integer")
+            })?;
+            match req.query_param("epoch") {
+                Some(e) if e == core.shared.epoch => Resume::After(seq),
+                Some(_) => Resume::OtherEpoch,
+                None => {
+                    return Err(Reply::error(
+                        400,
+                        "last_sequence_id needs epoch (from welcome)",
+                    ))
+                }
+            }
+        }
+    };
+    let protocol = protocols
+        .iter()
+        .any(|p| p == SUBPROTOCOL)
+        .then_some(SUBPROTOCOL);
+    Ok(Opening {
+        claims,
+        channels,
+        resume,
+        protocol,
+    })
+}
+
+fn unauthorized(message: &str) -> Reply {
+    Reply::error(401, message).with_header("WWW-Authenticate", "Bearer")
+}

@@ -1,0 +1,155 @@
+//! The `ringcast` binary: reads settings, starts one worker per core, drains on SIGTERM.
+
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use ringcast::edge::config::{Config, Flags, IoDriver};
+use ringcast::edge::http::{self, Edge};
+use ringcast::edge::jwt::{self, Verifier};
+use ringcast::runtime::core::{Settings, Shared};
+use ringcast::runtime::mesh::{self, MeshMsg};
+use ringcast::runtime::worker::{self, Driver, Handler};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_max_level(log_level())
+        .init();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringcast: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn log_level() -> tracing::Level {
+    match std::env::var("RINGCAST_LOG").as_deref() {
+        Ok("debug") => tracing::Level::DEBUG,
+        Ok("warn") => tracing::Level::WARN,
+        Ok("error") => tracing::Level::ERROR,
+        Ok("trace") => tracing::Level::TRACE,
+        _ => tracing::Level::INFO,
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let config = Config::load(Flags::parse())?;
+    let dev_mode = config.is_dev_mode();
+    let jwt_secret = config.jwt_secret.clone().unwrap_or_else(random_secret);
+    let api_key = config.api_key.clone().unwrap_or_else(random_secret);
+
+    let (mesh, inboxes) = mesh::mesh(config.workers);
+    let shared = Arc::new(Shared::new(settings(&config), mesh));
+    let listeners = worker::bind_listeners(config.listen, config.workers)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listeners[0].local_addr()?;
+
+    let edge = Arc::new(Edge {
+        verifier: Verifier::hs256(jwt_secret.as_bytes(), config.jwt_leeway_secs),
+        api_key: api_key.clone(),
+    });
+    let handler: Handler = Arc::new(move |core: Rc<_>, stream, peer| {
+        Box::pin(http::serve(edge.clone(), core, stream, peer))
+    });
+    let driver = match config.io_driver {
+        IoDriver::Auto => Driver::Auto,
+        IoDriver::Uring => Driver::Uring,
+        IoDriver::Legacy => Driver::Legacy,
+    };
+    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    worker::start(shared.clone(), listeners, inboxes, driver, handler)?;
+
+    if dev_mode {
+        announce_dev_mode(addr, &jwt_secret, &api_key, config.api_key.is_some());
+    }
+    tracing::info!(
+        workers = config.workers,
+        epoch = %shared.epoch,
+        "ringcast listening on {addr}"
+    );
+    // One line on stdout that scripts and tests wait for.
+    println!("listening on {addr}");
+
+    drain_on_signal(signals, &shared, config.drain_timeout);
+    Ok(())
+}
+
+fn settings(config: &Config) -> Settings {
+    Settings {
+        ring: config.ring,
+        heartbeat: config.heartbeat,
+        drain_timeout: config.drain_timeout,
+        max_message_bytes: config.max_message_bytes,
+        max_channels_per_connection: config.max_channels_per_connection,
+    }
+}
+
+fn random_secret() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn announce_dev_mode(addr: std::net::SocketAddr, secret: &str, api_key: &str, key_given: bool) {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 24 * 3600;
+    let token = jwt::sign_hs256(
+        secret.as_bytes(),
+        &serde_json::json!({
+            "sub": "dev-admin", "roles": ["admin"], "projects": ["*"], "channels": ["*"], "exp": exp
+        }),
+    );
+    tracing::warn!(
+        "DEVELOPMENT MODE: no RINGCAST_JWT_SECRET set; using a random secret for this run"
+    );
+    println!(
+        "development mode (loopback only, random secret; set RINGCAST_JWT_SECRET for real use)"
+    );
+    println!("admin token (24 h): {token}");
+    if !key_given {
+        println!("api key: {api_key}");
+    }
+    println!("try: websocat 'ws://{addr}/ws?channels=dashboard&token={token}'");
+    println!(
+        "     curl -H 'Authorization: Bearer <api key>' -d '{{\"channel\":\"dashboard\",\"event\":\"hello\",\"data\":{{}}}}' http://{addr}/api/v1/publish"
+    );
+}
+
+/// Waits for SIGTERM/SIGINT, then drains: readiness off, upgrades refused, every client told
+/// `shutdown` and closed with 1012; exits once all are gone or the drain timeout passes. A
+/// second signal exits at once.
+fn drain_on_signal(
+    mut signals: signal_hook::iterator::Signals,
+    shared: &Shared,
+    timeout: Duration,
+) {
+    let first = signals.forever().next();
+    tracing::info!(signal = ?first, "draining");
+    shared.draining.store(true, Ordering::Release);
+    for core in 0..shared.mesh.cores() {
+        shared.mesh.send(core, MeshMsg::Drain);
+    }
+    let deadline = Instant::now() + timeout;
+    while shared.stats.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        if signals.pending().next().is_some() {
+            tracing::warn!("second signal: exiting without waiting");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left = shared.stats.connections.load(Ordering::Relaxed);
+    tracing::info!(connections_left = left, "drained; exiting");
+    std::process::exit(0);
+}

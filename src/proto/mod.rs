@@ -1,0 +1,5 @@
+//! Protocol, sans-IO: bytes in, frames and messages out. No sockets, no clocks.
+
+pub mod http;
+pub mod msg;
+pub mod ws;

@@ -1,0 +1,296 @@
+//! Application frames: event frames, control frames and client messages (JSON).
+//!
+//! Invariant: an event frame is built once per message into one `Bytes` holding the WebSocket
+//! header and the JSON payload, `{"channel","seq","event","ts","data"}`, with `data` copied
+//! verbatim from the publisher. Control frames carry a `"type"` and never an `"event"`.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::ws::codec;
+
+const OPCODE_TEXT: u8 = 0x1;
+/// Room left in front of the payload for the largest frame header.
+const HEADER_ROOM: usize = 10;
+
+/// Builds the shared text frame of one event. `data` must be valid JSON (it is not re-checked).
+pub fn event_frame(channel: &str, seq: u64, event: &str, ts_ms: u64, data: &str) -> Bytes {
+    let mut buf = Vec::with_capacity(HEADER_ROOM + 56 + channel.len() + event.len() + data.len());
+    buf.resize(HEADER_ROOM, 0);
+    buf.extend_from_slice(b"{\"channel\":");
+    write_json_str(&mut buf, channel);
+    buf.extend_from_slice(b",\"seq\":");
+    buf.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    buf.extend_from_slice(b",\"event\":");
+    write_json_str(&mut buf, event);
+    buf.extend_from_slice(b",\"ts\":");
+    buf.extend_from_slice(itoa::Buffer::new().format(ts_ms).as_bytes());
+    buf.extend_from_slice(b",\"data\":");
+    buf.extend_from_slice(data.as_bytes());
+    buf.push(b'}');
+    frame_in_place(buf)
+}
+
+/// Writes the header into the room reserved in front of the payload; no copy of the payload.
+fn frame_in_place(mut buf: Vec<u8>) -> Bytes {
+    let payload_len = buf.len() - HEADER_ROOM;
+    let start = HEADER_ROOM - codec::frame_header_len(payload_len);
+    let mut header = Vec::with_capacity(HEADER_ROOM);
+    codec::write_frame_header(&mut header, OPCODE_TEXT, payload_len);
+    buf[start..HEADER_ROOM].copy_from_slice(&header);
+    Bytes::from(buf).slice(start..)
+}
+
+fn write_json_str(buf: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(buf, s).expect("writing a str to a Vec cannot fail");
+}
+
+/// Machine-readable `code` of an `error` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The message was not JSON, or not an object with a string `type`.
+    BadJson,
+    /// A known `type` with missing or mistyped fields.
+    BadMessage,
+    UnknownType,
+    /// A known `type` this server version does not handle yet.
+    Unsupported,
+    BadChannel,
+    Forbidden,
+    AlreadySubscribed,
+    NotSubscribed,
+    TooManyChannels,
+    /// Binary frames are not accepted from JSON clients.
+    BinaryNotSupported,
+}
+
+/// Server → client control frames.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Control<'a> {
+    Welcome {
+        connection_id: &'a str,
+        epoch: &'a str,
+        heartbeat_ms: u64,
+        channels: &'a [String],
+    },
+    Subscribed {
+        channel: &'a str,
+        /// The channel's seq when the subscription became active; live events follow it.
+        seq: u64,
+    },
+    Unsubscribed {
+        channel: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+    },
+    Replayed {
+        channel: &'a str,
+        recovered: bool,
+        /// How many missed events were re-sent before this frame.
+        count: usize,
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<&'a str>,
+    },
+    Shutdown {
+        reason: &'a str,
+    },
+}
+
+impl Control<'_> {
+    /// The complete text frame.
+    pub fn frame(&self) -> Bytes {
+        let mut buf = vec![0; HEADER_ROOM];
+        serde_json::to_writer(&mut buf, self).expect("control frames always serialize");
+        frame_in_place(buf)
+    }
+}
+
+/// Client → server messages.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ClientMessage {
+    Subscribe {
+        channels: Vec<String>,
+        /// Per channel: the last seq the client has seen.
+        #[serde(default)]
+        since: HashMap<String, u64>,
+        #[serde(default)]
+        epoch: Option<String>,
+    },
+    Unsubscribe {
+        channels: Vec<String>,
+    },
+}
+
+/// Why a client message was refused: an `error` frame, never a close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Types the contract names that this version answers with `unsupported`.
+const LATER_TYPES: [&str; 6] = ["filter", "ack", "refresh", "pause", "resume", "ping"];
+
+/// Parses one client text message with simd-json.
+pub fn parse_client_message(text: &[u8]) -> Result<ClientMessage, ParseError> {
+    let fail = |code, message: String| Err(ParseError { code, message });
+    let mut scratch = text.to_vec();
+    let value: simd_json::OwnedValue = match simd_json::to_owned_value(&mut scratch) {
+        Ok(v) => v,
+        Err(e) => return fail(ErrorCode::BadJson, format!("malformed JSON: {e}")),
+    };
+    use simd_json::prelude::*;
+    let Some(kind) = value
+        .as_object()
+        .and_then(|o| o.get("type"))
+        .and_then(|t| t.as_str())
+        .map(str::to_owned)
+    else {
+        return fail(
+            ErrorCode::BadJson,
+            "expected a JSON object with a string \"type\"".into(),
+        );
+    };
+    let kind = kind.as_str();
+    if LATER_TYPES.contains(&kind) {
+        return fail(
+            ErrorCode::Unsupported,
+            format!("\"{kind}\" is not supported by this server version"),
+        );
+    }
+    if !matches!(kind, "subscribe" | "unsubscribe") {
+        let kind: String = kind.chars().take(64).collect();
+        return fail(ErrorCode::UnknownType, format!("unknown type \"{kind}\""));
+    }
+    simd_json::serde::from_owned_value(value)
+        .or_else(|e| fail(ErrorCode::BadMessage, format!("bad {kind} message: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(frame: &Bytes) -> serde_json::Value {
+        let hl = match frame[1] & 0x7f {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        assert_eq!(frame[0], 0x81, "FIN + text");
+        serde_json::from_slice(&frame[hl..]).unwrap()
+    }
+
+    #[test]
+    fn event_frame_has_the_contract_fields() {
+        let f = event_frame(
+            "project:42",
+            17,
+            "task:created",
+            1732300000123,
+            r#"{"id":"t1","n":[1,2]}"#,
+        );
+        let v = payload(&f);
+        assert_eq!(
+            v,
+            serde_json::json!({"channel":"project:42","seq":17,"event":"task:created",
+                "ts":1732300000123u64,"data":{"id":"t1","n":[1,2]}})
+        );
+    }
+
+    #[test]
+    fn event_data_is_verbatim_and_names_escaped() {
+        let data = r#"{ "spaced" : 1.50 }"#;
+        let f = event_frame("c", 1, "we\"ird", 0, data);
+        let text = std::str::from_utf8(&f[2..]).unwrap();
+        assert!(text.contains(data), "{text}");
+        assert_eq!(payload(&f)["event"], "we\"ird");
+    }
+
+    #[test]
+    fn large_event_frames_get_long_headers() {
+        let data = format!("\"{}\"", "x".repeat(70_000));
+        let f = event_frame("c", 1, "e", 0, &data);
+        assert_eq!(f[1], 127);
+        assert_eq!(payload(&f)["data"].as_str().unwrap().len(), 70_000);
+    }
+
+    #[test]
+    fn control_frames() {
+        let chans = vec!["a".to_string()];
+        let v = payload(
+            &Control::Welcome {
+                connection_id: "c1",
+                epoch: "e",
+                heartbeat_ms: 30000,
+                channels: &chans,
+            }
+            .frame(),
+        );
+        assert_eq!(v["type"], "welcome");
+        assert_eq!(v["channels"][0], "a");
+        assert!(v.get("event").is_none());
+        let v = payload(
+            &Control::Error {
+                code: ErrorCode::Forbidden,
+                message: "no",
+                channel: Some("x"),
+            }
+            .frame(),
+        );
+        assert_eq!(v["code"], "forbidden");
+        assert_eq!(v["channel"], "x");
+    }
+
+    #[test]
+    fn client_messages() {
+        let m = parse_client_message(
+            br#"{"type":"subscribe","channels":["a","b"],"since":{"a":3},"epoch":"E"}"#,
+        )
+        .unwrap();
+        let ClientMessage::Subscribe {
+            channels,
+            since,
+            epoch,
+        } = m
+        else {
+            panic!()
+        };
+        assert_eq!(channels, vec!["a", "b"]);
+        assert_eq!(since["a"], 3);
+        assert_eq!(epoch.as_deref(), Some("E"));
+        assert_eq!(
+            parse_client_message(br#"{"type":"unsubscribe","channels":["a"]}"#).unwrap(),
+            ClientMessage::Unsubscribe {
+                channels: vec!["a".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn bad_client_messages_say_why() {
+        let code = |t: &[u8]| parse_client_message(t).unwrap_err().code;
+        assert_eq!(code(b"{not json"), ErrorCode::BadJson);
+        assert_eq!(code(b"[1,2]"), ErrorCode::BadJson);
+        assert_eq!(code(br#"{"type":7}"#), ErrorCode::BadJson);
+        assert_eq!(code(br#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(
+            code(br#"{"type":"refresh","token":"x"}"#),
+            ErrorCode::Unsupported
+        );
+        assert_eq!(code(br#"{"type":"subscribe"}"#), ErrorCode::BadMessage);
+        assert_eq!(
+            code(br#"{"type":"subscribe","channels":"a"}"#),
+            ErrorCode::BadMessage
+        );
+        assert_eq!(code(b""), ErrorCode::BadJson);
+    }
+}

@@ -1,0 +1,3 @@
+//! WebSocket (RFC 6455), server side.
+
+pub mod codec;

@@ -1,0 +1,339 @@
+//! One WebSocket connection on its core: the shared handle (`Conn`), the reader loop that turns
+//! socket bytes into client messages, and the writer loop that drains the send queue.
+//!
+//! Invariant: the send queue holds clones of shared frames (refcounts, never copies); nothing is
+//! queued after the close frame; the writer writes a frame alone when it is the only one queued
+//! and coalesces a backlog into one write, so a connection that keeps up gets each frame at
+//! once and one that is behind costs one syscall per batch.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
+use monoio::net::TcpStream;
+
+use crate::delivery::access::Claims;
+use crate::delivery::heartbeat::{Beat, Heartbeat};
+use crate::delivery::sequencer::Resume;
+use crate::proto::msg::{self, ClientMessage, Control, ErrorCode};
+use crate::proto::ws::codec::{self, Decoder, Event};
+
+use super::core::Core;
+
+/// Most bytes the writer puts into one coalesced write.
+const MAX_WRITE_BATCH: usize = 256 * 1024;
+/// Bytes asked of the kernel per read.
+const READ_CHUNK: usize = 4096;
+/// How long a close handshake we started may take before the socket is cut.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubState {
+    /// Asked at connect; the welcome waits for it.
+    PendingInitial,
+    Pending,
+    Active,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Initial subscriptions are being set up; frames queue but are not written yet.
+    Greeting,
+    Open,
+    /// Our close frame is queued or sent; waiting for the peer's.
+    Closing {
+        since: Instant,
+    },
+    /// The reader is done; the writer flushes what is queued and ends.
+    Finished,
+}
+
+pub struct Conn {
+    pub id: u64,
+    pub claims: Claims,
+    pub subs: RefCell<HashMap<Arc<str>, SubState>>,
+    queue: RefCell<VecDeque<Bytes>>,
+    writer: Cell<Option<Waker>>,
+    phase: Cell<Phase>,
+    welcome: RefCell<Option<Bytes>>,
+    initial_pending: Cell<usize>,
+    heartbeat: RefCell<Heartbeat>,
+    fd: RawFd,
+}
+
+impl Conn {
+    pub fn new(id: u64, claims: Claims, fd: RawFd, heartbeat: Heartbeat) -> Conn {
+        Conn {
+            id,
+            claims,
+            subs: RefCell::new(HashMap::new()),
+            queue: RefCell::new(VecDeque::new()),
+            writer: Cell::new(None),
+            phase: Cell::new(Phase::Greeting),
+            welcome: RefCell::new(None),
+            initial_pending: Cell::new(0),
+            heartbeat: RefCell::new(heartbeat),
+            fd,
+        }
+    }
+
+    /// Queues a frame unless the connection is closing.
+    pub fn push(&self, frame: Bytes) {
+        if matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
+            self.queue.borrow_mut().push_back(frame);
+            self.wake_writer();
+        }
+    }
+
+    fn wake_writer(&self) {
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
+
+    /// Queues a close frame; nothing more is queued after it.
+    pub fn close(&self, code: u16, reason: &str) {
+        if matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
+            self.open_now();
+            self.queue
+                .borrow_mut()
+                .push_back(codec::close_frame(code, reason));
+            self.phase.set(Phase::Closing {
+                since: Instant::now(),
+            });
+            self.wake_writer();
+        }
+    }
+
+    /// Sets the welcome frame and how many initial subscriptions it waits for.
+    pub fn greet_after(&self, welcome: Bytes, initial: usize) {
+        *self.welcome.borrow_mut() = Some(welcome);
+        self.initial_pending.set(initial);
+        if initial == 0 {
+            self.open_now();
+        }
+    }
+
+    /// One initial subscription is active.
+    pub fn initial_subscribed(&self) {
+        let left = self.initial_pending.get().saturating_sub(1);
+        self.initial_pending.set(left);
+        if left == 0 {
+            self.open_now();
+        }
+    }
+
+    fn open_now(&self) {
+        if self.phase.get() == Phase::Greeting {
+            if let Some(welcome) = self.welcome.borrow_mut().take() {
+                self.queue.borrow_mut().push_front(welcome);
+            }
+            self.phase.set(Phase::Open);
+            self.wake_writer();
+        }
+    }
+
+    /// Cuts the socket: a pending read or write fails and both loops end.
+    fn abort(&self) {
+        // SAFETY: shutdown on a descriptor we own; at worst it fails with EBADF/ENOTCONN.
+        unsafe {
+            libc::shutdown(self.fd, libc::SHUT_RDWR);
+        }
+    }
+
+    /// Heartbeat and close-handshake deadlines; called by the core's sweep.
+    pub fn tick(&self, now: Instant, core: &Core) {
+        match self.phase.get() {
+            Phase::Closing { since } if now.duration_since(since) >= CLOSE_GRACE => self.abort(),
+            Phase::Open => match self
+                .heartbeat
+                .borrow_mut()
+                .poll(now, &core.shared.settings.heartbeat)
+            {
+                Beat::Nothing => {}
+                Beat::SendPing => self.push(codec::ping_frame(b"")),
+                Beat::Dead => {
+                    tracing::debug!(conn = self.id, "no pong: closing");
+                    self.close(4002, "heartbeat timeout");
+                    self.abort();
+                }
+            },
+            _ => {}
+        }
+    }
+}
+
+/// Runs an upgraded connection until it ends. `leftover` holds bytes read after the handshake.
+pub async fn run(core: Rc<Core>, stream: TcpStream, conn: Rc<Conn>, leftover: BytesMut) {
+    let (reader, writer) = monoio::io::Splitable::into_split(stream);
+    let write_task = monoio::spawn(write_loop(conn.clone(), writer));
+    read_loop(&core, &conn, reader, leftover).await;
+    core.deregister(&conn);
+    conn.phase.set(Phase::Finished);
+    conn.wake_writer();
+    write_task.await;
+}
+
+async fn read_loop(
+    core: &Core,
+    conn: &Rc<Conn>,
+    mut reader: OwnedReadHalf<TcpStream>,
+    mut acc: BytesMut,
+) {
+    let mut decoder = Decoder::new(core.shared.settings.max_message_bytes);
+    let mut chunk: Vec<u8> = Vec::new();
+    loop {
+        loop {
+            match decoder.decode(&mut acc) {
+                Ok(Some(event)) => {
+                    if handle_event(core, conn, event) == Flow::Stop {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(conn = conn.id, error = e.reason(), "protocol error");
+                    conn.close(e.close_code(), e.reason());
+                    return;
+                }
+            }
+        }
+        chunk.reserve(READ_CHUNK);
+        let (res, buf) = reader.read(chunk).await;
+        chunk = buf;
+        match res {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                acc.extend_from_slice(&chunk[..n]);
+                chunk.clear();
+            }
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+fn handle_event(core: &Core, conn: &Rc<Conn>, event: Event) -> Flow {
+    match event {
+        Event::Text(text) => handle_message(core, conn, &text),
+        Event::Binary(_) => send_error(
+            conn,
+            ErrorCode::BinaryNotSupported,
+            "send client messages as JSON text frames",
+            None,
+        ),
+        Event::Ping(payload) => conn.push(codec::pong_frame(&payload)),
+        Event::Pong(_) => conn.heartbeat.borrow_mut().handle_pong(),
+        Event::Close { code, .. } => {
+            // Answer the peer's close with its own code, unless we started the handshake.
+            conn.close(code.unwrap_or(1000), "");
+            return Flow::Stop;
+        }
+    }
+    Flow::Continue
+}
+
+fn handle_message(core: &Core, conn: &Rc<Conn>, text: &[u8]) {
+    match msg::parse_client_message(text) {
+        Err(e) => send_error(conn, e.code, &e.message, None),
+        Ok(ClientMessage::Subscribe {
+            channels,
+            since,
+            epoch,
+        }) => {
+            let same_epoch = epoch.as_deref().is_none_or(|e| e == core.shared.epoch);
+            for name in &channels {
+                let resume = match since.get(name) {
+                    None => Resume::Live,
+                    Some(&seq) if same_epoch => Resume::After(seq),
+                    Some(_) => Resume::OtherEpoch,
+                };
+                if let Err(e) = core.subscribe(conn, name, resume, false) {
+                    send_error(conn, e.code, &e.message, Some(name));
+                }
+            }
+        }
+        Ok(ClientMessage::Unsubscribe { channels }) => {
+            for name in &channels {
+                if let Err(e) = core.unsubscribe(conn, name) {
+                    send_error(conn, e.code, &e.message, Some(name));
+                }
+            }
+        }
+    }
+}
+
+fn send_error(conn: &Conn, code: ErrorCode, message: &str, channel: Option<&str>) {
+    conn.push(
+        Control::Error {
+            code,
+            message,
+            channel,
+        }
+        .frame(),
+    );
+}
+
+enum Batch {
+    One(Bytes),
+    Many(Vec<u8>),
+}
+
+async fn write_loop(conn: Rc<Conn>, mut writer: OwnedWriteHalf<TcpStream>) {
+    let mut spare: Vec<u8> = Vec::new();
+    loop {
+        let batch = poll_fn(|cx| {
+            let phase = conn.phase.get();
+            if phase != Phase::Greeting {
+                let mut queue = conn.queue.borrow_mut();
+                if queue.len() == 1 {
+                    return Poll::Ready(queue.pop_front().map(Batch::One));
+                }
+                if !queue.is_empty() {
+                    let mut buf = std::mem::take(&mut spare);
+                    while let Some(front) = queue.front() {
+                        if !buf.is_empty() && buf.len() + front.len() > MAX_WRITE_BATCH {
+                            break;
+                        }
+                        buf.extend_from_slice(front);
+                        queue.pop_front();
+                    }
+                    return Poll::Ready(Some(Batch::Many(buf)));
+                }
+            }
+            if phase == Phase::Finished {
+                return Poll::Ready(None);
+            }
+            conn.writer.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
+        let result = match batch {
+            None => return,
+            Some(Batch::One(frame)) => writer.write_all(frame).await.0,
+            Some(Batch::Many(buf)) => {
+                let (res, mut buf) = writer.write_all(buf).await;
+                buf.clear();
+                if buf.capacity() <= 64 * 1024 {
+                    spare = buf;
+                }
+                res
+            }
+        };
+        if result.is_err() {
+            conn.abort();
+            return;
+        }
+    }
+}

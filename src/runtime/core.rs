@@ -1,0 +1,368 @@
+//! One core's state and its side of the mesh: connections, rooms, owned channels.
+//!
+//! Invariant: everything here is touched only by this core's thread. A connection joins a room
+//! only when the owner's `SubscribeAck` arrives, so it never sees a live event at or below the
+//! seq it was handed over at; every subscription (pending or active) is matched by exactly one
+//! `Unsubscribe` to the owner when it ends, keeping the owner's interest counts exact.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::delivery::channel;
+use crate::delivery::heartbeat::HeartbeatConfig;
+use crate::delivery::ring::RingBounds;
+use crate::delivery::rooms::Rooms;
+use crate::delivery::sequencer::{Resume, Sequencer, SubscribeAck};
+use crate::delivery::Delivery;
+use crate::proto::msg::{Control, ErrorCode};
+
+use super::conn::{Conn, SubState};
+use super::mesh::{Mesh, MeshMsg};
+
+/// What the runtime needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub ring: RingBounds,
+    pub heartbeat: HeartbeatConfig,
+    pub drain_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub max_channels_per_connection: usize,
+}
+
+/// Node-wide counters (relaxed atomics: for metrics, not for logic).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections: AtomicUsize,
+    pub connections_total: AtomicU64,
+    pub published: AtomicU64,
+    pub frames_queued: AtomicU64,
+}
+
+/// State shared by all cores.
+pub struct Shared {
+    pub settings: Settings,
+    /// Changes at every start: positions from another epoch cannot be resumed exactly.
+    pub epoch: String,
+    pub mesh: Mesh,
+    pub draining: AtomicBool,
+    pub stats: Stats,
+}
+
+impl Shared {
+    pub fn new(settings: Settings, mesh: Mesh) -> Shared {
+        Shared {
+            settings,
+            epoch: new_epoch(),
+            mesh,
+            draining: AtomicBool::new(false),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Refusal of a subscribe, answered with an `error` frame (or HTTP 403/400 at the handshake).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+pub struct Core {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub sequencer: RefCell<Sequencer>,
+    pub rooms: RefCell<Rooms<Rc<Conn>>>,
+    pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
+    next_conn: Cell<u64>,
+}
+
+impl Core {
+    pub fn new(id: usize, shared: Arc<Shared>) -> Core {
+        let cores = shared.mesh.cores();
+        let bounds = shared.settings.ring;
+        Core {
+            id,
+            shared,
+            sequencer: RefCell::new(Sequencer::new(cores, bounds)),
+            rooms: RefCell::new(Rooms::default()),
+            conns: RefCell::new(HashMap::new()),
+            next_conn: Cell::new(0),
+        }
+    }
+
+    /// A node-unique connection id: the core in the top 16 bits.
+    pub fn next_conn_id(&self) -> u64 {
+        let n = self.next_conn.get() + 1;
+        self.next_conn.set(n);
+        ((self.id as u64) << 48) | n
+    }
+
+    pub fn register(&self, conn: Rc<Conn>) {
+        self.shared
+            .stats
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        self.conns.borrow_mut().insert(conn.id, conn);
+    }
+
+    /// Forgets a finished connection and gives back its subscriptions.
+    pub fn deregister(&self, conn: &Conn) {
+        if self.conns.borrow_mut().remove(&conn.id).is_none() {
+            return;
+        }
+        self.shared
+            .stats
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+        let subs = std::mem::take(&mut *conn.subs.borrow_mut());
+        let mut rooms = self.rooms.borrow_mut();
+        for (channel, state) in subs {
+            if state == SubState::Active {
+                rooms.leave(&channel, conn.id);
+            }
+            self.send_unsubscribe(channel);
+        }
+    }
+
+    /// Starts a subscription; the connection gets `subscribed` once the owner answers.
+    pub fn subscribe(
+        &self,
+        conn: &Rc<Conn>,
+        name: &str,
+        resume: Resume,
+        initial: bool,
+    ) -> Result<(), SubscribeError> {
+        check_subscribe(conn, name, self.shared.settings.max_channels_per_connection)?;
+        let channel: Arc<str> = name.into();
+        let state = if initial {
+            SubState::PendingInitial
+        } else {
+            SubState::Pending
+        };
+        conn.subs.borrow_mut().insert(channel.clone(), state);
+        let owner = channel::owner_core(name, self.shared.mesh.cores());
+        self.shared.mesh.send(
+            owner,
+            MeshMsg::Subscribe {
+                channel,
+                core: self.id,
+                conn: conn.id,
+                resume,
+            },
+        );
+        Ok(())
+    }
+
+    /// Ends a subscription at the client's request.
+    pub fn unsubscribe(&self, conn: &Conn, name: &str) -> Result<(), SubscribeError> {
+        let Some((channel, state)) = conn.subs.borrow_mut().remove_entry(name) else {
+            return Err(SubscribeError {
+                code: ErrorCode::NotSubscribed,
+                message: format!("not subscribed to {name}"),
+            });
+        };
+        if state == SubState::Active {
+            self.rooms.borrow_mut().leave(&channel, conn.id);
+        }
+        conn.push(
+            Control::Unsubscribed {
+                channel: &channel,
+                reason: None,
+            }
+            .frame(),
+        );
+        self.send_unsubscribe(channel);
+        Ok(())
+    }
+
+    fn send_unsubscribe(&self, channel: Arc<str>) {
+        let owner = channel::owner_core(&channel, self.shared.mesh.cores());
+        self.shared.mesh.send(
+            owner,
+            MeshMsg::Unsubscribe {
+                channel,
+                core: self.id,
+            },
+        );
+    }
+
+    /// Handles one message from the mesh.
+    pub fn handle(&self, msg: MeshMsg) {
+        match msg {
+            MeshMsg::Publish { batch, reply } => {
+                let now = now_ms();
+                let mesh = &self.shared.mesh;
+                let mut sequencer = self.sequencer.borrow_mut();
+                let seqs = batch
+                    .into_iter()
+                    .map(|(index, p)| {
+                        let seq = sequencer.publish(p, now, |core, d| {
+                            mesh.send(core, MeshMsg::Deliver(d.clone()))
+                        });
+                        (index, seq)
+                    })
+                    .collect::<Vec<_>>();
+                self.shared
+                    .stats
+                    .published
+                    .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                // The publisher may have gone away; the messages are sequenced regardless.
+                let _ = reply.send(seqs);
+            }
+            MeshMsg::Deliver(delivery) => self.deliver(&delivery),
+            MeshMsg::Subscribe {
+                channel,
+                core,
+                conn,
+                resume,
+            } => {
+                let ack = self
+                    .sequencer
+                    .borrow_mut()
+                    .subscribe(&channel, core, resume, now_ms());
+                self.shared
+                    .mesh
+                    .send(core, MeshMsg::SubscribeAck { channel, conn, ack });
+            }
+            MeshMsg::SubscribeAck { channel, conn, ack } => self.activate(channel, conn, ack),
+            MeshMsg::Unsubscribe { channel, core } => {
+                self.sequencer.borrow_mut().unsubscribe(&channel, core)
+            }
+            MeshMsg::Drain => self.drain(),
+        }
+    }
+
+    fn deliver(&self, d: &Delivery) {
+        let mut queued = 0;
+        for conn in self.rooms.borrow().members(&d.channel) {
+            if conn
+                .claims
+                .can_see(d.project_id.as_deref(), d.user_id.as_deref())
+            {
+                conn.push(d.frame.clone());
+                queued += 1;
+            }
+        }
+        self.shared
+            .stats
+            .frames_queued
+            .fetch_add(queued, Ordering::Relaxed);
+    }
+
+    /// The owner has handed over: replay what was missed, then join the room for live events.
+    fn activate(&self, channel: Arc<str>, conn_id: u64, ack: SubscribeAck) {
+        let Some(conn) = self.conns.borrow().get(&conn_id).cloned() else {
+            return; // gone; its deregister already sent the matching Unsubscribe
+        };
+        let initial = {
+            let mut subs = conn.subs.borrow_mut();
+            let Some(state) = subs.get_mut(&channel) else {
+                return; // unsubscribed before the ack; Unsubscribe already sent
+            };
+            let initial = *state == SubState::PendingInitial;
+            *state = SubState::Active;
+            initial
+        };
+        conn.push(
+            Control::Subscribed {
+                channel: &channel,
+                seq: ack.last_seq,
+            }
+            .frame(),
+        );
+        if let Some(replay) = ack.replay {
+            let mut count = 0;
+            for d in &replay.deliveries {
+                if conn
+                    .claims
+                    .can_see(d.project_id.as_deref(), d.user_id.as_deref())
+                {
+                    conn.push(d.frame.clone());
+                    count += 1;
+                }
+            }
+            conn.push(
+                Control::Replayed {
+                    channel: &channel,
+                    recovered: replay.recovered,
+                    count,
+                }
+                .frame(),
+            );
+        }
+        self.rooms
+            .borrow_mut()
+            .join(&channel, conn.id, conn.clone());
+        if initial {
+            conn.initial_subscribed();
+        }
+    }
+
+    /// Tells every connection to go elsewhere and closes it with 1012.
+    fn drain(&self) {
+        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+        for conn in conns {
+            conn.push(
+                Control::Shutdown {
+                    reason: "server is shutting down; reconnect and resume",
+                }
+                .frame(),
+            );
+            conn.close(1012, "server restarting");
+        }
+    }
+}
+
+fn check_subscribe(conn: &Conn, name: &str, max: usize) -> Result<(), SubscribeError> {
+    let fail = |code, message: String| Err(SubscribeError { code, message });
+    if let Err(e) = channel::validate(name) {
+        let shown: String = name.chars().take(64).collect();
+        return fail(
+            ErrorCode::BadChannel,
+            format!("bad channel \"{shown}\": {e}"),
+        );
+    }
+    if !conn.claims.can_subscribe(name) {
+        return fail(
+            ErrorCode::Forbidden,
+            format!("not allowed to subscribe to {name}"),
+        );
+    }
+    let subs = conn.subs.borrow();
+    if subs.contains_key(name) {
+        return fail(
+            ErrorCode::AlreadySubscribed,
+            format!("already subscribed to {name}"),
+        );
+    }
+    if subs.len() >= max {
+        return fail(
+            ErrorCode::TooManyChannels,
+            format!("at most {max} channels per connection"),
+        );
+    }
+    Ok(())
+}
