@@ -1,0 +1,255 @@
+//! Shared helpers for the end-to-end tests: a real `ringcast` process on 127.0.0.1 with a
+//! port of its own, real clients (tokio-tungstenite, raw TCP), and a tiny HTTP client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+pub const API_KEY: &str = "test-api-key-0123456789";
+/// Upper bound for anything the tests wait for; a healthy run needs a small fraction of it.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    /// Two workers, a known secret and API key, fast heartbeats off (30 s default).
+    pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    pub fn start_with(env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringcast"));
+        cmd.env_clear()
+            .env("RINGCAST_LISTEN", "127.0.0.1:0")
+            .env("RINGCAST_WORKERS", "2")
+            .env("RINGCAST_JWT_SECRET", SECRET)
+            .env("RINGCAST_API_KEY", API_KEY)
+            .env("RINGCAST_JWT_LEEWAY_SECS", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start ringcast");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            if stdout.read_line(&mut line).unwrap() == 0 {
+                let mut err = String::new();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                panic!("ringcast exited before listening: {err}");
+            }
+            if let Some(addr) = line.trim().strip_prefix("listening on ") {
+                break addr.parse().unwrap();
+            }
+        };
+        // Keep draining stdout/stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in stdout.lines() {});
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("RINGCAST_TEST_LOG").is_some() {
+                    eprintln!("[server] {line}");
+                }
+            }
+        });
+        Server { child, addr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("ws://{}{}", self.addr, path_and_query)
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(&mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "server did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `POST /api/v1/publish` with the API key.
+    pub async fn publish(&self, body: &Value) -> (u16, Value) {
+        let (status, _, body) = self
+            .http(
+                "POST",
+                "/api/v1/publish",
+                &[("Authorization", &format!("Bearer {API_KEY}"))],
+                &body.to_string(),
+            )
+            .await;
+        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    /// Publishes one message and returns its seq.
+    pub async fn publish_one(&self, channel: &str, event: &str, data: Value) -> u64 {
+        let (status, reply) = self
+            .publish(&json!({"channel": channel, "event": event, "data": data}))
+            .await;
+        assert_eq!(status, 200, "{reply}");
+        reply["seq"].as_u64().unwrap()
+    }
+
+    /// One HTTP/1.1 request on a fresh connection: (status, head, body).
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String, String) {
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        raw_exchange(self.addr, req.as_bytes()).await
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `request` on a new TCP connection and reads the answer until the server closes.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("server answered and closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    (status, head.to_string(), body.to_string())
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Signs a token with the test secret; `exp` is added an hour ahead unless given.
+pub fn token(mut claims: Value) -> String {
+    if claims.get("exp").is_none() {
+        claims["exp"] = json!(now_secs() + 3600);
+    }
+    ringcast::edge::jwt::sign_hs256(SECRET.as_bytes(), &claims)
+}
+
+pub fn admin_token() -> String {
+    token(json!({"sub": "admin", "roles": ["admin"], "projects": ["*"], "channels": ["*"]}))
+}
+
+/// Connects and returns the socket and its `welcome` frame (after which every channel of the
+/// query is subscribed).
+pub async fn connect(server: &Server, query: &str) -> (Ws, Value) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.url(&format!("/ws?{query}")))
+        .await
+        .unwrap_or_else(|e| panic!("connect {query}: {e}"));
+    let welcome = recv_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (ws, welcome)
+}
+
+/// The next text frame as JSON (pings are answered by tungstenite on read).
+pub async fn recv_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame within the wait bound")
+            .expect("stream open")
+            .expect("valid frame");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads frames until one with `"type": kind` arrives; returns it and what came before.
+pub async fn recv_until_type(ws: &mut Ws, kind: &str) -> (Value, Vec<Value>) {
+    let mut before = Vec::new();
+    loop {
+        let v = recv_json(ws).await;
+        if v["type"] == kind {
+            return (v, before);
+        }
+        before.push(v);
+    }
+}
+
+pub async fn send_json(ws: &mut Ws, v: &Value) {
+    ws.send(Message::text(v.to_string())).await.unwrap();
+}
+
+/// Waits for the server's close frame; returns its code.
+pub async fn recv_close(ws: &mut Ws) -> u16 {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("close within the wait bound");
+        match msg {
+            Some(Ok(Message::Close(Some(frame)))) => return frame.code.into(),
+            Some(Ok(Message::Close(None))) => return 1005,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("error before close frame: {e}"),
+            None => panic!("stream ended without a close frame"),
+        }
+    }
+}
