@@ -253,3 +253,149 @@ pub async fn recv_close(ws: &mut Ws) -> u16 {
         }
     }
 }
+
+/// A WebSocket client over raw TCP, for sending what real clients never would.
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One server frame as read by `RawWs`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RawFrame {
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 0x8 && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+impl RawWs {
+    /// Handshakes on `path_and_query` and returns the client; panics unless 101.
+    pub async fn connect(addr: SocketAddr, path_and_query: &str) -> RawWs {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed during handshake");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(
+            head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "{head}"
+        );
+        buf.drain(..head_end);
+        RawWs { stream, buf }
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// A masked client frame.
+    pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        let frame =
+            ringcast::proto::ws::codec::testing::client_frame(fin, opcode, payload, [1, 2, 3, 4]);
+        self.send_raw(&frame).await;
+    }
+
+    /// The next server frame, or None when the server closed the TCP connection.
+    pub async fn recv(&mut self) -> Option<RawFrame> {
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 65536];
+            let n = match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => 0,
+                Err(_) => panic!("no frame within the wait bound"),
+            };
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next text frame as JSON, skipping pings.
+    pub async fn recv_json(&mut self) -> Value {
+        loop {
+            let f = self.recv().await.expect("connection open");
+            match f.opcode {
+                0x1 => return serde_json::from_slice(&f.payload).unwrap(),
+                0x9 | 0xA => continue,
+                op => panic!("expected text, got opcode {op}: {:?}", f.payload),
+            }
+        }
+    }
+
+    /// Reads until the server's close frame and returns its code; asserts the server then
+    /// closes the TCP connection too.
+    pub async fn recv_close_code(&mut self) -> u16 {
+        loop {
+            let f = self
+                .recv()
+                .await
+                .expect("a close frame before the TCP close");
+            if f.opcode == 0x8 {
+                let code = f.close_code().unwrap_or(1005);
+                // Answer like a client would, then expect EOF.
+                let echo = ringcast::proto::ws::codec::testing::client_frame(
+                    true,
+                    0x8,
+                    &code.to_be_bytes(),
+                    [1, 2, 3, 4],
+                );
+                // The server may already have closed the socket after a protocol error.
+                let _ = self.stream.write_all(&echo).await;
+                return code;
+            }
+        }
+    }
+}
+
+fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    assert_eq!(buf[1] & 0x80, 0, "server frames are never masked");
+    let (len, header) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => (
+            u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+            10,
+        ),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    if buf.len() < header + len {
+        return None;
+    }
+    Some((
+        RawFrame {
+            opcode: buf[0] & 0x0f,
+            payload: buf[header..header + len].to_vec(),
+        },
+        header + len,
+    ))
+}
