@@ -69,13 +69,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         IoDriver::Legacy => Driver::Legacy,
     };
     let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    worker::start(shared.clone(), listeners, inboxes, driver, handler)?;
+    let (_threads, running) = worker::start(shared.clone(), listeners, inboxes, driver, handler)?;
 
     if dev_mode {
         announce_dev_mode(addr, &jwt_secret, &api_key, config.api_key.is_some());
     }
     tracing::info!(
         workers = config.workers,
+        driver = ?running,
         epoch = %shared.epoch,
         "ringcast listening on {addr}"
     );

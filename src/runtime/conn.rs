@@ -160,9 +160,10 @@ impl Conn {
                 Beat::Nothing => {}
                 Beat::SendPing => self.push(codec::ping_frame(b"")),
                 Beat::Dead => {
+                    // The close frame goes out first; the close grace then cuts the socket
+                    // if the peer is truly gone.
                     tracing::debug!(conn = self.id, "no pong: closing");
                     self.close(4002, "heartbeat timeout");
-                    self.abort();
                 }
             },
             _ => {}

@@ -57,19 +57,29 @@ pub fn bind_listeners(addr: SocketAddr, workers: usize) -> io::Result<Vec<StdLis
     Ok(listeners)
 }
 
-/// Starts one pinned worker thread per listener.
+/// The driver a worker ended up on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Running {
+    IoUring,
+    Epoll,
+}
+
+/// Starts one pinned worker thread per listener and returns once every worker is accepting
+/// (or the first one that could not start has said why).
 pub fn start(
     shared: Arc<Shared>,
     listeners: Vec<StdListener>,
     inboxes: Vec<Inbox>,
     driver: Driver,
     handler: Handler,
-) -> io::Result<Vec<JoinHandle<()>>> {
+) -> io::Result<(Vec<JoinHandle<()>>, Running)> {
     let core_ids = core_affinity::get_core_ids().unwrap_or_default();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<io::Result<Running>>();
     let mut threads = Vec::new();
     for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let shared = shared.clone();
         let handler = handler.clone();
+        let started = started_tx.clone();
         let pin_to = (!core_ids.is_empty()).then(|| core_ids[id % core_ids.len()]);
         let thread = std::thread::Builder::new()
             .name(format!("ringcast-w{id}"))
@@ -79,25 +89,39 @@ pub fn start(
                 }
                 let core = Rc::new(Core::new(id, shared));
                 let work = serve(core, listener, inbox, handler);
-                if let Err(e) = run_on(driver, work) {
-                    tracing::error!("worker {id} cannot start: {e}");
-                    std::process::exit(1);
+                if let Err(e) = run_on(driver, work, &started) {
+                    let _ = started.send(Err(e));
                 }
             })?;
         threads.push(thread);
     }
-    Ok(threads)
+    drop(started_tx);
+    let mut running = Running::IoUring;
+    for _ in 0..threads.len() {
+        match started_rx.recv() {
+            Ok(Ok(Running::Epoll)) => running = Running::Epoll,
+            Ok(Ok(Running::IoUring)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::Error::other("a worker thread died while starting")),
+        }
+    }
+    Ok((threads, running))
 }
 
 static FALLBACK_WARNING: Once = Once::new();
 
-fn run_on(driver: Driver, work: impl Future<Output = ()>) -> io::Result<()> {
+fn run_on(
+    driver: Driver,
+    work: impl Future<Output = ()>,
+    started: &std::sync::mpsc::Sender<io::Result<Running>>,
+) -> io::Result<()> {
     if driver != Driver::Legacy {
         match RuntimeBuilder::<IoUringDriver>::new()
             .enable_timer()
             .build()
         {
             Ok(mut rt) => {
+                let _ = started.send(Ok(Running::IoUring));
                 rt.block_on(work);
                 return Ok(());
             }
@@ -114,6 +138,7 @@ fn run_on(driver: Driver, work: impl Future<Output = ()>) -> io::Result<()> {
     let mut rt = RuntimeBuilder::<LegacyDriver>::new()
         .enable_timer()
         .build()?;
+    let _ = started.send(Ok(Running::Epoll));
     rt.block_on(work);
     Ok(())
 }

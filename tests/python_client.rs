@@ -1,0 +1,59 @@
+//! A real Python `websockets` client against the server (tests/python/client_check.py).
+//! The client library is installed into a virtualenv under target/ on first use.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::json;
+use support::*;
+
+fn python_with_websockets() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pyenv");
+    let python = venv.join("bin/python3");
+    let has_it = |py: &PathBuf| {
+        Command::new(py)
+            .args(["-c", "import websockets"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_it(&python) {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 is needed for the client tests")
+            .success();
+        assert!(ok, "python3 -m venv failed");
+        let ok = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "websockets>=13,<16"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "pip install websockets failed (PyPI must be reachable)");
+    }
+    python
+}
+
+#[test]
+fn python_websockets_client_sees_the_contract() {
+    let python = python_with_websockets();
+    let server = Server::start();
+    let t = token(json!({"sub": "py", "projects": ["py"]}));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/client_check.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(server.addr.to_string())
+        .arg(&t)
+        .arg(API_KEY)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python client failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+}
