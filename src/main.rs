@@ -94,6 +94,7 @@ fn settings(config: &Config) -> Settings {
         drain_timeout: config.drain_timeout,
         max_message_bytes: config.max_message_bytes,
         max_channels_per_connection: config.max_channels_per_connection,
+        max_queue_bytes: config.max_queue_bytes,
     }
 }
 

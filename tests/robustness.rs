@@ -183,3 +183,52 @@ async fn misbehaving_and_vanishing_clients_do_not_disturb_others() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_the_others_get_everything() {
+    let server = Server::start_with(&[("RINGCAST_MAX_QUEUE_BYTES", "1048576")]);
+    let t = admin_token();
+    let (mut fast, _) = connect(&server, &format!("channels=dashboard&token={t}")).await;
+    recv_json(&mut fast).await;
+    let mut stuck = raw_subscribed(&server, "dashboard").await;
+    let big = "x".repeat(64 * 1024);
+    let reader = tokio::spawn(async move {
+        let mut seqs = Vec::new();
+        while seqs.len() < 300 {
+            seqs.push(recv_json(&mut fast).await["seq"].as_u64().unwrap());
+        }
+        (seqs, fast)
+    });
+    for _ in 0..300 {
+        server.publish_one("dashboard", "big", json!(big)).await;
+    }
+    let (seqs, _fast) = reader.await.unwrap();
+    assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
+    // Only now does the stuck client read: what the kernel buffered, then the end.
+    let mut events = 0;
+    let mut close = None;
+    while let Some(frame) = stuck.recv().await {
+        if frame.opcode == 0x8 {
+            close = frame.close_code();
+            break;
+        }
+        events += 1;
+    }
+    assert_eq!(close, Some(1008));
+    assert!(
+        events < 300,
+        "the stuck client was cut off, not served everything ({events})"
+    );
+    // It never answers the close: the server cuts the socket after the close grace.
+    assert!(stuck.recv().await.is_none());
+    // And forgets it, while the fast client stays connected.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, _, metrics) = server.http("GET", "/metrics", &[], "").await;
+        if metrics.contains("ringcast_connections 1\n") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -72,6 +72,9 @@ pub struct Flags {
     pub max_channels_per_connection: Option<usize>,
     #[arg(long, env = "RINGCAST_JWT_LEEWAY_SECS")]
     pub jwt_leeway_secs: Option<u64>,
+    /// Bytes waiting to be written to one client before it is closed as too slow (1008).
+    #[arg(long, env = "RINGCAST_MAX_QUEUE_BYTES")]
+    pub max_queue_bytes: Option<usize>,
 }
 
 /// The same settings as the file holds them (all optional).
@@ -93,6 +96,7 @@ struct FileSettings {
     max_message_bytes: Option<usize>,
     max_channels_per_connection: Option<usize>,
     jwt_leeway_secs: Option<u64>,
+    max_queue_bytes: Option<usize>,
 }
 
 /// The settings in force.
@@ -110,6 +114,7 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub max_channels_per_connection: usize,
     pub jwt_leeway_secs: u64,
+    pub max_queue_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +186,10 @@ impl Config {
                 .or(file.max_channels_per_connection)
                 .unwrap_or(100),
             jwt_leeway_secs: flags.jwt_leeway_secs.or(file.jwt_leeway_secs).unwrap_or(5),
+            max_queue_bytes: flags
+                .max_queue_bytes
+                .or(file.max_queue_bytes)
+                .unwrap_or(8 << 20),
         };
         config.check()?;
         Ok(config)
@@ -202,6 +211,9 @@ impl Config {
         }
         if self.max_message_bytes < 125 {
             return fail("max_message_bytes must be at least 125");
+        }
+        if self.max_queue_bytes < self.max_message_bytes {
+            return fail("max_queue_bytes must be at least max_message_bytes");
         }
         if self.max_channels_per_connection == 0 {
             return fail("max_channels_per_connection must be at least 1");

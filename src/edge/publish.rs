@@ -17,6 +17,8 @@ use super::http::{bearer, same_secret, Edge, Reply};
 
 /// Most messages in one publish request.
 pub const MAX_BATCH: usize = 10_000;
+/// Largest `data` of one message: every subscriber must be able to take it as one frame.
+pub const MAX_DATA_BYTES: usize = 1 << 20;
 
 #[derive(Deserialize)]
 struct Incoming<'a> {
@@ -119,6 +121,9 @@ fn check(m: Incoming<'_>) -> Result<Publication, String> {
         if !matches!(p, "critical" | "high" | "normal" | "low") {
             return Err("priority must be critical, high, normal or low".into());
         }
+    }
+    if m.data.is_some_and(|d| d.get().len() > MAX_DATA_BYTES) {
+        return Err("data is larger than 1 MiB".into());
     }
     Ok(Publication {
         channel: m.channel.into(),

@@ -70,6 +70,7 @@ pub async fn serve(
         opening.claims,
         stream.as_raw_fd(),
         Heartbeat::new(Instant::now(), &settings.heartbeat),
+        settings.max_queue_bytes,
     ));
     core.register(conn.clone());
     let welcome = Control::Welcome {

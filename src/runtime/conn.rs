@@ -29,8 +29,10 @@ use super::core::Core;
 
 /// Most bytes the writer puts into one coalesced write.
 const MAX_WRITE_BATCH: usize = 256 * 1024;
-/// Bytes asked of the kernel per read.
-const READ_CHUNK: usize = 4096;
+/// Bytes asked of the kernel per read: small while a client only sends the odd control
+/// message (an idle connection holds this much), doubling up to the maximum while reads fill it.
+const MIN_READ_CHUNK: usize = 512;
+const MAX_READ_CHUNK: usize = 64 * 1024;
 /// How long a close handshake we started may take before the socket is cut.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -60,6 +62,9 @@ pub struct Conn {
     pub claims: Claims,
     pub subs: RefCell<HashMap<Arc<str>, SubState>>,
     queue: RefCell<VecDeque<Bytes>>,
+    /// Bytes in `queue`; past `max_queue_bytes` the client is too slow and is closed.
+    queued_bytes: Cell<usize>,
+    max_queue_bytes: usize,
     writer: Cell<Option<Waker>>,
     phase: Cell<Phase>,
     welcome: RefCell<Option<Bytes>>,
@@ -69,12 +74,20 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(id: u64, claims: Claims, fd: RawFd, heartbeat: Heartbeat) -> Conn {
+    pub fn new(
+        id: u64,
+        claims: Claims,
+        fd: RawFd,
+        heartbeat: Heartbeat,
+        max_queue_bytes: usize,
+    ) -> Conn {
         Conn {
             id,
             claims,
             subs: RefCell::new(HashMap::new()),
             queue: RefCell::new(VecDeque::new()),
+            queued_bytes: Cell::new(0),
+            max_queue_bytes,
             writer: Cell::new(None),
             phase: Cell::new(Phase::Greeting),
             welcome: RefCell::new(None),
@@ -84,12 +97,23 @@ impl Conn {
         }
     }
 
-    /// Queues a frame unless the connection is closing.
+    /// Queues a frame unless the connection is closing. A client whose queue passes
+    /// `max_queue_bytes` is not keeping up: its backlog is dropped and it is closed with 1008.
     pub fn push(&self, frame: Bytes) {
-        if matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
-            self.queue.borrow_mut().push_back(frame);
-            self.wake_writer();
+        if !matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
+            return;
         }
+        let queued = self.queued_bytes.get() + frame.len();
+        if queued > self.max_queue_bytes {
+            tracing::debug!(conn = self.id, queued, "send queue over its bound: closing");
+            self.queue.borrow_mut().clear();
+            self.queued_bytes.set(0);
+            self.close(1008, "too slow");
+            return;
+        }
+        self.queued_bytes.set(queued);
+        self.queue.borrow_mut().push_back(frame);
+        self.wake_writer();
     }
 
     fn wake_writer(&self) {
@@ -190,6 +214,7 @@ async fn read_loop(
 ) {
     let mut decoder = Decoder::new(core.shared.settings.max_message_bytes);
     let mut chunk: Vec<u8> = Vec::new();
+    let mut chunk_size = MIN_READ_CHUNK;
     loop {
         loop {
             match decoder.decode(&mut acc) {
@@ -206,7 +231,12 @@ async fn read_loop(
                 }
             }
         }
-        chunk.reserve(READ_CHUNK);
+        if acc.is_empty() && acc.capacity() > 0 {
+            acc = BytesMut::new(); // hold no read-side memory between messages
+        }
+        if chunk.capacity() != chunk_size {
+            chunk = Vec::with_capacity(chunk_size);
+        }
         let (res, buf) = reader.read(chunk).await;
         chunk = buf;
         match res {
@@ -214,6 +244,11 @@ async fn read_loop(
             Ok(n) => {
                 acc.extend_from_slice(&chunk[..n]);
                 chunk.clear();
+                chunk_size = if n == chunk_size {
+                    (chunk_size * 2).min(MAX_READ_CHUNK)
+                } else {
+                    (chunk_size / 2).max(MIN_READ_CHUNK)
+                };
             }
         }
     }
@@ -299,6 +334,7 @@ async fn write_loop(conn: Rc<Conn>, mut writer: OwnedWriteHalf<TcpStream>) {
             if phase != Phase::Greeting {
                 let mut queue = conn.queue.borrow_mut();
                 if queue.len() == 1 {
+                    conn.queued_bytes.set(0);
                     return Poll::Ready(queue.pop_front().map(Batch::One));
                 }
                 if !queue.is_empty() {
@@ -310,6 +346,8 @@ async fn write_loop(conn: Rc<Conn>, mut writer: OwnedWriteHalf<TcpStream>) {
                         buf.extend_from_slice(front);
                         queue.pop_front();
                     }
+                    let left = conn.queued_bytes.get().saturating_sub(buf.len());
+                    conn.queued_bytes.set(left);
                     return Poll::Ready(Some(Batch::Many(buf)));
                 }
             }

@@ -31,6 +31,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub max_message_bytes: usize,
     pub max_channels_per_connection: usize,
+    /// Bytes a connection may have waiting to be written before it is closed as too slow.
+    pub max_queue_bytes: usize,
 }
 
 /// Node-wide counters (relaxed atomics: for metrics, not for logic).

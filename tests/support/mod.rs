@@ -42,6 +42,9 @@ impl Server {
             .env("RINGCAST_JWT_LEEWAY_SECS", "0")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Ok(level) = std::env::var("RINGCAST_LOG") {
+            cmd.env("RINGCAST_LOG", level);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
