@@ -46,6 +46,7 @@ fn log_level() -> tracing::Level {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(Flags::parse())?;
+    raise_open_file_limit();
     let dev_mode = config.is_dev_mode();
     let jwt_secret = config.jwt_secret.clone().unwrap_or_else(random_secret);
     let api_key = config.api_key.clone().unwrap_or_else(random_secret);
@@ -85,6 +86,25 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     drain_on_signal(signals, &shared, config.drain_timeout);
     Ok(())
+}
+
+/// One socket is one open file: lift the soft limit to the hard one (systemd and shells often
+/// start services at 1024 soft).
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a stack value.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            tracing::info!(open_files = lim.rlim_cur, "open-file limit (one per connection)");
+        }
+    }
 }
 
 fn settings(config: &Config) -> Settings {
