@@ -102,7 +102,10 @@ fn raise_open_file_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            tracing::info!(open_files = lim.rlim_cur, "open-file limit (one per connection)");
+            tracing::info!(
+                open_files = lim.rlim_cur,
+                "open-file limit (one per connection)"
+            );
         }
     }
 }

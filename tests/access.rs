@@ -251,6 +251,15 @@ async fn handshake_refusals_are_clean_http() {
     )
     .await;
     assert_eq!(status, 400);
+    // HEAD answers headers only, so a keep-alive connection stays in step.
+    let (status, head, body) = raw_exchange(
+        server.addr,
+        b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(head.contains("Content-Length: 3"), "{head}");
+    assert_eq!(body, "");
     // The server is still fine.
     let (mut ws, _) = connect(&server, &format!("token={t}")).await;
     drop(ws.next());

@@ -130,7 +130,17 @@ fn bad_settings_refuse_to_start_with_a_readable_reason() {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let out = cmd.output().unwrap();
+        let mut child = cmd.spawn().unwrap();
+        // A server that starts instead of refusing must not hang the test.
+        let deadline = Instant::now() + WAIT;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("ringcast started with {env:?} instead of refusing");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).to_string(),
@@ -145,6 +155,12 @@ fn bad_settings_refuse_to_start_with_a_readable_reason() {
     ]);
     assert_eq!(code, Some(2));
     assert!(err.contains("workers"), "{err}");
+    let (code, err) = run(&[
+        ("RINGCAST_LISTEN", "127.0.0.1:0"),
+        ("RINGCAST_JWT_SECRET", "a-long-enough-secret-value"),
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("RINGCAST_API_KEY"), "{err}");
     let (code, err) = run(&[("RINGCAST_LISTEN", "not-an-address")]);
     assert_eq!(code, Some(2));
     assert!(

@@ -224,6 +224,12 @@ impl Config {
         if matches!(&self.api_key, Some(k) if k.len() < 16) {
             return fail("RINGCAST_API_KEY must be at least 16 bytes");
         }
+        if self.jwt_secret.is_some() && self.api_key.is_none() {
+            return fail(
+                "RINGCAST_JWT_SECRET is set but RINGCAST_API_KEY is not: set both \
+                 (or neither, on a loopback address, for development mode)",
+            );
+        }
         if !self.listen.ip().is_loopback() && (self.jwt_secret.is_none() || self.api_key.is_none())
         {
             return Err(ConfigError::Invalid(format!(

@@ -101,7 +101,11 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, _peer
         };
         let _ = buf.split_to(head_len);
         if request.path.starts_with("/ws") && request.method == "GET" {
-            return upgrade::serve(&edge, core, stream, request, buf).await;
+            // A WebSocket lives for hours inside this future: keep none of the HTTP buffers.
+            drop(chunk);
+            let leftover = BytesMut::from(&buf[..]);
+            drop(buf);
+            return upgrade::serve(&edge, core, stream, request, leftover).await;
         }
         let body_len = match request.content_length() {
             Ok(n) if n <= MAX_BODY_BYTES => n,
@@ -120,7 +124,11 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, _peer
         let body = buf.split_to(body_len);
         let keep_alive = request.keep_alive();
         let reply = route(&edge, &core, &request, &body).await;
-        let (res, _) = stream.write_all(reply.encode(keep_alive)).await;
+        let mut bytes = reply.encode(keep_alive);
+        if request.method == "HEAD" {
+            bytes.truncate(bytes.len() - reply.body.len()); // headers only, length kept
+        }
+        let (res, _) = stream.write_all(bytes).await;
         if res.is_err() || !keep_alive {
             return;
         }

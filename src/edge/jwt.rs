@@ -35,6 +35,9 @@ impl Verifier {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = leeway_secs;
         validation.validate_nbf = true;
+        // No audience is configured in this version: accept tokens whether or not they
+        // name one (jsonwebtoken would otherwise refuse every token carrying `aud`).
+        validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Verifier {
             key: DecodingKey::from_secret(secret),
@@ -116,5 +119,7 @@ mod tests {
         );
         assert_eq!(v.verify("not.a.token"), Err(TokenError::Malformed));
         assert_eq!(v.verify(""), Err(TokenError::Malformed));
+        let with_aud = sign_hs256(b"s3cret", &json!({"sub":"u","exp":exp,"aud":"dashboards"}));
+        assert_eq!(v.verify(&with_aud).unwrap().sub, "u");
     }
 }

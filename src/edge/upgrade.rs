@@ -58,9 +58,10 @@ pub async fn serve(
             return;
         }
     };
-    let (res, _) = stream
-        .write_all(http::accept_response(&upgrade.key, opening.protocol))
-        .await;
+    let accept = http::accept_response(&upgrade.key, opening.protocol);
+    // The request lives no longer than the handshake: a connection lasts hours.
+    drop((req, upgrade));
+    let (res, _) = stream.write_all(accept).await;
     if res.is_err() {
         return;
     }
@@ -88,6 +89,7 @@ pub async fn serve(
             conn.initial_subscribed();
         }
     }
+    drop(opening.channels);
     conn::run(core, stream, conn, leftover).await;
 }
 

@@ -29,6 +29,8 @@ use super::core::Core;
 
 /// Most bytes the writer puts into one coalesced write.
 const MAX_WRITE_BATCH: usize = 256 * 1024;
+/// Largest coalescing buffer a connection keeps between batches.
+const SPARE_WRITE_BUF: usize = 4096;
 /// Bytes asked of the kernel per read: small while a client only sends the odd control
 /// message (an idle connection holds this much), doubling up to the maximum while reads fill it.
 const MIN_READ_CHUNK: usize = 512;
@@ -288,7 +290,11 @@ fn handle_message(core: &Core, conn: &Rc<Conn>, text: &[u8]) {
             since,
             epoch,
         }) => {
-            let same_epoch = epoch.as_deref().is_none_or(|e| e == core.shared.epoch);
+            if !since.is_empty() && epoch.is_none() {
+                let message = "\"since\" needs the \"epoch\" it came from (see welcome)";
+                return send_error(conn, ErrorCode::BadMessage, message, None);
+            }
+            let same_epoch = epoch.as_deref() == Some(core.shared.epoch.as_str());
             for name in &channels {
                 let resume = match since.get(name) {
                     None => Resume::Live,
@@ -363,8 +369,9 @@ async fn write_loop(conn: Rc<Conn>, mut writer: OwnedWriteHalf<TcpStream>) {
             Some(Batch::One(frame)) => writer.write_all(frame).await.0,
             Some(Batch::Many(buf)) => {
                 let (res, mut buf) = writer.write_all(buf).await;
+                // Keep a small buffer for the next batch; an idle connection holds no big one.
                 buf.clear();
-                if buf.capacity() <= 64 * 1024 {
+                if buf.capacity() <= SPARE_WRITE_BUF {
                     spare = buf;
                 }
                 res
