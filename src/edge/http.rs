@@ -21,7 +21,10 @@ use super::{publish, upgrade};
 
 /// Largest request body accepted (a publish batch).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
-const READ_CHUNK: usize = 8192;
+/// First read of a request: a WebSocket handshake fits, and thousands of sockets connecting at
+/// once do not each pin a large buffer. Reads that fill it get bigger ones (bodies).
+const FIRST_READ_CHUNK: usize = 1024;
+const MAX_READ_CHUNK: usize = 64 * 1024;
 
 /// What the HTTP edge needs besides the core.
 pub struct Edge {
@@ -137,7 +140,12 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, _peer
 
 async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut, chunk: &mut Vec<u8>) -> bool {
     let mut owned = std::mem::take(chunk);
-    owned.reserve(READ_CHUNK);
+    let want = if buf.is_empty() {
+        FIRST_READ_CHUNK
+    } else {
+        (buf.len() * 2).clamp(FIRST_READ_CHUNK, MAX_READ_CHUNK)
+    };
+    owned.reserve(want);
     let (res, mut owned) = stream.read(owned).await;
     let ok = match res {
         Ok(n) if n > 0 => {

@@ -16,7 +16,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
+use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 
 use crate::delivery::access::Claims;
@@ -25,16 +25,12 @@ use crate::delivery::sequencer::Resume;
 use crate::proto::msg::{self, ClientMessage, Control, ErrorCode};
 use crate::proto::ws::codec::{self, Decoder, Event};
 
-use super::core::Core;
+use super::core::{Core, Received};
 
 /// Most bytes the writer puts into one coalesced write.
 const MAX_WRITE_BATCH: usize = 256 * 1024;
 /// Largest coalescing buffer a connection keeps between batches.
 const SPARE_WRITE_BUF: usize = 4096;
-/// Bytes asked of the kernel per read: small while a client only sends the odd control
-/// message (an idle connection holds this much), doubling up to the maximum while reads fill it.
-const MIN_READ_CHUNK: usize = 512;
-const MAX_READ_CHUNK: usize = 64 * 1024;
 /// How long a close handshake we started may take before the socket is cut.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -72,7 +68,7 @@ pub struct Conn {
     welcome: RefCell<Option<Bytes>>,
     initial_pending: Cell<usize>,
     heartbeat: RefCell<Heartbeat>,
-    fd: RawFd,
+    pub fd: RawFd,
 }
 
 impl Conn {
@@ -208,15 +204,8 @@ pub async fn run(core: Rc<Core>, stream: TcpStream, conn: Rc<Conn>, leftover: By
     write_task.await;
 }
 
-async fn read_loop(
-    core: &Core,
-    conn: &Rc<Conn>,
-    mut reader: OwnedReadHalf<TcpStream>,
-    mut acc: BytesMut,
-) {
+async fn read_loop(core: &Core, conn: &Rc<Conn>, reader: OwnedReadHalf<TcpStream>, mut acc: BytesMut) {
     let mut decoder = Decoder::new(core.shared.settings.max_message_bytes);
-    let mut chunk: Vec<u8> = Vec::new();
-    let mut chunk_size = MIN_READ_CHUNK;
     loop {
         loop {
             match decoder.decode(&mut acc) {
@@ -236,22 +225,17 @@ async fn read_loop(
         if acc.is_empty() && acc.capacity() > 0 {
             acc = BytesMut::new(); // hold no read-side memory between messages
         }
-        if chunk.capacity() != chunk_size {
-            chunk = Vec::with_capacity(chunk_size);
+        // Wait for readiness holding no buffer, then drain the socket through the core's
+        // scratch buffer: an idle connection owns no read buffer at all.
+        // SAFETY: the same shared access monoio's own split halves use; readiness polling only
+        // needs the fd, and the writer half never touches the read side.
+        let stream: &TcpStream = unsafe { &*reader.0.get() };
+        if stream.readable(false).await.is_err() {
+            return;
         }
-        let (res, buf) = reader.read(chunk).await;
-        chunk = buf;
-        match res {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                acc.extend_from_slice(&chunk[..n]);
-                chunk.clear();
-                chunk_size = if n == chunk_size {
-                    (chunk_size * 2).min(MAX_READ_CHUNK)
-                } else {
-                    (chunk_size / 2).max(MIN_READ_CHUNK)
-                };
-            }
+        match core.recv_into(conn.fd, &mut acc) {
+            Received::Data | Received::NotReady => {}
+            Received::Closed => return,
         }
     }
 }

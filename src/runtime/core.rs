@@ -88,6 +88,19 @@ pub struct SubscribeError {
     pub message: String,
 }
 
+/// What a non-blocking receive found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    Data,
+    /// A spurious wake-up: nothing to read yet.
+    NotReady,
+    /// End of stream or a socket error.
+    Closed,
+}
+
+/// Bytes one receive may take through the core's scratch buffer.
+const SCRATCH_BYTES: usize = 64 * 1024;
+
 pub struct Core {
     pub id: usize,
     pub shared: Arc<Shared>,
@@ -95,6 +108,8 @@ pub struct Core {
     pub rooms: RefCell<Rooms<Rc<Conn>>>,
     pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
     next_conn: Cell<u64>,
+    /// Every connection's reads pass through here, so none holds a read buffer of its own.
+    scratch: RefCell<Box<[u8]>>,
 }
 
 impl Core {
@@ -108,6 +123,43 @@ impl Core {
             rooms: RefCell::new(Rooms::default()),
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
+            scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
+        }
+    }
+
+    /// Moves what the socket holds into `acc` without blocking (after a readiness wake-up).
+    pub fn recv_into(&self, fd: std::os::fd::RawFd, acc: &mut bytes::BytesMut) -> Received {
+        let mut scratch = self.scratch.borrow_mut();
+        let mut got = Received::NotReady;
+        loop {
+            // SAFETY: recv into a buffer we own, of its length; MSG_DONTWAIT never blocks.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    scratch.as_mut_ptr().cast(),
+                    scratch.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            match n {
+                0 => return Received::Closed,
+                n if n > 0 => {
+                    let n = n as usize;
+                    acc.extend_from_slice(&scratch[..n]);
+                    got = Received::Data;
+                    if n < scratch.len() {
+                        return got;
+                    }
+                }
+                _ => {
+                    let err = std::io::Error::last_os_error();
+                    return match err.kind() {
+                        std::io::ErrorKind::WouldBlock => got,
+                        std::io::ErrorKind::Interrupted => continue,
+                        _ => Received::Closed,
+                    };
+                }
+            }
         }
     }
 
