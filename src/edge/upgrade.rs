@@ -90,7 +90,9 @@ pub async fn serve(
         }
     }
     drop(opening.channels);
-    conn::run(core, stream, conn, leftover).await;
+    // The connection lives on in a task of its own, sized for its socket loop alone: this
+    // handshake's (and the HTTP router's) state is freed now, not held for hours.
+    monoio::spawn(conn::run(core, stream, conn, leftover));
 }
 
 fn open(edge: &Edge, core: &Core, req: &Request, protocols: &[String]) -> Result<Opening, Reply> {

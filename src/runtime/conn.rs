@@ -197,6 +197,7 @@ impl Conn {
 pub async fn run(core: Rc<Core>, stream: TcpStream, conn: Rc<Conn>, leftover: BytesMut) {
     let (reader, writer) = monoio::io::Splitable::into_split(stream);
     let write_task = monoio::spawn(write_loop(conn.clone(), writer));
+
     read_loop(&core, &conn, reader, leftover).await;
     core.deregister(&conn);
     conn.phase.set(Phase::Finished);
@@ -204,7 +205,12 @@ pub async fn run(core: Rc<Core>, stream: TcpStream, conn: Rc<Conn>, leftover: By
     write_task.await;
 }
 
-async fn read_loop(core: &Core, conn: &Rc<Conn>, reader: OwnedReadHalf<TcpStream>, mut acc: BytesMut) {
+async fn read_loop(
+    core: &Core,
+    conn: &Rc<Conn>,
+    reader: OwnedReadHalf<TcpStream>,
+    mut acc: BytesMut,
+) {
     let mut decoder = Decoder::new(core.shared.settings.max_message_bytes);
     loop {
         loop {
