@@ -18,7 +18,13 @@ pub struct Sample {
 }
 
 pub fn sample(pid: Option<u32>) -> Sample {
-    let (server_cpu_us, server_rss_kib) = pid.map_or((0, 0), proc_usage);
+    // A server may be several processes (nginx: a master and its workers): sum the tree.
+    let (server_cpu_us, server_rss_kib) = pid.map_or((0, 0), |pid| {
+        with_children(pid)
+            .into_iter()
+            .map(proc_usage)
+            .fold((0, 0), |(c, r), (c2, r2)| (c + c2, r + r2))
+    });
     let (tcp_inuse, tcp_mem_kib) = sockstat();
     Sample {
         at: Instant::now(),
@@ -28,6 +34,19 @@ pub fn sample(pid: Option<u32>) -> Sample {
         tcp_mem_kib,
         tcp_inuse,
     }
+}
+
+/// `pid` and its direct children.
+fn with_children(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                pids.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+            }
+        }
+    }
+    pids
 }
 
 fn proc_usage(pid: u32) -> (u64, u64) {

@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Runs the benchmark scenarios of docs/benchmarks.md against ringcast, the floor and the peers,
+one server at a time on loopback, with the project's load generator (ringcast-load).
+
+    python3 benches/scenarios.py                      # everything (about 15 minutes here)
+    python3 benches/scenarios.py --quick              # small counts, a smoke test
+    python3 benches/scenarios.py --targets ringcast,floor --scenarios S1,S4
+
+Writes every report to --out (JSON) and, with --chart, a PNG next to it. Each scenario starts a
+fresh server and stops it (by the PID it started) afterwards. Bounded: every load run has a
+duration and the generator stops by itself.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(ROOT, "target", "release")
+SECRET = "bench-secret-0123456789"
+API_KEY = "bench-key-0123456789"
+PORTS = {"ringcast": 18080, "floor": 18090, "nchan": 18091, "socketio": 18092}
+
+
+class Server:
+    """One running target; stop() ends only what start() began."""
+
+    def __init__(self, target):
+        self.target = target
+        self.port = PORTS[target]
+        self.addr = f"127.0.0.1:{self.port}"
+        self.proc = None
+        self.pid = None
+
+    def start(self):
+        env = dict(os.environ, RINGCAST_LISTEN=self.addr, RINGCAST_LOG="warn")
+        if self.target in ("ringcast", "floor"):
+            binary = "ringcast" if self.target == "ringcast" else "ringcast-floor"
+            env.update(RINGCAST_JWT_SECRET=SECRET, RINGCAST_API_KEY=API_KEY)
+            self.proc = subprocess.Popen(
+                [os.path.join(REL, binary)], env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True)
+            for line in self.proc.stdout:
+                if line.startswith("listening on "):
+                    break
+            else:
+                raise RuntimeError(f"{binary} did not start")
+            self.pid = self.proc.pid
+        else:
+            script = os.path.join(ROOT, "benches", "peers", self.target, "start.sh")
+            out = subprocess.run([script, str(self.port)], check=True, capture_output=True,
+                                 text=True, timeout=600).stdout
+            self.pid = int(next(l.split()[1] for l in out.splitlines() if l.startswith("pid ")))
+        return self
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        else:
+            script = os.path.join(ROOT, "benches", "peers", self.target, "stop.sh")
+            subprocess.run([script, str(self.port)], check=False, capture_output=True, timeout=60)
+        time.sleep(0.5)  # let the kernel finish closing the sockets before the next run
+
+
+def load(server, label, **kw):
+    args = [os.path.join(REL, "ringcast-load"), "--target", server.target, "--addr", server.addr,
+            "--server-pid", str(server.pid), "--json", "-", "--label", label,
+            "--secret", SECRET, "--api-key", API_KEY]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    print(f"  {server.target:9} {label:12} {' '.join(args[13:])}", file=sys.stderr, flush=True)
+    out = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        print(out.stderr[-2000:], file=sys.stderr)
+        raise RuntimeError(f"ringcast-load failed for {server.target} {label}")
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report["command"] = " ".join(args)
+    return report
+
+
+def fresh(target, fn):
+    server = Server(target).start()
+    try:
+        return fn(server)
+    finally:
+        server.stop()
+
+
+def s1(target, q):
+    return [fresh(target, lambda s: load(s, "S1", subscribers=q["subs"], channels=1, rate=10,
+                                         duration=q["dur"]))]
+
+
+def s2(target, q):
+    """Highest rate one in-order publisher holds with P99 < 100 ms, no loss, on schedule."""
+    runs = []
+    for rate in q["s2_rates"]:
+        r = fresh(target, lambda s: load(s, f"S2@{rate}", subscribers=q["subs"], channels=1,
+                                         rate=rate, duration=q["s2_dur"]))
+        r["s2_pass"] = (r["latency_p99_ms"] < 100 and r["lost"] == 0 and r["failed"] == 0
+                        and r["publish_rate"] >= 0.95 * rate)
+        runs.append(r)
+        if not r["s2_pass"]:
+            break
+    return runs
+
+
+def s3(target, q):
+    kw = dict(subscribers=q["subs"], channels=q["s3_channels"], rate=q["s3_rate"],
+              duration=q["dur"])
+    if target == "ringcast":
+        kw.update(batch=100, publishers=1)
+    else:
+        kw.update(publishers=8)
+    return [fresh(target, lambda s: load(s, "S3", **kw))]
+
+
+def s4(target, q):
+    return [fresh(target, lambda s: load(s, f"S4@{n}", mode="idle", subscribers=n))
+            for n in q["s4_counts"]]
+
+
+def s5(target, q):
+    if target != "ringcast":
+        return []  # resume by seq is ringcast's protocol; the peers have no equivalent here
+    return [fresh(target, lambda s: load(s, "S5", mode="storm", subscribers=q["subs"],
+                                         channels=100, rate=1000, batch=10,
+                                         duration=q["dur"] / 2, storm_at=3))]
+
+
+SCENARIOS = {"S1": s1, "S2": s2, "S3": s3, "S4": s4, "S5": s5}
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")), "?")
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def chart(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    targets = [t for t in ["floor", "ringcast", "nchan", "socketio"] if any(r["target"] == t for r in results)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    # S1 latency percentiles
+    ax = axes[0]
+    pcts = [("latency_p50_ms", "P50"), ("latency_p95_ms", "P95"), ("latency_p99_ms", "P99")]
+    width = 0.8 / max(1, len(targets))
+    for i, t in enumerate(targets):
+        r = next((r for r in results if r["target"] == t and r["label"] == "S1"), None)
+        if r:
+            ax.bar([j + i * width for j in range(len(pcts))], [r[k] for k, _ in pcts], width, label=t)
+    ax.set_xticks([j + width * (len(targets) - 1) / 2 for j in range(len(pcts))], [n for _, n in pcts])
+    ax.set_ylabel("ms")
+    ax.set_title("S1: 10k subscribers, 10 msg/s — latency")
+    ax.legend()
+    # S2 max deliveries/s
+    ax = axes[1]
+    vals = []
+    for t in targets:
+        passing = [r for r in results if r["target"] == t and r["label"].startswith("S2") and r.get("s2_pass")]
+        vals.append(max((r["deliveries_per_sec"] for r in passing), default=0) / 1000)
+    ax.bar(targets, vals, color=["C%d" % i for i in range(len(targets))])
+    ax.set_ylabel("thousand deliveries/s")
+    ax.set_title("S2: highest rate with P99 < 100 ms, no loss")
+    # S4 RSS per idle connection
+    ax = axes[2]
+    for i, t in enumerate(targets):
+        rs = sorted((r for r in results if r["target"] == t and r["label"].startswith("S4")),
+                    key=lambda r: r["connected"])
+        if rs:
+            ax.plot([r["connected"] for r in rs], [r["server_rss_bytes_per_connection"] / 1024 for r in rs],
+                    marker="o", label=t)
+    ax.set_xlabel("idle connections")
+    ax.set_ylabel("server RSS KiB / connection")
+    ax.set_title("S4: memory per idle connection")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--targets", default="floor,ringcast,nchan,socketio")
+    ap.add_argument("--scenarios", default="S1,S2,S3,S4,S5")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench-results.json"))
+    ap.add_argument("--chart", default=None, help="PNG path for the chart")
+    ap.add_argument("--no-build", action="store_true")
+    a = ap.parse_args()
+    q = dict(subs=10000, dur=20, s2_dur=5, s2_rates=[10, 20, 40, 60, 80, 100, 140, 200, 280, 400],
+             s3_channels=1000, s3_rate=10000, s4_counts=[5000, 10000, 19000])
+    if a.quick:
+        q = dict(subs=1000, dur=3, s2_dur=2, s2_rates=[10, 40], s3_channels=100, s3_rate=1000,
+                 s4_counts=[1000])
+    if not a.no_build:
+        subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
+    results = []
+    for target in a.targets.split(","):
+        for name in a.scenarios.split(","):
+            print(f"{target} {name}", file=sys.stderr, flush=True)
+            results += SCENARIOS[name](target, q)
+            with open(a.out, "w") as f:
+                json.dump({"machine": machine(), "results": results}, f, indent=1)
+    if a.chart:
+        chart(results, a.chart)
+    print(json.dumps({"machine": machine(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
