@@ -190,6 +190,64 @@ def chart(results, path):
     fig.savefig(path, dpi=110)
 
 
+def markdown(data):
+    """Tables for docs/benchmarks.md, ratios against the floor where it ran."""
+    res = data["results"]
+    out = []
+    def find(t, label):
+        return next((r for r in res if r["target"] == t and r["label"] == label), None)
+    targets = [t for t in ["floor", "ringcast", "nchan", "socketio"] if any(r["target"] == t for r in res)]
+    floor1 = find("floor", "S1")
+    out.append("| S1 | P50 ms | P95 ms | P99 ms | P99.9 ms | server CPU µs/delivery | × floor CPU | lost | generator CPU % |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for t in targets:
+        r = find(t, "S1")
+        if not r:
+            continue
+        ratio = r["server_cpu_us_per_delivery"] / floor1["server_cpu_us_per_delivery"] if floor1 and floor1["server_cpu_us_per_delivery"] else float("nan")
+        out.append(f"| {t} | {r['latency_p50_ms']:.2f} | {r['latency_p95_ms']:.2f} | {r['latency_p99_ms']:.2f} | {r['latency_p999_ms']:.2f} | {r['server_cpu_us_per_delivery']:.2f} | {ratio:.2f} | {r['lost']} | {r['generator_cpu_percent']:.0f} |")
+    out.append("")
+    out.append("| S2 | highest passing rate msg/s | deliveries/s | P99 ms there | first failing rate | why it failed |")
+    out.append("|---|---|---|---|---|---|")
+    for t in targets:
+        runs = [r for r in res if r["target"] == t and r["label"].startswith("S2@")]
+        if not runs:
+            continue
+        ok = [r for r in runs if r.get("s2_pass")]
+        best = max(ok, key=lambda r: r["rate_target"]) if ok else None
+        bad = next((r for r in runs if not r.get("s2_pass")), None)
+        why = ""
+        if bad:
+            reasons = []
+            if bad["latency_p99_ms"] >= 100: reasons.append(f"P99 {bad['latency_p99_ms']:.0f} ms")
+            if bad["lost"]: reasons.append(f"lost {bad['lost']}")
+            if bad["publish_rate"] < 0.95 * bad["rate_target"]: reasons.append(f"publisher held {bad['publish_rate']:.0f}/s")
+            if bad["failed"]: reasons.append(f"{bad['failed']} connects failed")
+            why = ", ".join(reasons)
+        out.append(f"| {t} | {best['rate_target']:.0f} | {best['deliveries_per_sec']:.0f} | {best['latency_p99_ms']:.1f} | "
+                   f"{bad['rate_target'] if bad else '—'} | {why or 'none failed'} |" if best else f"| {t} | — | — | — | {bad['rate_target'] if bad else '—'} | {why} |")
+    out.append("")
+    out.append("| S3 | published msg/s | deliveries/s | P50 ms | P99 ms | lost | dup | server CPU µs/delivery |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for t in targets:
+        r = find(t, "S3")
+        if r:
+            out.append(f"| {t} | {r['publish_rate']:.0f} | {r['deliveries_per_sec']:.0f} | {r['latency_p50_ms']:.2f} | {r['latency_p99_ms']:.2f} | {r['lost']} | {r['duplicates']} | {r['server_cpu_us_per_delivery']:.2f} |")
+    out.append("")
+    out.append("| S4 | connections | server RSS KiB / conn | kernel TCP memory B / socket |")
+    out.append("|---|---|---|---|")
+    for t in targets:
+        for r in sorted((r for r in res if r["target"] == t and r["label"].startswith("S4")), key=lambda r: r["connected"]):
+            out.append(f"| {t} | {r['connected']} | {r['server_rss_bytes_per_connection']/1024:.2f} | {r['tcp_mem_bytes_per_socket']:.0f} |")
+    out.append("")
+    r = find("ringcast", "S5")
+    if r:
+        out.append("| S5 | clients | recovered | not recovered | time to all recovered s | lost | dup |")
+        out.append("|---|---|---|---|---|---|---|")
+        out.append(f"| ringcast | {r['connected']} | {r['storm_recovered']} | {r['storm_not_recovered']} | {r['storm_recovery_secs']:.2f} | {r['lost']} | {r['duplicates']} |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", default="floor,ringcast,nchan,socketio")
@@ -198,7 +256,11 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench-results.json"))
     ap.add_argument("--chart", default=None, help="PNG path for the chart")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--markdown", metavar="JSON", help="print the tables of an earlier run and exit")
     a = ap.parse_args()
+    if a.markdown:
+        print(markdown(json.load(open(a.markdown))))
+        return
     q = dict(subs=10000, dur=20, s2_dur=5, s2_rates=[10, 20, 40, 60, 80, 100, 140, 200, 280, 400],
              s3_channels=1000, s3_rate=10000, s4_counts=[5000, 10000, 19000])
     if a.quick:
