@@ -11,7 +11,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 
 use ringcast::edge::config::{Config, Flags, IoDriver};
 use ringcast::edge::http::{self, Edge};
-use ringcast::edge::jwt::{self, Verifier};
+use ringcast::edge::jwt::{self, Key, Rules, Verifier};
 use ringcast::runtime::core::{Settings, Shared};
 use ringcast::runtime::mesh::{self, MeshMsg};
 use ringcast::runtime::worker::{self, Driver, Handler};
@@ -48,17 +48,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(Flags::parse())?;
     raise_open_file_limit();
     let dev_mode = config.is_dev_mode();
+    // Development mode signs with a random secret; otherwise the configured keys decide.
     let jwt_secret = config.jwt_secret.clone().unwrap_or_else(random_secret);
     let api_key = config.api_key.clone().unwrap_or_else(random_secret);
 
+    let verifier = Arc::new(verifier(&config, dev_mode.then_some(jwt_secret.as_str()))?);
     let (mesh, inboxes) = mesh::mesh(config.workers);
-    let shared = Arc::new(Shared::new(settings(&config), mesh));
+    let shared = Arc::new(Shared::new(settings(&config), mesh, verifier.clone()));
     let listeners = worker::bind_listeners(config.listen, config.workers)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listeners[0].local_addr()?;
 
     let edge = Arc::new(Edge {
-        verifier: Verifier::hs256(jwt_secret.as_bytes(), config.jwt_leeway_secs),
+        verifier,
         api_key: api_key.clone(),
     });
     let handler: Handler = Arc::new(move |core: Rc<_>, stream, peer| {
@@ -108,6 +110,28 @@ fn raise_open_file_limit() {
             );
         }
     }
+}
+
+/// Every configured token key: the HS256 secret and the RS256/ES256 public keys.
+fn verifier(config: &Config, dev_secret: Option<&str>) -> Result<Verifier, String> {
+    let mut keys = Vec::new();
+    if let Some(secret) = config.jwt_secret.as_deref().or(dev_secret) {
+        keys.push(Key::hs256(secret.as_bytes()));
+    }
+    for (kid, alg, path) in &config.jwt_public_keys {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read public key {}: {e}", path.display()))?;
+        keys.push(
+            Key::public_pem(kid.clone(), *alg, &pem)
+                .map_err(|e| format!("public key {}: {e}", path.display()))?,
+        );
+    }
+    let rules = Rules {
+        leeway_secs: config.jwt_leeway_secs,
+        audience: config.jwt_audience.clone(),
+        issuer: config.jwt_issuer.clone(),
+    };
+    Ok(Verifier::new(keys, rules))
 }
 
 fn settings(config: &Config) -> Settings {

@@ -8,6 +8,14 @@ use serde::Deserialize;
 
 use super::channel::{self, ChannelKind};
 
+/// Turns a token into claims (the edge's verifier; a trait so the runtime need not know it).
+pub trait Authenticator: Send + Sync {
+    /// The claims of a valid token, or why it is not valid.
+    fn authenticate(&self, token: &str) -> Result<Claims, String>;
+    /// Seconds past `exp` a token is still honoured (clock skew).
+    fn leeway_secs(&self) -> u64;
+}
+
 /// The claims ringcast reads from a token. Unknown claims are ignored.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 pub struct Claims {

@@ -46,6 +46,15 @@ pub struct Flags {
     /// HS256 secret for client tokens.
     #[arg(long, env = "RINGCAST_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Public keys for RS256/ES256 tokens: `[kid@]ALG:path.pem`, comma-separated.
+    #[arg(long, env = "RINGCAST_JWT_PUBLIC_KEYS")]
+    pub jwt_public_keys: Option<String>,
+    /// Required `aud` of every token (unset: not checked).
+    #[arg(long, env = "RINGCAST_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` of every token (unset: not checked).
+    #[arg(long, env = "RINGCAST_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
     /// Key publishers send as `Authorization: Bearer <key>`.
     #[arg(long, env = "RINGCAST_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -84,6 +93,9 @@ struct FileSettings {
     listen: Option<SocketAddr>,
     workers: Option<usize>,
     jwt_secret: Option<String>,
+    jwt_public_keys: Option<String>,
+    jwt_audience: Option<String>,
+    jwt_issuer: Option<String>,
     api_key: Option<String>,
     redis_url: Option<String>,
     io_driver: Option<IoDriver>,
@@ -104,8 +116,12 @@ struct FileSettings {
 pub struct Config {
     pub listen: SocketAddr,
     pub workers: usize,
-    /// `None` only in development mode, before `main` picks a random one.
+    /// `None` in development mode (before `main` picks a random one) or with public keys only.
     pub jwt_secret: Option<String>,
+    /// RS256/ES256 public keys: (kid, algorithm, PEM path).
+    pub jwt_public_keys: Vec<(Option<String>, jsonwebtoken::Algorithm, PathBuf)>,
+    pub jwt_audience: Option<String>,
+    pub jwt_issuer: Option<String>,
     pub api_key: Option<String>,
     pub io_driver: IoDriver,
     pub ring: RingBounds,
@@ -155,6 +171,16 @@ impl Config {
                 .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid literal")),
             workers: flags.workers.or(file.workers).unwrap_or(cores),
             jwt_secret: flags.jwt_secret.or(file.jwt_secret),
+            jwt_public_keys: match flags.jwt_public_keys.or(file.jwt_public_keys) {
+                None => Vec::new(),
+                Some(list) => crate::edge::jwt::parse_key_list(&list)
+                    .map_err(|e| ConfigError::Invalid(format!("RINGCAST_JWT_PUBLIC_KEYS: {e}")))?
+                    .into_iter()
+                    .map(|(kid, alg, path)| (kid, alg, PathBuf::from(path)))
+                    .collect(),
+            },
+            jwt_audience: flags.jwt_audience.or(file.jwt_audience),
+            jwt_issuer: flags.jwt_issuer.or(file.jwt_issuer),
             api_key: flags.api_key.or(file.api_key),
             io_driver: flags.io_driver.or(file.io_driver).unwrap_or(IoDriver::Auto),
             ring: RingBounds {
@@ -224,16 +250,17 @@ impl Config {
         if matches!(&self.api_key, Some(k) if k.len() < 16) {
             return fail("RINGCAST_API_KEY must be at least 16 bytes");
         }
-        if self.jwt_secret.is_some() && self.api_key.is_none() {
+        if !self.is_dev_mode() && self.api_key.is_none() {
             return fail(
-                "RINGCAST_JWT_SECRET is set but RINGCAST_API_KEY is not: set both \
-                 (or neither, on a loopback address, for development mode)",
+                "token keys are set (RINGCAST_JWT_SECRET or RINGCAST_JWT_PUBLIC_KEYS) but \
+                 RINGCAST_API_KEY is not: set it too (or none of them, on a loopback address, \
+                 for development mode)",
             );
         }
-        if !self.listen.ip().is_loopback() && (self.jwt_secret.is_none() || self.api_key.is_none())
-        {
+        if !self.listen.ip().is_loopback() && (self.is_dev_mode() || self.api_key.is_none()) {
             return Err(ConfigError::Invalid(format!(
-                "refusing to listen on {} without RINGCAST_JWT_SECRET and RINGCAST_API_KEY: \
+                "refusing to listen on {} without token keys (RINGCAST_JWT_SECRET or \
+                 RINGCAST_JWT_PUBLIC_KEYS) and RINGCAST_API_KEY: \
                  development mode (random secrets) is only for loopback addresses",
                 self.listen
             )));
@@ -241,9 +268,9 @@ impl Config {
         Ok(())
     }
 
-    /// Development mode: loopback and no JWT secret configured.
+    /// Development mode: loopback and no token keys configured.
     pub fn is_dev_mode(&self) -> bool {
-        self.jwt_secret.is_none()
+        self.jwt_secret.is_none() && self.jwt_public_keys.is_empty()
     }
 }
 

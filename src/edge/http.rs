@@ -28,7 +28,7 @@ const MAX_READ_CHUNK: usize = 64 * 1024;
 
 /// What the HTTP edge needs besides the core.
 pub struct Edge {
-    pub verifier: Verifier,
+    pub verifier: Arc<Verifier>,
     pub api_key: String,
 }
 

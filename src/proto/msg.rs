@@ -61,6 +61,8 @@ pub enum ErrorCode {
     BadChannel,
     Forbidden,
     AlreadySubscribed,
+    /// A `refresh` token that failed its checks or names another user.
+    BadToken,
     NotSubscribed,
     TooManyChannels,
     /// Binary frames are not accepted from JSON clients.
@@ -102,6 +104,11 @@ pub enum Control<'a> {
     Shutdown {
         reason: &'a str,
     },
+    /// A `refresh` was accepted: the connection now lives until `exp` (Unix seconds).
+    Refreshed {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
+    },
 }
 
 impl Control<'_> {
@@ -128,6 +135,10 @@ pub enum ClientMessage {
     Unsubscribe {
         channels: Vec<String>,
     },
+    /// A fresh token for this connection (same `sub`), before the current one expires.
+    Refresh {
+        token: String,
+    },
 }
 
 /// Why a client message was refused: an `error` frame, never a close.
@@ -138,7 +149,7 @@ pub struct ParseError {
 }
 
 /// Types the contract names that this version answers with `unsupported`.
-const LATER_TYPES: [&str; 6] = ["filter", "ack", "refresh", "pause", "resume", "ping"];
+const LATER_TYPES: [&str; 5] = ["filter", "ack", "pause", "resume", "ping"];
 
 /// Parses one client text message with simd-json.
 pub fn parse_client_message(text: &[u8]) -> Result<ClientMessage, ParseError> {
@@ -167,7 +178,7 @@ pub fn parse_client_message(text: &[u8]) -> Result<ClientMessage, ParseError> {
             format!("\"{kind}\" is not supported by this server version"),
         );
     }
-    if !matches!(kind, "subscribe" | "unsubscribe") {
+    if !matches!(kind, "subscribe" | "unsubscribe" | "refresh") {
         let kind: String = kind.chars().take(64).collect();
         return fail(ErrorCode::UnknownType, format!("unknown type \"{kind}\""));
     }
@@ -282,10 +293,8 @@ mod tests {
         assert_eq!(code(b"[1,2]"), ErrorCode::BadJson);
         assert_eq!(code(br#"{"type":7}"#), ErrorCode::BadJson);
         assert_eq!(code(br#"{"type":"dance"}"#), ErrorCode::UnknownType);
-        assert_eq!(
-            code(br#"{"type":"refresh","token":"x"}"#),
-            ErrorCode::Unsupported
-        );
+        assert_eq!(code(br#"{"type":"pause"}"#), ErrorCode::Unsupported);
+        assert_eq!(code(br#"{"type":"refresh"}"#), ErrorCode::BadMessage);
         assert_eq!(code(br#"{"type":"subscribe"}"#), ErrorCode::BadMessage);
         assert_eq!(
             code(br#"{"type":"subscribe","channels":"a"}"#),

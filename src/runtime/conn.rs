@@ -57,7 +57,10 @@ enum Phase {
 
 pub struct Conn {
     pub id: u64,
-    pub claims: Claims,
+    /// Replaced by a `refresh`.
+    pub claims: RefCell<Claims>,
+    /// The token's `exp` (Unix seconds): past it (and the leeway) the connection closes 4001.
+    expires_at: Cell<Option<u64>>,
     pub subs: RefCell<HashMap<Arc<str>, SubState>>,
     queue: RefCell<VecDeque<Bytes>>,
     /// Bytes in `queue`; past `max_queue_bytes` the client is too slow and is closed.
@@ -81,7 +84,8 @@ impl Conn {
     ) -> Conn {
         Conn {
             id,
-            claims,
+            expires_at: Cell::new(claims.exp),
+            claims: RefCell::new(claims),
             subs: RefCell::new(HashMap::new()),
             queue: RefCell::new(VecDeque::new()),
             queued_bytes: Cell::new(0),
@@ -170,8 +174,15 @@ impl Conn {
         }
     }
 
-    /// Heartbeat and close-handshake deadlines; called by the core's sweep.
-    pub fn tick(&self, now: Instant, core: &Core) {
+    /// Heartbeat, token-expiry and close-handshake deadlines; called by the core's sweep with
+    /// the monotonic and the wall-clock time (Unix seconds).
+    pub fn tick(&self, now: Instant, unix_secs: u64, core: &Core) {
+        if let Some(exp) = self.expires_at.get() {
+            if unix_secs > exp + core.shared.auth.leeway_secs() {
+                self.expires_at.set(None);
+                self.close(4001, "token expired");
+            }
+        }
         match self.phase.get() {
             Phase::Closing { since } if now.duration_since(since) >= CLOSE_GRACE => self.abort(),
             Phase::Open => match self
@@ -298,12 +309,40 @@ fn handle_message(core: &Core, conn: &Rc<Conn>, text: &[u8]) {
         }
         Ok(ClientMessage::Unsubscribe { channels }) => {
             for name in &channels {
-                if let Err(e) = core.unsubscribe(conn, name) {
+                if let Err(e) = core.unsubscribe(conn, name, None) {
                     send_error(conn, e.code, &e.message, Some(name));
                 }
             }
         }
+        Ok(ClientMessage::Refresh { token }) => refresh(core, conn, &token),
     }
+}
+
+/// A fresh token extends the connection; its claims replace the old ones, and subscriptions
+/// the new claims no longer allow end at once.
+fn refresh(core: &Core, conn: &Rc<Conn>, token: &str) {
+    let claims = match core.shared.auth.authenticate(token) {
+        Ok(c) => c,
+        Err(reason) => return send_error(conn, ErrorCode::BadToken, &reason, None),
+    };
+    if claims.sub != conn.claims.borrow().sub {
+        let message = "the refresh token is for another user";
+        return send_error(conn, ErrorCode::BadToken, message, None);
+    }
+    let exp = claims.exp;
+    *conn.claims.borrow_mut() = claims;
+    conn.expires_at.set(exp);
+    let lost: Vec<Arc<str>> = conn
+        .subs
+        .borrow()
+        .keys()
+        .filter(|c| !conn.claims.borrow().can_subscribe(c))
+        .cloned()
+        .collect();
+    for channel in lost {
+        let _ = core.unsubscribe(conn, &channel, Some("forbidden"));
+    }
+    conn.push(Control::Refreshed { exp }.frame());
 }
 
 fn send_error(conn: &Conn, code: ErrorCode, message: &str, channel: Option<&str>) {

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::delivery::access::Authenticator;
 use crate::delivery::channel;
 use crate::delivery::heartbeat::HeartbeatConfig;
 use crate::delivery::ring::RingBounds;
@@ -52,16 +53,19 @@ pub struct Shared {
     pub mesh: Mesh,
     pub draining: AtomicBool,
     pub stats: Stats,
+    /// Checks the tokens of in-band `refresh` messages.
+    pub auth: Arc<dyn Authenticator>,
 }
 
 impl Shared {
-    pub fn new(settings: Settings, mesh: Mesh) -> Shared {
+    pub fn new(settings: Settings, mesh: Mesh, auth: Arc<dyn Authenticator>) -> Shared {
         Shared {
             settings,
             epoch: new_epoch(),
             mesh,
             draining: AtomicBool::new(false),
             stats: Stats::default(),
+            auth,
         }
     }
 
@@ -230,8 +234,13 @@ impl Core {
         Ok(())
     }
 
-    /// Ends a subscription at the client's request.
-    pub fn unsubscribe(&self, conn: &Conn, name: &str) -> Result<(), SubscribeError> {
+    /// Ends a subscription, at the client's request (`reason` None) or the server's.
+    pub fn unsubscribe(
+        &self,
+        conn: &Conn,
+        name: &str,
+        reason: Option<&str>,
+    ) -> Result<(), SubscribeError> {
         let Some((channel, state)) = conn.subs.borrow_mut().remove_entry(name) else {
             return Err(SubscribeError {
                 code: ErrorCode::NotSubscribed,
@@ -244,7 +253,7 @@ impl Core {
         conn.push(
             Control::Unsubscribed {
                 channel: &channel,
-                reason: None,
+                reason,
             }
             .frame(),
         );
@@ -314,6 +323,7 @@ impl Core {
         for conn in self.rooms.borrow().members(&d.channel) {
             if conn
                 .claims
+                .borrow()
                 .can_see(d.project_id.as_deref(), d.user_id.as_deref())
             {
                 conn.push(d.frame.clone());
@@ -352,6 +362,7 @@ impl Core {
             for d in &replay.deliveries {
                 if conn
                     .claims
+                    .borrow()
                     .can_see(d.project_id.as_deref(), d.user_id.as_deref())
                 {
                     conn.push(d.frame.clone());
@@ -399,7 +410,7 @@ fn check_subscribe(conn: &Conn, name: &str, max: usize) -> Result<(), SubscribeE
             format!("bad channel \"{shown}\": {e}"),
         );
     }
-    if !conn.claims.can_subscribe(name) {
+    if !conn.claims.borrow().can_subscribe(name) {
         return fail(
             ErrorCode::Forbidden,
             format!("not allowed to subscribe to {name}"),

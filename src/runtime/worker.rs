@@ -187,9 +187,10 @@ async fn sweep_loop(core: Rc<Core>) {
     loop {
         monoio::time::sleep(tick).await;
         let now = Instant::now();
+        let unix_secs = now_ms() / 1000;
         let conns: Vec<_> = core.conns.borrow().values().cloned().collect();
         for conn in conns {
-            conn.tick(now, &core);
+            conn.tick(now, unix_secs, &core);
         }
         if now.duration_since(last_evict) >= Duration::from_secs(1) {
             core.sequencer.borrow_mut().evict(now_ms());

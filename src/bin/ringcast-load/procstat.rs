@@ -42,7 +42,11 @@ fn with_children(pid: u32) -> Vec<u32> {
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for task in tasks.flatten() {
             if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
-                pids.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+                pids.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
             }
         }
     }
