@@ -55,11 +55,8 @@ const BAD: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection
 
 /// A publish crossing to another core: the channel and the frame built once.
 type Msg = (Arc<str>, Bytes);
-
-struct Lane {
-    tx: Sender<Msg>,
-    waker: Arc<AtomicWaker>,
-}
+/// The way into one core: its queue and the waker of its inbox task.
+type Lane = (Sender<Msg>, Arc<AtomicWaker>);
 
 /// One core's state: its rooms (channel -> subscriber fds) and the lanes to every core.
 struct Core {
@@ -73,9 +70,9 @@ impl Core {
     fn publish(&self, channel: &str, frame: Bytes) {
         if self.lanes.len() > 1 {
             let channel: Arc<str> = Arc::from(channel);
-            for (_, lane) in self.lanes.iter().enumerate().filter(|(i, _)| *i != self.id) {
-                let _ = lane.tx.send((channel.clone(), frame.clone()));
-                lane.waker.wake();
+            for (_, (tx, waker)) in self.lanes.iter().enumerate().filter(|(i, _)| *i != self.id) {
+                let _ = tx.send((channel.clone(), frame.clone()));
+                waker.wake();
             }
         }
         self.deliver(channel, &frame);
@@ -240,19 +237,21 @@ async fn subscribe(core: Rc<Core>, mut stream: TcpStream, channel: &str, key: &s
         return;
     }
     let fd = stream.as_raw_fd();
-    let mut rooms = core.rooms.borrow_mut();
-    rooms.entry(channel.to_owned()).or_default().push(fd);
-    drop(rooms);
+    core.rooms
+        .borrow_mut()
+        .entry(channel.to_owned())
+        .or_default()
+        .push(fd);
     CONNECTIONS.fetch_add(1, Relaxed);
 
+    // Client frames are read (into the start of the same 512 bytes) and ignored, until EOF.
     let mut sink = Vec::with_capacity(512);
     loop {
         let (res, buf) = stream.read(sink).await;
-        sink = buf;
-        sink.clear();
         if !matches!(res, Ok(n) if n > 0) {
             break;
         }
+        sink = buf;
     }
     // Out of the room before the fd is closed (same thread as every write to it).
     let mut rooms = core.rooms.borrow_mut();
@@ -271,11 +270,10 @@ async fn subscribe(core: Rc<Core>, mut stream: TcpStream, channel: &str, key: &s
 async fn inbox(core: Rc<Core>, rx: Receiver<Msg>, waker: Arc<AtomicWaker>) {
     loop {
         poll_fn(|cx| {
-            if !rx.is_empty() {
-                return Poll::Ready(());
+            if rx.is_empty() {
+                waker.register(cx.waker());
             }
-            waker.register(cx.waker());
-            // A send between the check and the registration would otherwise be missed.
+            // Checked again after registering: a send in between would otherwise be missed.
             if rx.is_empty() {
                 Poll::Pending
             } else {
@@ -330,25 +328,19 @@ fn main() {
         .map(|w| w.parse().expect("RINGCAST_WORKERS must be a number"))
         .unwrap_or(cores)
         .max(1);
-    let listeners = bind(addr, workers).expect("bind");
+    let listeners = bind(addr, workers).unwrap_or_else(|e| fail(format!("bind {addr}: {e}")));
     let addr = listeners[0].local_addr().expect("local_addr");
 
     let (lanes, inboxes): (Vec<Lane>, Vec<_>) = (0..workers)
         .map(|_| {
             let (tx, rx) = crossbeam_channel::unbounded();
             let waker = Arc::new(AtomicWaker::new());
-            (
-                Lane {
-                    tx,
-                    waker: waker.clone(),
-                },
-                (rx, waker),
-            )
+            ((tx, waker.clone()), (rx, waker))
         })
         .unzip();
     let lanes: Arc<[Lane]> = lanes.into();
     let core_ids = core_affinity::get_core_ids().unwrap_or_default();
-    let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
     let mut threads = Vec::new();
     for (id, (listener, (rx, waker))) in listeners.into_iter().zip(inboxes).enumerate() {
         let (lanes, started) = (lanes.clone(), started_tx.clone());
@@ -357,44 +349,37 @@ fn main() {
             if let Some(core_id) = pin {
                 core_affinity::set_for_current(core_id);
             }
-            let mut rt = match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
                 .enable_timer()
                 .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = started.send(Err(format!("io_uring: {e}")));
-                    return;
-                }
-            };
+                .unwrap_or_else(|e| fail(format!("io_uring: {e}")));
             rt.block_on(async move {
-                let listener = match TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = started.send(Err(format!("listener: {e}")));
-                        return;
-                    }
-                };
-                let rooms = RefCell::new(HashMap::new());
-                let core = Rc::new(Core { id, rooms, lanes });
+                let listener = TcpListener::from_std(listener)
+                    .unwrap_or_else(|e| fail(format!("listener: {e}")));
+                let core = Rc::new(Core {
+                    id,
+                    rooms: Default::default(),
+                    lanes,
+                });
                 monoio::spawn(inbox(core.clone(), rx, waker));
-                let _ = started.send(Ok(()));
+                let _ = started.send(());
                 accept_loop(core, listener).await;
             });
         }));
     }
     drop(started_tx);
     for _ in 0..workers {
-        if let Err(e) = started_rx
+        started_rx
             .recv()
-            .unwrap_or_else(|_| Err("worker died".into()))
-        {
-            eprintln!("ringcast-floor: {e}");
-            std::process::exit(1);
-        }
+            .unwrap_or_else(|_| fail("a worker died".into()));
     }
     println!("listening on {addr}");
     for thread in threads {
         let _ = thread.join();
     }
+}
+
+fn fail(msg: String) -> ! {
+    eprintln!("ringcast-floor: {msg}");
+    std::process::exit(1)
 }
