@@ -186,7 +186,7 @@ async fn misbehaving_and_vanishing_clients_do_not_disturb_others() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_and_the_others_get_everything() {
-    let server = Server::start_with(&[("RINGCAST_MAX_QUEUE_BYTES", "1048576")]);
+    let server = Server::start_with(&[("RINGCAST_MAX_QUEUE_BYTES", "2097152")]);
     let t = admin_token();
     let (mut fast, _) = connect(&server, &format!("channels=dashboard&token={t}")).await;
     recv_json(&mut fast).await;

@@ -118,11 +118,22 @@ impl Sequencer {
         SubscribeAck { last_seq, replay }
     }
 
-    /// Drops one subscription of `core`.
+    /// Drops one subscription of `core`. A channel nobody subscribes to and nobody ever
+    /// published to is forgotten, so subscribe/unsubscribe churn leaves nothing behind. (A
+    /// channel with history keeps its seq: restarting it at 1 in the same epoch would make an
+    /// old position look recoverable.)
     pub fn unsubscribe(&mut self, channel: &str, core: usize) {
         if let Some(state) = self.channels.get_mut(channel) {
             state.interest[core] = state.interest[core].saturating_sub(1);
+            if state.last_seq == 0 && state.interest.iter().all(|&n| n == 0) {
+                self.channels.remove(channel);
+            }
         }
+    }
+
+    /// Channels this core keeps state for.
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
     }
 
     /// The channel's latest seq (0 before the first message).
@@ -178,8 +189,22 @@ mod tests {
         s.unsubscribe("a", 2);
         s.unsubscribe("a", 0);
         hit.clear();
+        assert_eq!(s.channel_count(), 1, "a has history: kept");
         s.publish(publication("a", false), 0, |c, _| hit.push(c));
         assert_eq!(hit, vec![2]);
+    }
+
+    #[test]
+    fn channels_without_history_or_subscribers_are_forgotten() {
+        let mut s = Sequencer::new(2, RingBounds::default());
+        for i in 0..100 {
+            let ch: Arc<str> = format!("c{i}").into();
+            s.subscribe(&ch, 1, Resume::Live, 0);
+            s.subscribe(&ch, 0, Resume::Live, 0);
+            s.unsubscribe(&ch, 1);
+            s.unsubscribe(&ch, 0);
+        }
+        assert_eq!(s.channel_count(), 0);
     }
 
     #[test]

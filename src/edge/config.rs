@@ -238,8 +238,10 @@ impl Config {
         if self.max_message_bytes < 125 {
             return fail("max_message_bytes must be at least 125");
         }
-        if self.max_queue_bytes < self.max_message_bytes {
-            return fail("max_queue_bytes must be at least max_message_bytes");
+        // Every subscriber must be able to take the largest event frame (1 MiB of data plus
+        // its envelope) into its queue.
+        if self.max_queue_bytes < (2 << 20) {
+            return fail("max_queue_bytes must be at least 2 MiB (the largest event frame)");
         }
         if self.max_channels_per_connection == 0 {
             return fail("max_channels_per_connection must be at least 1");

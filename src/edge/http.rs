@@ -115,10 +115,18 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, _peer
             Ok(_) => {
                 let reply = Reply::error(413, "request body is larger than 8 MiB");
                 let _ = stream.write_all(reply.encode(false)).await;
-                return;
+                return linger_close(stream).await;
             }
             Err(e) => return refuse_head(&mut stream, &e).await,
         };
+        if buf.len() < body_len && request.has_token("expect", "100-continue") {
+            let (res, _) = stream
+                .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+                .await;
+            if res.is_err() {
+                return;
+            }
+        }
         while buf.len() < body_len {
             if !read_more(&mut stream, &mut buf, &mut chunk).await {
                 return;
@@ -157,6 +165,22 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut, chunk: &mut Vec<u
     owned.clear();
     *chunk = owned;
     ok
+}
+
+/// Closes after a refusal without resetting the connection: stop sending, then read and drop
+/// what the client is still sending for a moment, so it reads our answer instead of an RST.
+async fn linger_close(mut stream: TcpStream) {
+    // SAFETY: shutdown of the write side of a socket we own.
+    unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&stream), libc::SHUT_WR) };
+    let mut sink = vec![0u8; 16 * 1024];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        let read = monoio::time::timeout(std::time::Duration::from_millis(500), stream.read(sink));
+        match read.await {
+            Ok((Ok(n), buf)) if n > 0 => sink = buf,
+            _ => return,
+        }
+    }
 }
 
 async fn refuse_head(stream: &mut TcpStream, e: &HeadError) {

@@ -74,6 +74,11 @@ pub async fn serve(
         settings.max_queue_bytes,
     ));
     core.register(conn.clone());
+    if core.shared.is_draining() {
+        // Drain began while the 101 was on its way: this connection missed the notice.
+        conn.push(crate::runtime::core::shutdown_frame());
+        conn.close(1012, "server restarting");
+    }
     let welcome = Control::Welcome {
         connection_id: &format!("{:x}", conn.id),
         epoch: &core.shared.epoch,

@@ -36,9 +36,10 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubState {
-    /// Asked at connect; the welcome waits for it.
-    PendingInitial,
-    Pending,
+    /// Asked at connect; the welcome waits for it. Carries the subscription's id, which its
+    /// ack must match (an ack of an earlier, since cancelled subscription is ignored).
+    PendingInitial(u64),
+    Pending(u64),
     Active,
 }
 
@@ -191,7 +192,7 @@ impl Conn {
                 .poll(now, &core.shared.settings.heartbeat)
             {
                 Beat::Nothing => {}
-                Beat::SendPing => self.push(codec::ping_frame(b"")),
+                Beat::SendPing => self.push(Bytes::from_static(&[0x89, 0x00])),
                 Beat::Dead => {
                     // The close frame goes out first; the close grace then cuts the socket
                     // if the peer is truly gone.
@@ -213,7 +214,16 @@ pub async fn run(core: Rc<Core>, stream: TcpStream, conn: Rc<Conn>, leftover: By
     core.deregister(&conn);
     conn.phase.set(Phase::Finished);
     conn.wake_writer();
-    write_task.await;
+    // Flush what is queued (a close frame, at least), but a peer that stopped reading does not
+    // get to hold the socket: after the grace it is cut and the writer fails out.
+    let mut write_task = write_task;
+    if monoio::time::timeout(CLOSE_GRACE, &mut write_task)
+        .await
+        .is_err()
+    {
+        conn.abort();
+        write_task.await;
+    }
 }
 
 async fn read_loop(

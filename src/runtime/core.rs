@@ -112,6 +112,7 @@ pub struct Core {
     pub rooms: RefCell<Rooms<Rc<Conn>>>,
     pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
     next_conn: Cell<u64>,
+    next_sub: Cell<u64>,
     /// Every connection's reads pass through here, so none holds a read buffer of its own.
     scratch: RefCell<Box<[u8]>>,
 }
@@ -127,6 +128,7 @@ impl Core {
             rooms: RefCell::new(Rooms::default()),
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
+            next_sub: Cell::new(0),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
         }
     }
@@ -134,7 +136,6 @@ impl Core {
     /// Moves what the socket holds into `acc` without blocking (after a readiness wake-up).
     pub fn recv_into(&self, fd: std::os::fd::RawFd, acc: &mut bytes::BytesMut) -> Received {
         let mut scratch = self.scratch.borrow_mut();
-        let mut got = Received::NotReady;
         loop {
             // SAFETY: recv into a buffer we own, of its length; MSG_DONTWAIT never blocks.
             let n = unsafe {
@@ -148,17 +149,15 @@ impl Core {
             match n {
                 0 => return Received::Closed,
                 n if n > 0 => {
-                    let n = n as usize;
-                    acc.extend_from_slice(&scratch[..n]);
-                    got = Received::Data;
-                    if n < scratch.len() {
-                        return got;
-                    }
+                    // One read per wake-up: the decoder sees these bytes before more are read,
+                    // so a fast sender can neither grow `acc` past one frame nor hog the core.
+                    acc.extend_from_slice(&scratch[..n as usize]);
+                    return Received::Data;
                 }
                 _ => {
                     let err = std::io::Error::last_os_error();
                     return match err.kind() {
-                        std::io::ErrorKind::WouldBlock => got,
+                        std::io::ErrorKind::WouldBlock => Received::NotReady,
                         std::io::ErrorKind::Interrupted => continue,
                         _ => Received::Closed,
                     };
@@ -215,10 +214,12 @@ impl Core {
     ) -> Result<(), SubscribeError> {
         check_subscribe(conn, name, self.shared.settings.max_channels_per_connection)?;
         let channel: Arc<str> = name.into();
+        let sub = self.next_sub.get() + 1;
+        self.next_sub.set(sub);
         let state = if initial {
-            SubState::PendingInitial
+            SubState::PendingInitial(sub)
         } else {
-            SubState::Pending
+            SubState::Pending(sub)
         };
         conn.subs.borrow_mut().insert(channel.clone(), state);
         let owner = channel::owner_core(name, self.shared.mesh.cores());
@@ -228,6 +229,7 @@ impl Core {
                 channel,
                 core: self.id,
                 conn: conn.id,
+                sub,
                 resume,
             },
         );
@@ -247,8 +249,13 @@ impl Core {
                 message: format!("not subscribed to {name}"),
             });
         };
-        if state == SubState::Active {
-            self.rooms.borrow_mut().leave(&channel, conn.id);
+        match state {
+            SubState::Active => {
+                self.rooms.borrow_mut().leave(&channel, conn.id);
+            }
+            // The welcome no longer waits for this one.
+            SubState::PendingInitial(_) => conn.initial_subscribed(),
+            SubState::Pending(_) => {}
         }
         conn.push(
             Control::Unsubscribed {
@@ -300,17 +307,27 @@ impl Core {
                 channel,
                 core,
                 conn,
+                sub,
                 resume,
             } => {
                 let ack = self
                     .sequencer
                     .borrow_mut()
                     .subscribe(&channel, core, resume, now_ms());
-                self.shared
-                    .mesh
-                    .send(core, MeshMsg::SubscribeAck { channel, conn, ack });
+                let ack = MeshMsg::SubscribeAck {
+                    channel,
+                    conn,
+                    sub,
+                    ack,
+                };
+                self.shared.mesh.send(core, ack);
             }
-            MeshMsg::SubscribeAck { channel, conn, ack } => self.activate(channel, conn, ack),
+            MeshMsg::SubscribeAck {
+                channel,
+                conn,
+                sub,
+                ack,
+            } => self.activate(channel, conn, sub, ack),
             MeshMsg::Unsubscribe { channel, core } => {
                 self.sequencer.borrow_mut().unsubscribe(&channel, core)
             }
@@ -337,17 +354,20 @@ impl Core {
     }
 
     /// The owner has handed over: replay what was missed, then join the room for live events.
-    fn activate(&self, channel: Arc<str>, conn_id: u64, ack: SubscribeAck) {
+    fn activate(&self, channel: Arc<str>, conn_id: u64, sub: u64, ack: SubscribeAck) {
         let Some(conn) = self.conns.borrow().get(&conn_id).cloned() else {
             return; // gone; its deregister already sent the matching Unsubscribe
         };
         let initial = {
             let mut subs = conn.subs.borrow_mut();
-            let Some(state) = subs.get_mut(&channel) else {
-                return; // unsubscribed before the ack; Unsubscribe already sent
+            // Only the ack of the subscription now pending counts: one that was cancelled
+            // (its Unsubscribe already sent) may be overtaken by a newer one of the channel.
+            let initial = match subs.get(&channel) {
+                Some(SubState::PendingInitial(id)) if *id == sub => true,
+                Some(SubState::Pending(id)) if *id == sub => false,
+                _ => return,
             };
-            let initial = *state == SubState::PendingInitial;
-            *state = SubState::Active;
+            subs.insert(channel.clone(), SubState::Active);
             initial
         };
         conn.push(
@@ -357,7 +377,14 @@ impl Core {
             }
             .frame(),
         );
-        if let Some(replay) = ack.replay {
+        if let Some(mut replay) = ack.replay {
+            // A replay that would overflow the send queue is not sent: the client reloads
+            // (recovered:false) instead of being closed as too slow again and again.
+            let bytes: usize = replay.deliveries.iter().map(|d| d.frame.len()).sum();
+            if bytes > self.shared.settings.max_queue_bytes / 2 {
+                replay.deliveries.clear();
+                replay.recovered = false;
+            }
             let mut count = 0;
             for d in &replay.deliveries {
                 if conn
@@ -389,16 +416,20 @@ impl Core {
     /// Tells every connection to go elsewhere and closes it with 1012.
     fn drain(&self) {
         let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+        let notice = shutdown_frame();
         for conn in conns {
-            conn.push(
-                Control::Shutdown {
-                    reason: "server is shutting down; reconnect and resume",
-                }
-                .frame(),
-            );
+            conn.push(notice.clone());
             conn.close(1012, "server restarting");
         }
     }
+}
+
+/// The drain notice, the same bytes for every connection.
+pub fn shutdown_frame() -> bytes::Bytes {
+    Control::Shutdown {
+        reason: "server is shutting down; reconnect and resume",
+    }
+    .frame()
 }
 
 fn check_subscribe(conn: &Conn, name: &str, max: usize) -> Result<(), SubscribeError> {

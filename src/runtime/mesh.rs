@@ -32,12 +32,15 @@ pub enum MeshMsg {
         channel: Arc<str>,
         core: usize,
         conn: u64,
+        /// The subscribing core's id of this subscription, echoed in the ack.
+        sub: u64,
         resume: Resume,
     },
     /// From the owner core back to the subscribing core.
     SubscribeAck {
         channel: Arc<str>,
         conn: u64,
+        sub: u64,
         ack: SubscribeAck,
     },
     /// To the owner core: one subscription fewer from `core`.
