@@ -157,7 +157,8 @@ async fn connection(
         }
         let _ = hist.record((now_us() - sent_us).max(1));
         requests += 1;
-        if buf.starts_with(b"HTTP/1.1 200") {
+        // 200 from most; Nchan answers 201 (delivered) or 202 (queued, no subscriber).
+        if buf.starts_with(b"HTTP/1.1 20") {
             for (c, _, _) in &names {
                 counts[*c].fetch_add(1, Ordering::Relaxed);
             }
