@@ -32,6 +32,68 @@ pub struct Claims {
     /// Expiry, seconds since the Unix epoch.
     #[serde(default)]
     pub exp: Option<u64>,
+    /// What an admin changed for this user since the token was issued (never from the token).
+    #[serde(skip)]
+    pub overrides: Overrides,
+}
+
+/// An admin's changes to one user's access, applied over whatever the token says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// Channels the user may not subscribe to, whatever the token says.
+    pub revoked_channels: Vec<String>,
+    /// Projects the user may not see: `project:X` and every message carrying `project_id` X.
+    pub revoked_projects: Vec<String>,
+    /// Channels the user may subscribe to beyond the token (exact names).
+    pub granted_channels: Vec<String>,
+}
+
+impl Overrides {
+    pub fn is_empty(&self) -> bool {
+        self.revoked_channels.is_empty()
+            && self.revoked_projects.is_empty()
+            && self.granted_channels.is_empty()
+    }
+
+    /// Revokes channels and projects (and withdraws grants of those channels).
+    pub fn revoke(&mut self, channels: &[String], projects: &[String]) {
+        for c in channels {
+            self.granted_channels.retain(|g| g != c);
+            if !self.revoked_channels.contains(c) {
+                self.revoked_channels.push(c.clone());
+            }
+        }
+        for p in projects {
+            if !self.revoked_projects.contains(p) {
+                self.revoked_projects.push(p.clone());
+            }
+        }
+    }
+
+    /// Lifts revocations of these channels and projects and grants the channels.
+    pub fn grant(&mut self, channels: &[String], projects: &[String]) {
+        for c in channels {
+            self.revoked_channels.retain(|r| r != c);
+            if let ChannelKind::Project(p) = channel::kind(c) {
+                self.revoked_projects.retain(|r| r != p);
+            }
+            if !self.granted_channels.contains(c) {
+                self.granted_channels.push(c.clone());
+            }
+        }
+        for p in projects {
+            self.revoked_projects.retain(|r| r != p);
+            let c = format!("project:{p}");
+            if !self.granted_channels.contains(&c) {
+                self.granted_channels.push(c);
+            }
+        }
+    }
+
+    fn revokes_channel(&self, name: &str) -> bool {
+        self.revoked_channels.iter().any(|c| c == name)
+            || matches!(channel::kind(name), ChannelKind::Project(p) if self.revoked_projects.iter().any(|r| r == p))
+    }
 }
 
 impl Claims {
@@ -52,8 +114,16 @@ impl Claims {
             })
     }
 
-    /// May this token subscribe to `name` (a valid channel name)?
+    /// May this token (with the admin's overrides) subscribe to `name` (a valid channel name)?
     pub fn can_subscribe(&self, name: &str) -> bool {
+        if !self.overrides.is_empty() {
+            if self.overrides.revokes_channel(name) {
+                return false;
+            }
+            if self.overrides.granted_channels.iter().any(|g| g == name) {
+                return true;
+            }
+        }
         match channel::kind(name) {
             ChannelKind::User(user) => self.sub == user || self.is_admin(),
             ChannelKind::Project(project) => self.has_project(project),
@@ -64,8 +134,9 @@ impl Claims {
 
     /// May this token see a message published with these visibility fields?
     pub fn can_see(&self, project_id: Option<&str>, user_id: Option<&str>) -> bool {
-        project_id.is_none_or(|p| self.has_project(p))
-            && user_id.is_none_or(|u| self.sub == u || self.is_admin())
+        project_id.is_none_or(|p| {
+            self.has_project(p) && !self.overrides.revoked_projects.iter().any(|r| r == p)
+        }) && user_id.is_none_or(|u| self.sub == u || self.is_admin())
     }
 }
 
@@ -81,6 +152,7 @@ mod tests {
             projects: owned(projects),
             channels: owned(channels),
             exp: None,
+            overrides: Overrides::default(),
         }
     }
 
@@ -119,6 +191,26 @@ mod tests {
         assert!(!u.can_subscribe("agent:a1"));
         assert!(!claims("u", &[], &["*"], &[]).can_subscribe("dashboard"));
         assert!(claims("u", &[], &[], &["*"]).can_subscribe("agent:a1"));
+    }
+
+    #[test]
+    fn revocations_and_grants_override_the_token() {
+        let mut u = claims("u", &[], &["*"], &["task:*"]);
+        u.overrides.revoke(&["task:t1".into()], &["p1".into()]);
+        assert!(!u.can_subscribe("task:t1"));
+        assert!(u.can_subscribe("task:t2"));
+        assert!(!u.can_subscribe("project:p1"));
+        assert!(u.can_subscribe("project:p2"));
+        assert!(!u.can_see(Some("p1"), None));
+        assert!(u.can_see(Some("p2"), None));
+        u.overrides
+            .grant(&["project:p1".into(), "dashboard".into()], &[]);
+        assert!(u.can_subscribe("project:p1"));
+        assert!(u.can_see(Some("p1"), None));
+        assert!(u.can_subscribe("dashboard"), "granted beyond the token");
+        u.overrides.grant(&[], &[]);
+        u.overrides.revoke(&["dashboard".into()], &[]);
+        assert!(!u.can_subscribe("dashboard"));
     }
 
     #[test]

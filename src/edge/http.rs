@@ -17,7 +17,7 @@ use crate::proto::http::{self, HeadError, Parse, Request};
 use crate::runtime::core::Core;
 
 use super::jwt::Verifier;
-use super::{publish, upgrade};
+use super::{admin, publish, upgrade};
 
 /// Largest request body accepted (a publish batch).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -200,6 +200,9 @@ async fn route(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
         }
         ("GET", "/metrics") => metrics(core),
         ("POST", "/api/v1/publish") => publish::handle(edge, core, req, body).await,
+        (_, path) if path.starts_with("/api/v1/admin/") => admin::handle(edge, core, req, body)
+            .await
+            .unwrap_or_else(|| Reply::error(404, "no such endpoint")),
         (_, "/healthz" | "/readyz" | "/metrics") => {
             Reply::error(405, "method not allowed").with_header("Allow", "GET")
         }

@@ -1,5 +1,6 @@
 //! Edges: the HTTP endpoints, tokens and configuration.
 
+pub mod admin;
 pub mod config;
 pub mod http;
 pub mod jwt;

@@ -131,10 +131,12 @@ fn open(edge: &Edge, core: &Core, req: &Request, protocols: &[String]) -> Result
             "missing token: pass ?token=, Authorization: Bearer, or a bearer.<token> subprotocol",
         ));
     };
-    let claims = edge
+    let mut claims = edge
         .verifier
         .verify(&token)
         .map_err(|e| unauthorized(&e.to_string()))?;
+    // An admin's revocations and grants for this user apply from the handshake on.
+    core.apply_overrides(&mut claims);
     if let Some(list) = req.query_param("channels") {
         for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             if !channels.iter().any(|c| c == name) {

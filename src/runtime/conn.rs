@@ -331,7 +331,7 @@ fn handle_message(core: &Core, conn: &Rc<Conn>, text: &[u8]) {
 /// A fresh token extends the connection; its claims replace the old ones, and subscriptions
 /// the new claims no longer allow end at once.
 fn refresh(core: &Core, conn: &Rc<Conn>, token: &str) {
-    let claims = match core.shared.auth.authenticate(token) {
+    let mut claims = match core.shared.auth.authenticate(token) {
         Ok(c) => c,
         Err(reason) => return send_error(conn, ErrorCode::BadToken, &reason, None),
     };
@@ -340,6 +340,7 @@ fn refresh(core: &Core, conn: &Rc<Conn>, token: &str) {
         return send_error(conn, ErrorCode::BadToken, message, None);
     }
     let exp = claims.exp;
+    core.apply_overrides(&mut claims);
     *conn.claims.borrow_mut() = claims;
     conn.expires_at.set(exp);
     let lost: Vec<Arc<str>> = conn

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::delivery::access::Authenticator;
+use crate::delivery::access::{Authenticator, Claims, Overrides};
 use crate::delivery::channel;
 use crate::delivery::heartbeat::HeartbeatConfig;
 use crate::delivery::ring::RingBounds;
@@ -85,6 +85,43 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What an admin asks of every core (see the admin API in docs/protocol.md).
+#[derive(Debug, Clone)]
+pub enum AdminCmd {
+    /// Close every connection of the user with 4003 and this reason.
+    Disconnect { user: String, reason: String },
+    /// Take channels/projects away from the user: unsubscribed at once, refused afterwards.
+    Revoke {
+        user: String,
+        channels: Vec<String>,
+        projects: Vec<String>,
+    },
+    /// Lift revocations and allow channels beyond the token.
+    Grant {
+        user: String,
+        channels: Vec<String>,
+        projects: Vec<String>,
+    },
+    /// Who is connected.
+    List,
+}
+
+/// One core's answer to an admin command.
+#[derive(Debug)]
+pub enum AdminAnswer {
+    /// Connections (disconnect, grant) or subscriptions (revoke) affected on this core.
+    Count(usize),
+    Connections(Vec<ConnInfo>),
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ConnInfo {
+    pub connection_id: String,
+    pub core: usize,
+    pub user_id: String,
+    pub channels: Vec<String>,
+}
+
 /// Refusal of a subscribe, answered with an `error` frame (or HTTP 403/400 at the handshake).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscribeError {
@@ -113,6 +150,8 @@ pub struct Core {
     pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
     next_conn: Cell<u64>,
     next_sub: Cell<u64>,
+    /// Admin changes per user, the same on every core (each command reaches all of them).
+    overrides: RefCell<HashMap<String, Overrides>>,
     /// Every connection's reads pass through here, so none holds a read buffer of its own.
     scratch: RefCell<Box<[u8]>>,
 }
@@ -129,6 +168,7 @@ impl Core {
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
             next_sub: Cell::new(0),
+            overrides: RefCell::new(HashMap::new()),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
         }
     }
@@ -171,6 +211,13 @@ impl Core {
         let n = self.next_conn.get() + 1;
         self.next_conn.set(n);
         ((self.id as u64) << 48) | n
+    }
+
+    /// Puts the admin's changes for this user over freshly read claims.
+    pub fn apply_overrides(&self, claims: &mut Claims) {
+        if let Some(o) = self.overrides.borrow().get(&claims.sub) {
+            claims.overrides = o.clone();
+        }
     }
 
     pub fn register(&self, conn: Rc<Conn>) {
@@ -331,6 +378,9 @@ impl Core {
             MeshMsg::Unsubscribe { channel, core } => {
                 self.sequencer.borrow_mut().unsubscribe(&channel, core)
             }
+            MeshMsg::Admin { cmd, reply } => {
+                let _ = reply.send(self.admin(&cmd));
+            }
             MeshMsg::Drain => self.drain(),
         }
     }
@@ -410,6 +460,80 @@ impl Core {
             .join(&channel, conn.id, conn.clone());
         if initial {
             conn.initial_subscribed();
+        }
+    }
+
+    fn admin(&self, cmd: &AdminCmd) -> AdminAnswer {
+        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+        let of_user = |user: &str| {
+            conns
+                .iter()
+                .filter(|c| c.claims.borrow().sub == user)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        match cmd {
+            AdminCmd::Disconnect { user, reason } => {
+                let hit = of_user(user);
+                for conn in &hit {
+                    conn.close(4003, reason);
+                }
+                AdminAnswer::Count(hit.len())
+            }
+            AdminCmd::Revoke {
+                user,
+                channels,
+                projects,
+            }
+            | AdminCmd::Grant {
+                user,
+                channels,
+                projects,
+            } => {
+                let revoke = matches!(cmd, AdminCmd::Revoke { .. });
+                let overrides = {
+                    let mut all = self.overrides.borrow_mut();
+                    let o = all.entry(user.clone()).or_default();
+                    if revoke {
+                        o.revoke(channels, projects);
+                    } else {
+                        o.grant(channels, projects);
+                    }
+                    o.clone()
+                };
+                let mut count = 0;
+                for conn in of_user(user) {
+                    conn.claims.borrow_mut().overrides = overrides.clone();
+                    if !revoke {
+                        count += 1;
+                        continue;
+                    }
+                    let lost: Vec<Arc<str>> = conn
+                        .subs
+                        .borrow()
+                        .keys()
+                        .filter(|c| !conn.claims.borrow().can_subscribe(c))
+                        .cloned()
+                        .collect();
+                    for channel in lost {
+                        if self.unsubscribe(&conn, &channel, Some("revoked")).is_ok() {
+                            count += 1;
+                        }
+                    }
+                }
+                AdminAnswer::Count(count)
+            }
+            AdminCmd::List => AdminAnswer::Connections(
+                conns
+                    .iter()
+                    .map(|c| ConnInfo {
+                        connection_id: format!("{:x}", c.id),
+                        core: self.id,
+                        user_id: c.claims.borrow().sub.clone(),
+                        channels: c.subs.borrow().keys().map(|k| k.to_string()).collect(),
+                    })
+                    .collect(),
+            ),
         }
     }
 

@@ -13,6 +13,8 @@ use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::delivery::sequencer::{Resume, SubscribeAck};
+
+use super::core::{AdminAnswer, AdminCmd};
 use crate::delivery::{Delivery, Publication};
 
 /// Answer to a publish: (index in the request, assigned seq) per message.
@@ -45,6 +47,11 @@ pub enum MeshMsg {
     },
     /// To the owner core: one subscription fewer from `core`.
     Unsubscribe { channel: Arc<str>, core: usize },
+    /// An admin command for every core; each answers on its own `reply`.
+    Admin {
+        cmd: Arc<AdminCmd>,
+        reply: futures_channel::oneshot::Sender<AdminAnswer>,
+    },
     /// Begin the graceful drain.
     Drain,
 }

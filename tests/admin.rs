@@ -1,0 +1,178 @@
+//! End to end: the admin API acts on every core at once.
+
+mod support;
+
+use serde_json::{json, Value};
+use support::*;
+
+async fn admin(server: &Server, method: &str, action: &str, body: Value) -> (u16, Value) {
+    let auth = format!("Bearer {API_KEY}");
+    let (status, _, text) = server
+        .http(
+            method,
+            &format!("/api/v1/admin/{action}"),
+            &[("Authorization", &auth)],
+            &body.to_string(),
+        )
+        .await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// `n` connections of one user, subscribed to `channels`, on whichever cores the kernel picks.
+async fn connections(server: &Server, user: &str, channels: &str, n: usize) -> Vec<Ws> {
+    let t = token(json!({"sub": user, "projects": ["p1", "p2"], "channels": ["dashboard"]}));
+    let mut all = Vec::new();
+    for _ in 0..n {
+        let (mut ws, _) = connect(server, &format!("channels={channels}&token={t}")).await;
+        for _ in channels.split(',') {
+            assert_eq!(recv_json(&mut ws).await["type"], "subscribed");
+        }
+        all.push(ws);
+    }
+    all
+}
+
+fn cores_of(list: &Value, user: &str) -> std::collections::BTreeSet<u64> {
+    list["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["user_id"] == user)
+        .map(|c| c["core"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn disconnect_closes_every_connection_of_the_user_on_every_core() {
+    let server = Server::start();
+    let mut u1 = connections(&server, "u1", "project:p1", 8).await;
+    let mut u2 = connections(&server, "u2", "project:p1", 1).await;
+    let (status, list) = admin(&server, "GET", "connections", json!(null)).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["count"], 9);
+    assert_eq!(
+        cores_of(&list, "u1").len(),
+        2,
+        "u1 is on both cores: {list}"
+    );
+
+    let (status, answer) = admin(
+        &server,
+        "POST",
+        "disconnect",
+        json!({"user_id": "u1", "reason": "account suspended"}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer),
+        (200, json!({"user_id": "u1", "disconnected": 8}))
+    );
+    for ws in &mut u1 {
+        assert_eq!(recv_close(ws).await, 4003);
+    }
+    server
+        .publish_one("project:p1", "still-here", json!(1))
+        .await;
+    assert_eq!(recv_json(&mut u2[0]).await["event"], "still-here");
+}
+
+#[tokio::test]
+async fn revoke_stops_live_and_replayed_delivery_on_every_core_until_a_grant() {
+    let server = Server::start();
+    let mut u1 = connections(&server, "u1", "project:p1,dashboard", 6).await;
+    let mut witness = connections(&server, "u2", "project:p1", 1).await;
+    server.publish_one("project:p1", "before", json!(1)).await;
+    for ws in &mut u1 {
+        assert_eq!(recv_json(ws).await["event"], "before");
+    }
+    assert_eq!(recv_json(&mut witness[0]).await["event"], "before");
+
+    let (status, answer) = admin(
+        &server,
+        "POST",
+        "revoke",
+        json!({"user_id": "u1", "project_id": "p1"}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer),
+        (200, json!({"user_id": "u1", "unsubscribed": 6}))
+    );
+    for ws in &mut u1 {
+        let v = recv_json(ws).await;
+        assert_eq!(
+            v,
+            json!({"type": "unsubscribed", "channel": "project:p1", "reason": "revoked"})
+        );
+    }
+    // Nothing of p1 reaches u1 any more, on its channel or carried by another one.
+    server.publish_one("project:p1", "after", json!(2)).await;
+    let (s, _) = server
+        .publish(
+            &json!({"channel": "dashboard", "event": "p1-news", "data": 3, "project_id": "p1"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    server.publish_one("dashboard", "sentinel", json!(4)).await;
+    for ws in &mut u1 {
+        assert_eq!(recv_json(ws).await["event"], "sentinel");
+    }
+    assert_eq!(recv_json(&mut witness[0]).await["event"], "after");
+    // A resume cannot bring it back.
+    let (_, welcome) = connect(&server, &format!("token={}", admin_token())).await;
+    let epoch = welcome["epoch"].as_str().unwrap();
+    let ws = &mut u1[0];
+    send_json(ws, &json!({"type":"subscribe","channels":["project:p1"],"since":{"project:p1":0},"epoch":epoch})).await;
+    let err = recv_json(ws).await;
+    assert_eq!(
+        (err["type"].as_str(), err["code"].as_str()),
+        (Some("error"), Some("forbidden"))
+    );
+    // New connections of u1 are refused it too.
+    let t = token(json!({"sub": "u1", "projects": ["p1"]}));
+    let refused =
+        tokio_tungstenite::connect_async(server.url(&format!("/ws?channels=project:p1&token={t}")))
+            .await;
+    assert!(
+        refused.is_err(),
+        "a fresh connection of u1 must not get project:p1"
+    );
+
+    // Grant: the next subscribe works without reconnecting.
+    let (status, _) = admin(
+        &server,
+        "POST",
+        "grant",
+        json!({"user_id": "u1", "project_id": "p1"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    send_json(ws, &json!({"type":"subscribe","channels":["project:p1"]})).await;
+    assert_eq!(recv_json(ws).await["type"], "subscribed");
+    server.publish_one("project:p1", "back", json!(5)).await;
+    assert_eq!(recv_json(ws).await["event"], "back");
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_the_key_and_a_target() {
+    let server = Server::start();
+    let (status, _, _) = server
+        .http(
+            "POST",
+            "/api/v1/admin/disconnect",
+            &[],
+            r#"{"user_id":"u"}"#,
+        )
+        .await;
+    assert_eq!(status, 401);
+    let (status, body) = admin(&server, "POST", "revoke", json!({"user_id": "u"})).await;
+    assert_eq!(status, 400);
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("channels or project_id"));
+    let (status, _) = admin(&server, "POST", "revoke", json!({"user": "u"})).await;
+    assert_eq!(status, 400);
+    let (status, _) = admin(&server, "GET", "revoke", json!(null)).await;
+    assert_eq!(status, 405);
+}
