@@ -74,6 +74,8 @@ fn delivery(seq: u64, frame: &Bytes) -> Arc<Delivery> {
         frame: frame.clone(),
         project_id: Some("42".into()),
         user_id: None,
+        agent_id: None,
+        event: EVENT.into(),
     })
 }
 
@@ -219,6 +221,7 @@ fn sequencer(c: &mut Criterion) {
         data: data_512().into(),
         project_id: Some("42".into()),
         user_id: None,
+        agent_id: None,
         ephemeral: false,
     };
     let mut s = Sequencer::new(2, RingBounds::default());

@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 pub mod access;
 pub mod channel;
+pub mod filter;
 pub mod heartbeat;
 pub mod ring;
 pub mod rooms;
@@ -24,6 +25,9 @@ pub struct Delivery {
     /// Message-level visibility: only connections allowed to see this project / user get it.
     pub project_id: Option<Box<str>>,
     pub user_id: Option<Box<str>>,
+    /// What connection filters look at (besides `project_id`).
+    pub agent_id: Option<Box<str>>,
+    pub event: Box<str>,
 }
 
 /// A message as a publisher sent it, before it has a seq.
@@ -35,6 +39,7 @@ pub struct Publication {
     pub data: Box<str>,
     pub project_id: Option<Box<str>>,
     pub user_id: Option<Box<str>>,
+    pub agent_id: Option<Box<str>>,
     /// Never kept for replay.
     pub ephemeral: bool,
 }

@@ -126,6 +126,8 @@ mod tests {
             frame: Bytes::from(seq.to_string()),
             project_id: None,
             user_id: None,
+            agent_id: None,
+            event: "e".into(),
         })
     }
 

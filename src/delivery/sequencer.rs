@@ -87,6 +87,8 @@ impl Sequencer {
             frame,
             project_id: p.project_id,
             user_id: p.user_id,
+            agent_id: p.agent_id,
+            event: p.event,
         });
         for (core, &n) in state.interest.iter().enumerate() {
             if n > 0 {
@@ -160,6 +162,7 @@ mod tests {
             data: "{}".into(),
             project_id: None,
             user_id: None,
+            agent_id: None,
             ephemeral,
         }
     }

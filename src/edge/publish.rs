@@ -31,7 +31,6 @@ struct Incoming<'a> {
     #[serde(default)]
     user_id: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)] // accepted per the contract; filters by agent come later
     agent_id: Option<String>,
     #[serde(default)]
     priority: Option<String>,
@@ -131,6 +130,7 @@ fn check(m: Incoming<'_>) -> Result<Publication, String> {
         data: m.data.map_or("null", |d| d.get()).into(),
         project_id: m.project_id.map(Into::into),
         user_id: m.user_id.map(Into::into),
+        agent_id: m.agent_id.map(Into::into),
         ephemeral: m.ephemeral,
     })
 }

@@ -14,6 +14,7 @@ use monoio::net::TcpStream;
 
 use crate::delivery::access::Claims;
 use crate::delivery::channel;
+use crate::delivery::filter::{parse_list, Filter};
 use crate::delivery::heartbeat::Heartbeat;
 use crate::delivery::sequencer::Resume;
 use crate::proto::http::{self, Request};
@@ -34,6 +35,7 @@ struct Opening {
     claims: Claims,
     channels: Vec<String>,
     resume: Resume,
+    filter: Filter,
     protocol: Option<&'static str>,
 }
 
@@ -73,6 +75,7 @@ pub async fn serve(
         Heartbeat::new(Instant::now(), &settings.heartbeat),
         settings.max_queue_bytes,
     ));
+    *conn.filter.borrow_mut() = opening.filter;
     core.register(conn.clone());
     if core.shared.is_draining() {
         // Drain began while the 101 was on its way: this connection missed the notice.
@@ -180,6 +183,18 @@ fn open(edge: &Edge, core: &Core, req: &Request, protocols: &[String]) -> Result
             }
         }
     };
+    let list = |field: &'static str| -> Result<Vec<Box<str>>, Reply> {
+        match req.query_param(field) {
+            None => Ok(Vec::new()),
+            Some(raw) => parse_list(field, raw.split(',').map(str::trim))
+                .map_err(|e| Reply::error(400, &format!("{e}"))),
+        }
+    };
+    let filter = Filter {
+        agent_ids: list("agent_ids")?,
+        project_ids: list("project_ids")?,
+        event_types: list("event_types")?,
+    };
     let protocol = protocols
         .iter()
         .any(|p| p == SUBPROTOCOL)
@@ -188,6 +203,7 @@ fn open(edge: &Edge, core: &Core, req: &Request, protocols: &[String]) -> Result
         claims,
         channels,
         resume,
+        filter,
         protocol,
     })
 }

@@ -63,6 +63,10 @@ pub enum ErrorCode {
     AlreadySubscribed,
     /// A `refresh` token that failed its checks or names another user.
     BadToken,
+    /// A `filter` list that is malformed or too long.
+    BadFilter,
+    /// Too many messages of this kind too fast (e.g. `filter` beyond 10 per second).
+    RateLimited,
     NotSubscribed,
     TooManyChannels,
     /// Binary frames are not accepted from JSON clients.
@@ -104,6 +108,12 @@ pub enum Control<'a> {
     Shutdown {
         reason: &'a str,
     },
+    /// The filters now in force (the answer to a `filter` message).
+    Filtered {
+        agent_ids: &'a [Box<str>],
+        project_ids: &'a [Box<str>],
+        event_types: &'a [Box<str>],
+    },
     /// A `refresh` was accepted: the connection now lives until `exp` (Unix seconds).
     Refreshed {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -135,6 +145,15 @@ pub enum ClientMessage {
     Unsubscribe {
         channels: Vec<String>,
     },
+    /// Replaces the connection's filters; a list left out means "no constraint".
+    Filter {
+        #[serde(default)]
+        agent_ids: Vec<String>,
+        #[serde(default)]
+        project_ids: Vec<String>,
+        #[serde(default)]
+        event_types: Vec<String>,
+    },
     /// A fresh token for this connection (same `sub`), before the current one expires.
     Refresh {
         token: String,
@@ -149,7 +168,7 @@ pub struct ParseError {
 }
 
 /// Types the contract names that this version answers with `unsupported`.
-const LATER_TYPES: [&str; 5] = ["filter", "ack", "pause", "resume", "ping"];
+const LATER_TYPES: [&str; 4] = ["ack", "pause", "resume", "ping"];
 
 /// Parses one client text message with simd-json.
 pub fn parse_client_message(text: &[u8]) -> Result<ClientMessage, ParseError> {
@@ -178,7 +197,7 @@ pub fn parse_client_message(text: &[u8]) -> Result<ClientMessage, ParseError> {
             format!("\"{kind}\" is not supported by this server version"),
         );
     }
-    if !matches!(kind, "subscribe" | "unsubscribe" | "refresh") {
+    if !matches!(kind, "subscribe" | "unsubscribe" | "refresh" | "filter") {
         let kind: String = kind.chars().take(64).collect();
         return fail(ErrorCode::UnknownType, format!("unknown type \"{kind}\""));
     }

@@ -20,8 +20,10 @@ use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 
 use crate::delivery::access::Claims;
+use crate::delivery::filter::{parse_list, Filter, FilterError};
 use crate::delivery::heartbeat::{Beat, Heartbeat};
 use crate::delivery::sequencer::Resume;
+use crate::delivery::Delivery;
 use crate::proto::msg::{self, ClientMessage, Control, ErrorCode};
 use crate::proto::ws::codec::{self, Decoder, Event};
 
@@ -31,6 +33,8 @@ use super::core::{Core, Received};
 const MAX_WRITE_BATCH: usize = 256 * 1024;
 /// Largest coalescing buffer a connection keeps between batches.
 const SPARE_WRITE_BUF: usize = 4096;
+/// `filter` messages one connection may send per second.
+const FILTER_UPDATES_PER_SEC: u32 = 10;
 /// How long a close handshake we started may take before the socket is cut.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -60,6 +64,10 @@ pub struct Conn {
     pub id: u64,
     /// Replaced by a `refresh`.
     pub claims: RefCell<Claims>,
+    /// What this client asked to see (narrows, never widens, what `claims` allow).
+    pub filter: RefCell<Filter>,
+    /// Start of the current one-second window of `filter` messages, and how many came in it.
+    filter_window: Cell<(Instant, u32)>,
     /// The token's `exp` (Unix seconds): past it (and the leeway) the connection closes 4001.
     expires_at: Cell<Option<u64>>,
     pub subs: RefCell<HashMap<Arc<str>, SubState>>,
@@ -86,6 +94,8 @@ impl Conn {
         Conn {
             id,
             expires_at: Cell::new(claims.exp),
+            filter: RefCell::new(Filter::default()),
+            filter_window: Cell::new((Instant::now(), 0)),
             claims: RefCell::new(claims),
             subs: RefCell::new(HashMap::new()),
             queue: RefCell::new(VecDeque::new()),
@@ -98,6 +108,29 @@ impl Conn {
             heartbeat: RefCell::new(heartbeat),
             fd,
         }
+    }
+
+    /// Whether this connection gets `d`: its permissions allow it and its filters pass it.
+    pub fn wants(&self, d: &Delivery) -> bool {
+        self.claims
+            .borrow()
+            .can_see(d.project_id.as_deref(), d.user_id.as_deref())
+            && {
+                let f = self.filter.borrow();
+                f.is_empty() || f.passes(d.agent_id.as_deref(), d.project_id.as_deref(), &d.event)
+            }
+    }
+
+    /// Counts a `filter` message; false past `FILTER_UPDATES_PER_SEC` in one second.
+    fn filter_update_allowed(&self, now: Instant) -> bool {
+        let (start, n) = self.filter_window.get();
+        let (start, n) = if now.duration_since(start) >= Duration::from_secs(1) {
+            (now, 0)
+        } else {
+            (start, n)
+        };
+        self.filter_window.set((start, n + 1));
+        n < FILTER_UPDATES_PER_SEC
     }
 
     /// Queues a frame unless the connection is closing. A client whose queue passes
@@ -325,6 +358,37 @@ fn handle_message(core: &Core, conn: &Rc<Conn>, text: &[u8]) {
             }
         }
         Ok(ClientMessage::Refresh { token }) => refresh(core, conn, &token),
+        Ok(ClientMessage::Filter {
+            agent_ids,
+            project_ids,
+            event_types,
+        }) => {
+            if !conn.filter_update_allowed(Instant::now()) {
+                let message = "at most 10 filter updates per second";
+                return send_error(conn, ErrorCode::RateLimited, message, None);
+            }
+            let parsed = (|| {
+                Ok::<_, FilterError>(Filter {
+                    agent_ids: parse_list("agent_ids", agent_ids.iter().map(String::as_str))?,
+                    project_ids: parse_list("project_ids", project_ids.iter().map(String::as_str))?,
+                    event_types: parse_list("event_types", event_types.iter().map(String::as_str))?,
+                })
+            })();
+            match parsed {
+                Err(e) => send_error(conn, ErrorCode::BadFilter, &e.to_string(), None),
+                Ok(filter) => {
+                    conn.push(
+                        Control::Filtered {
+                            agent_ids: &filter.agent_ids,
+                            project_ids: &filter.project_ids,
+                            event_types: &filter.event_types,
+                        }
+                        .frame(),
+                    );
+                    *conn.filter.borrow_mut() = filter;
+                }
+            }
+        }
     }
 }
 

@@ -388,11 +388,7 @@ impl Core {
     fn deliver(&self, d: &Delivery) {
         let mut queued = 0;
         for conn in self.rooms.borrow().members(&d.channel) {
-            if conn
-                .claims
-                .borrow()
-                .can_see(d.project_id.as_deref(), d.user_id.as_deref())
-            {
+            if conn.wants(d) {
                 conn.push(d.frame.clone());
                 queued += 1;
             }
@@ -437,11 +433,7 @@ impl Core {
             }
             let mut count = 0;
             for d in &replay.deliveries {
-                if conn
-                    .claims
-                    .borrow()
-                    .can_see(d.project_id.as_deref(), d.user_id.as_deref())
-                {
+                if conn.wants(d) {
                     conn.push(d.frame.clone());
                     count += 1;
                 }

@@ -1,0 +1,102 @@
+//! End to end: connection filters (`agent_ids`, `project_ids`, `event_types`).
+
+mod support;
+
+use serde_json::{json, Value};
+use support::*;
+use tokio_tungstenite::tungstenite::Error as WsError;
+
+async fn publish(server: &Server, event: &str, extra: Value) {
+    let mut body = json!({"channel": "dashboard", "event": event, "data": event});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    assert_eq!(server.publish(&body).await.0, 200);
+}
+
+#[tokio::test]
+async fn filters_at_connect_let_only_matching_messages_through() {
+    let server = Server::start();
+    let t = admin_token();
+    let (mut ws, _) = connect(
+        &server,
+        &format!("channels=dashboard&token={t}&agent_ids=a1,a2&event_types=agent:status,sentinel"),
+    )
+    .await;
+    recv_json(&mut ws).await;
+    publish(&server, "agent:status", json!({"agent_id": "a9"})).await; // other agent
+    publish(&server, "task:created", json!({"agent_id": "a1"})).await; // other event type
+    publish(&server, "agent:status", json!({"agent_id": "a2"})).await; // passes
+    publish(&server, "sentinel", json!({})).await; // no agent_id: not held back by agent_ids
+    let got: Vec<(Value, Value)> = vec![recv_json(&mut ws).await, recv_json(&mut ws).await]
+        .into_iter()
+        .map(|v| (v["event"].clone(), v["seq"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (json!("agent:status"), json!(3)),
+            (json!("sentinel"), json!(4))
+        ]
+    );
+}
+
+#[tokio::test]
+async fn bad_filter_parameters_get_400_naming_the_parameter() {
+    let server = Server::start();
+    let t = admin_token();
+    let many: Vec<String> = (0..51).map(|i| format!("a{i}")).collect();
+    for (query, field) in [
+        (format!("agent_ids={}", many.join(",")), "agent_ids"),
+        ("project_ids=p1,,p2".to_string(), "project_ids"),
+        ("event_types=bad%20type".to_string(), "event_types"),
+    ] {
+        match tokio_tungstenite::connect_async(server.url(&format!("/ws?token={t}&{query}"))).await
+        {
+            Err(WsError::Http(resp)) => {
+                assert_eq!(resp.status().as_u16(), 400, "{query}");
+                let body = String::from_utf8_lossy(resp.body().as_ref().unwrap()).to_string();
+                assert!(body.contains(field), "{body}");
+            }
+            other => panic!("{query}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_filter_message_replaces_the_filters_and_is_rate_limited() {
+    let server = Server::start();
+    let t = admin_token();
+    let (mut ws, _) = connect(&server, &format!("channels=dashboard&token={t}")).await;
+    recv_json(&mut ws).await;
+    send_json(&mut ws, &json!({"type": "filter", "project_ids": ["p1"]})).await;
+    let answer = recv_json(&mut ws).await;
+    assert_eq!(
+        answer,
+        json!({"type": "filtered", "agent_ids": [], "project_ids": ["p1"], "event_types": []})
+    );
+    publish(&server, "x", json!({"project_id": "p2"})).await;
+    publish(&server, "y", json!({"project_id": "p1"})).await;
+    assert_eq!(recv_json(&mut ws).await["event"], "y");
+
+    send_json(&mut ws, &json!({"type": "filter", "agent_ids": ["bad id"]})).await;
+    assert_eq!(recv_json(&mut ws).await["code"], "bad_filter");
+
+    // The limit is 10 per second: a burst of 12 has at least one refused.
+    for _ in 0..12 {
+        send_json(&mut ws, &json!({"type": "filter"})).await;
+    }
+    let mut limited = 0;
+    for _ in 0..12 {
+        let v = recv_json(&mut ws).await;
+        if v["code"] == "rate_limited" {
+            limited += 1;
+        } else {
+            assert_eq!(v["type"], "filtered");
+        }
+    }
+    assert!(limited >= 1, "no filter update was rate-limited");
+    // An empty filter lets everything through again.
+    publish(&server, "z", json!({"project_id": "p2"})).await;
+    assert_eq!(recv_json(&mut ws).await["event"], "z");
+}
