@@ -122,7 +122,9 @@ async fn connection(
     let total = (plan.duration.as_secs_f64() * requests_per_sec).round() as u64;
     let host = plan.addr.to_string();
     let mut seqs = vec![0u64; plan.channels];
-    let mut next_channel = 0usize;
+    // Connections sharing channels start spread over them, so one moment's messages do not all
+    // land on the same few channels (which would let a server coalesce them unfairly).
+    let mut next_channel = j * channels.len() / plan.connections.max(1);
     let (mut requests, mut errors) = (0u64, 0u64);
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     for i in 0..total {
