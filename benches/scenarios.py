@@ -40,7 +40,10 @@ class Server:
         env = dict(os.environ, RINGCAST_LISTEN=self.addr, RINGCAST_LOG="warn")
         if self.target in ("ringcast", "floor"):
             binary = "ringcast" if self.target == "ringcast" else "ringcast-floor"
-            env.update(RINGCAST_JWT_SECRET=SECRET, RINGCAST_API_KEY=API_KEY)
+            env.update(RINGCAST_JWT_SECRET=SECRET, RINGCAST_API_KEY=API_KEY,
+                       # one bench user holds all the connections
+                       RINGCAST_MAX_CONNECTIONS_PER_USER="0",
+                       RINGCAST_MAX_CONNECTIONS_PER_PROJECT="0")
             self.proc = subprocess.Popen(
                 [os.path.join(REL, binary)], env=env, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, text=True)

@@ -54,7 +54,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     let verifier = Arc::new(verifier(&config, dev_mode.then_some(jwt_secret.as_str()))?);
     let (mesh, inboxes) = mesh::mesh(config.workers);
-    let shared = Arc::new(Shared::new(settings(&config), mesh, verifier.clone()));
+    let shared = Arc::new(Shared::new(
+        settings(&config),
+        mesh,
+        verifier.clone(),
+        config.limits,
+    ));
     let listeners = worker::bind_listeners(config.listen, config.workers)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listeners[0].local_addr()?;
@@ -142,6 +147,7 @@ fn settings(config: &Config) -> Settings {
         max_message_bytes: config.max_message_bytes,
         max_channels_per_connection: config.max_channels_per_connection,
         max_queue_bytes: config.max_queue_bytes,
+        max_client_messages_per_sec: config.max_client_messages_per_sec,
     }
 }
 

@@ -11,6 +11,7 @@ pub mod access;
 pub mod channel;
 pub mod filter;
 pub mod heartbeat;
+pub mod limits;
 pub mod ring;
 pub mod rooms;
 pub mod sequencer;

@@ -11,6 +11,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::delivery::heartbeat::HeartbeatConfig;
+use crate::delivery::limits::LimitConfig;
 use crate::delivery::ring::RingBounds;
 
 /// Which io driver the workers run on.
@@ -84,6 +85,27 @@ pub struct Flags {
     /// Bytes waiting to be written to one client before it is closed as too slow (1008).
     #[arg(long, env = "RINGCAST_MAX_QUEUE_BYTES")]
     pub max_queue_bytes: Option<usize>,
+    /// New connections per minute from one IP (0: no limit).
+    #[arg(long, env = "RINGCAST_CONNECTIONS_PER_IP_PER_MINUTE")]
+    pub connections_per_ip_per_minute: Option<u32>,
+    /// Count loopback peers against the per-IP rate too.
+    #[arg(long, env = "RINGCAST_LIMIT_LOOPBACK")]
+    pub limit_loopback: Option<bool>,
+    /// Concurrent connections per user (0: no limit).
+    #[arg(long, env = "RINGCAST_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<u32>,
+    /// `reject` (429) or `close-oldest` (close 4008) past the per-user limit.
+    #[arg(long, env = "RINGCAST_USER_LIMIT_POLICY")]
+    pub user_limit_policy: Option<String>,
+    /// Concurrent connections naming one project at the handshake (0: no limit).
+    #[arg(long, env = "RINGCAST_MAX_CONNECTIONS_PER_PROJECT")]
+    pub max_connections_per_project: Option<u32>,
+    /// Connections the node holds in all (0: no limit).
+    #[arg(long, env = "RINGCAST_MAX_CONNECTIONS")]
+    pub max_connections: Option<u32>,
+    /// Client messages per second per connection before `rate_limited`; twice that closes 1008.
+    #[arg(long, env = "RINGCAST_MAX_CLIENT_MESSAGES_PER_SEC")]
+    pub max_client_messages_per_sec: Option<u32>,
 }
 
 /// The same settings as the file holds them (all optional).
@@ -109,6 +131,13 @@ struct FileSettings {
     max_channels_per_connection: Option<usize>,
     jwt_leeway_secs: Option<u64>,
     max_queue_bytes: Option<usize>,
+    connections_per_ip_per_minute: Option<u32>,
+    limit_loopback: Option<bool>,
+    max_connections_per_user: Option<u32>,
+    user_limit_policy: Option<String>,
+    max_connections_per_project: Option<u32>,
+    max_connections: Option<u32>,
+    max_client_messages_per_sec: Option<u32>,
 }
 
 /// The settings in force.
@@ -131,6 +160,8 @@ pub struct Config {
     pub max_channels_per_connection: usize,
     pub jwt_leeway_secs: u64,
     pub max_queue_bytes: usize,
+    pub limits: LimitConfig,
+    pub max_client_messages_per_sec: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +247,41 @@ impl Config {
                 .max_queue_bytes
                 .or(file.max_queue_bytes)
                 .unwrap_or(8 << 20),
+            limits: {
+                let d = LimitConfig::default();
+                LimitConfig {
+                    per_ip_per_minute: flags
+                        .connections_per_ip_per_minute
+                        .or(file.connections_per_ip_per_minute)
+                        .unwrap_or(d.per_ip_per_minute),
+                    limit_loopback: flags
+                        .limit_loopback
+                        .or(file.limit_loopback)
+                        .unwrap_or(d.limit_loopback),
+                    per_user: flags
+                        .max_connections_per_user
+                        .or(file.max_connections_per_user)
+                        .unwrap_or(d.per_user),
+                    user_policy: match flags.user_limit_policy.or(file.user_limit_policy) {
+                        None => d.user_policy,
+                        Some(p) => p.parse().map_err(|e| {
+                            ConfigError::Invalid(format!("RINGCAST_USER_LIMIT_POLICY: {e}"))
+                        })?,
+                    },
+                    per_project: flags
+                        .max_connections_per_project
+                        .or(file.max_connections_per_project)
+                        .unwrap_or(d.per_project),
+                    total: flags
+                        .max_connections
+                        .or(file.max_connections)
+                        .unwrap_or(d.total),
+                }
+            },
+            max_client_messages_per_sec: flags
+                .max_client_messages_per_sec
+                .or(file.max_client_messages_per_sec)
+                .unwrap_or(50),
         };
         config.check()?;
         Ok(config)

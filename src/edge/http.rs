@@ -88,7 +88,7 @@ impl Reply {
 }
 
 /// Serves one accepted socket until it closes or becomes a WebSocket.
-pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, _peer: SocketAddr) {
+pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer: SocketAddr) {
     let mut buf = BytesMut::new();
     let mut chunk: Vec<u8> = Vec::new();
     loop {
@@ -108,7 +108,7 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, _peer
             drop(chunk);
             let leftover = BytesMut::from(&buf[..]);
             drop(buf);
-            return upgrade::serve(&edge, core, stream, request, leftover).await;
+            return upgrade::serve(&edge, core, stream, peer.ip(), request, leftover).await;
         }
         let body_len = match request.content_length() {
             Ok(n) if n <= MAX_BODY_BYTES => n,

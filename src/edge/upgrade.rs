@@ -4,6 +4,7 @@
 //! channel passed; otherwise the client gets the HTTP status the contract names (400, 401, 403,
 //! 404, 426, 503) and a body saying why.
 
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Instant;
@@ -16,6 +17,7 @@ use crate::delivery::access::Claims;
 use crate::delivery::channel;
 use crate::delivery::filter::{parse_list, Filter};
 use crate::delivery::heartbeat::Heartbeat;
+use crate::delivery::limits::Refused;
 use crate::delivery::sequencer::Resume;
 use crate::proto::http::{self, Request};
 use crate::proto::msg::Control;
@@ -43,6 +45,7 @@ pub async fn serve(
     edge: &Edge,
     core: Rc<Core>,
     mut stream: TcpStream,
+    peer: IpAddr,
     req: Request,
     leftover: BytesMut,
 ) {
@@ -60,21 +63,34 @@ pub async fn serve(
             return;
         }
     };
+    // Connection limits, node-wide, before the 101.
+    let id = core.next_conn_id();
+    let projects: Vec<String> = opening
+        .channels
+        .iter()
+        .filter_map(|c| c.strip_prefix("project:").map(str::to_owned))
+        .collect();
+    if let Err(reply) = core.admit(id, peer, &opening.claims.sub, &projects) {
+        let _ = stream.write_all(reply_for(reply).encode(false)).await;
+        return;
+    }
     let accept = http::accept_response(&upgrade.key, opening.protocol);
     // The request lives no longer than the handshake: a connection lasts hours.
     drop((req, upgrade));
     let (res, _) = stream.write_all(accept).await;
     if res.is_err() {
+        core.release(id, &opening.claims.sub, &projects);
         return;
     }
     let settings = &core.shared.settings;
     let conn = Rc::new(Conn::new(
-        core.next_conn_id(),
+        id,
         opening.claims,
         stream.as_raw_fd(),
         Heartbeat::new(Instant::now(), &settings.heartbeat),
         settings.max_queue_bytes,
     ));
+    *conn.handshake_projects.borrow_mut() = projects;
     *conn.filter.borrow_mut() = opening.filter;
     core.register(conn.clone());
     if core.shared.is_draining() {
@@ -206,6 +222,14 @@ fn open(edge: &Edge, core: &Core, req: &Request, protocols: &[String]) -> Result
         filter,
         protocol,
     })
+}
+
+fn reply_for(refused: Refused) -> Reply {
+    let reply = Reply::error(refused.status, &refused.reason);
+    match refused.retry_after_secs {
+        Some(secs) => reply.with_header("Retry-After", secs.to_string()),
+        None => reply,
+    }
 }
 
 fn unauthorized(message: &str) -> Reply {

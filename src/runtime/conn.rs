@@ -64,6 +64,10 @@ pub struct Conn {
     pub id: u64,
     /// Replaced by a `refresh`.
     pub claims: RefCell<Claims>,
+    /// Projects named at the handshake (counted against the per-project limit until the end).
+    pub handshake_projects: RefCell<Vec<String>>,
+    /// Start of the current one-second window of client messages, and how many came in it.
+    msg_window: Cell<(Instant, u32)>,
     /// What this client asked to see (narrows, never widens, what `claims` allow).
     pub filter: RefCell<Filter>,
     /// Start of the current one-second window of `filter` messages, and how many came in it.
@@ -95,6 +99,8 @@ impl Conn {
             id,
             expires_at: Cell::new(claims.exp),
             filter: RefCell::new(Filter::default()),
+            handshake_projects: RefCell::new(Vec::new()),
+            msg_window: Cell::new((Instant::now(), 0)),
             filter_window: Cell::new((Instant::now(), 0)),
             claims: RefCell::new(claims),
             subs: RefCell::new(HashMap::new()),
@@ -119,6 +125,27 @@ impl Conn {
                 let f = self.filter.borrow();
                 f.is_empty() || f.passes(d.agent_id.as_deref(), d.project_id.as_deref(), &d.event)
             }
+    }
+
+    /// Counts a client message against `per_sec` (0: no limit).
+    fn count_message(&self, now: Instant, per_sec: u32) -> Pace {
+        if per_sec == 0 {
+            return Pace::Fine;
+        }
+        let (start, n) = self.msg_window.get();
+        let (start, n) = if now.duration_since(start) >= Duration::from_secs(1) {
+            (now, 0)
+        } else {
+            (start, n)
+        };
+        let n = n + 1;
+        self.msg_window.set((start, n));
+        match n {
+            n if n <= per_sec => Pace::Fine,
+            n if n == per_sec + 1 => Pace::Warn,
+            n if n <= 2 * per_sec => Pace::Ignore,
+            _ => Pace::Flooding,
+        }
     }
 
     /// Counts a `filter` message; false past `FILTER_UPDATES_PER_SEC` in one second.
@@ -300,6 +327,17 @@ async fn read_loop(
     }
 }
 
+/// Where a connection stands against its message rate.
+enum Pace {
+    Fine,
+    /// The first message over the limit in this second: answered with `rate_limited`.
+    Warn,
+    /// Over the limit: dropped unanswered.
+    Ignore,
+    /// Over twice the limit: the connection is closed with 1008.
+    Flooding,
+}
+
 #[derive(PartialEq, Eq)]
 enum Flow {
     Continue,
@@ -307,6 +345,24 @@ enum Flow {
 }
 
 fn handle_event(core: &Core, conn: &Rc<Conn>, event: Event) -> Flow {
+    if matches!(event, Event::Text(_) | Event::Binary(_)) {
+        match conn.count_message(
+            Instant::now(),
+            core.shared.settings.max_client_messages_per_sec,
+        ) {
+            Pace::Fine => {}
+            Pace::Warn => {
+                let message = "too many messages: slow down or be disconnected";
+                send_error(conn, ErrorCode::RateLimited, message, None);
+                return Flow::Continue;
+            }
+            Pace::Ignore => return Flow::Continue,
+            Pace::Flooding => {
+                conn.close(1008, "flooding");
+                return Flow::Stop;
+            }
+        }
+    }
     match event {
         Event::Text(text) => handle_message(core, conn, &text),
         Event::Binary(_) => send_error(

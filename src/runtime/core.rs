@@ -9,12 +9,13 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::delivery::access::{Authenticator, Claims, Overrides};
 use crate::delivery::channel;
 use crate::delivery::heartbeat::HeartbeatConfig;
+use crate::delivery::limits::{LimitConfig, Limits, Refused};
 use crate::delivery::ring::RingBounds;
 use crate::delivery::rooms::Rooms;
 use crate::delivery::sequencer::{Resume, Sequencer, SubscribeAck};
@@ -34,6 +35,8 @@ pub struct Settings {
     pub max_channels_per_connection: usize,
     /// Bytes a connection may have waiting to be written before it is closed as too slow.
     pub max_queue_bytes: usize,
+    /// Client messages per second before `rate_limited`; twice that closes the connection.
+    pub max_client_messages_per_sec: u32,
 }
 
 /// Node-wide counters (relaxed atomics: for metrics, not for logic).
@@ -55,11 +58,19 @@ pub struct Shared {
     pub stats: Stats,
     /// Checks the tokens of in-band `refresh` messages.
     pub auth: Arc<dyn Authenticator>,
+    /// Connection limits of the whole node (locked once per connect and per disconnect).
+    pub limits: Mutex<Limits>,
 }
 
 impl Shared {
-    pub fn new(settings: Settings, mesh: Mesh, auth: Arc<dyn Authenticator>) -> Shared {
+    pub fn new(
+        settings: Settings,
+        mesh: Mesh,
+        auth: Arc<dyn Authenticator>,
+        limits: LimitConfig,
+    ) -> Shared {
         Shared {
+            limits: Mutex::new(Limits::new(limits)),
             settings,
             epoch: new_epoch(),
             mesh,
@@ -213,6 +224,40 @@ impl Core {
         ((self.id as u64) << 48) | n
     }
 
+    /// Counts a new connection against the node's limits; displaces the user's oldest one
+    /// when the policy says so.
+    pub fn admit(
+        &self,
+        conn: u64,
+        ip: std::net::IpAddr,
+        user: &str,
+        projects: &[String],
+    ) -> Result<(), Refused> {
+        let admitted = self
+            .shared
+            .limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(conn, ip, user, projects, now_ms() / 1000)?;
+        if let Some(old) = admitted.evict {
+            let msg = MeshMsg::Close {
+                conn: old,
+                code: 4008,
+                reason: "replaced by a newer connection of this user",
+            };
+            self.shared.mesh.send((old >> 48) as usize, msg);
+        }
+        Ok(())
+    }
+
+    pub fn release(&self, conn: u64, user: &str, projects: &[String]) {
+        self.shared
+            .limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(conn, user, projects);
+    }
+
     /// Puts the admin's changes for this user over freshly read claims.
     pub fn apply_overrides(&self, claims: &mut Claims) {
         if let Some(o) = self.overrides.borrow().get(&claims.sub) {
@@ -241,6 +286,11 @@ impl Core {
             .stats
             .connections
             .fetch_sub(1, Ordering::Relaxed);
+        self.release(
+            conn.id,
+            &conn.claims.borrow().sub,
+            &conn.handshake_projects.borrow(),
+        );
         let subs = std::mem::take(&mut *conn.subs.borrow_mut());
         let mut rooms = self.rooms.borrow_mut();
         for (channel, state) in subs {
@@ -380,6 +430,11 @@ impl Core {
             }
             MeshMsg::Admin { cmd, reply } => {
                 let _ = reply.send(self.admin(&cmd));
+            }
+            MeshMsg::Close { conn, code, reason } => {
+                if let Some(c) = self.conns.borrow().get(&conn).cloned() {
+                    c.close(code, reason);
+                }
             }
             MeshMsg::Drain => self.drain(),
         }

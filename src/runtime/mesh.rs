@@ -52,6 +52,12 @@ pub enum MeshMsg {
         cmd: Arc<AdminCmd>,
         reply: futures_channel::oneshot::Sender<AdminAnswer>,
     },
+    /// Close one connection of this core (e.g. displaced by its user's newer one).
+    Close {
+        conn: u64,
+        code: u16,
+        reason: &'static str,
+    },
     /// Begin the graceful drain.
     Drain,
 }

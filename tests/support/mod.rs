@@ -40,6 +40,8 @@ impl Server {
             .env("RINGCAST_JWT_SECRET", SECRET)
             .env("RINGCAST_API_KEY", API_KEY)
             .env("RINGCAST_JWT_LEEWAY_SECS", "0")
+            // Tests open many connections per user; the limits have tests of their own.
+            .env("RINGCAST_MAX_CONNECTIONS_PER_USER", "0")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Ok(level) = std::env::var("RINGCAST_LOG") {
