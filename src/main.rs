@@ -67,6 +67,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let edge = Arc::new(Edge {
         verifier,
         api_key: api_key.clone(),
+        allowed_origins: config.allowed_origins.clone(),
     });
     let handler: Handler = Arc::new(move |core: Rc<_>, stream, peer| {
         Box::pin(http::serve(edge.clone(), core, stream, peer))

@@ -264,3 +264,61 @@ async fn handshake_refusals_are_clean_http() {
     let (mut ws, _) = connect(&server, &format!("token={t}")).await;
     drop(ws.next());
 }
+
+#[tokio::test]
+async fn origins_outside_the_allowlist_get_403_and_allowed_ones_get_cors() {
+    let server = Server::start_with(&[(
+        "RINGCAST_ALLOWED_ORIGINS",
+        "https://app.example, https://ops.example/",
+    )]);
+    let t = admin_token();
+    let upgrade = |origin: &str| {
+        let origin_line = if origin.is_empty() {
+            String::new()
+        } else {
+            format!("Origin: {origin}\r\n")
+        };
+        format!(
+            "GET /ws?token={t} HTTP/1.1\r\nHost: x\r\n{origin_line}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    let (status, _, body) =
+        raw_exchange(server.addr, upgrade("https://evil.example").as_bytes()).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("origin not allowed"));
+    for ok in ["https://app.example", "https://ops.example", ""] {
+        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(upgrade(ok).as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 101", "{ok}");
+    }
+    let (status, head, _) = raw_exchange(
+        server.addr,
+        b"OPTIONS /api/v1/publish HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert!(
+        head.contains("Access-Control-Allow-Origin: https://app.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("Access-Control-Allow-Headers: Authorization, Content-Type"),
+        "{head}"
+    );
+    let (status, head, _) = server
+        .http("GET", "/healthz", &[("Origin", "https://ops.example")], "")
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("Access-Control-Allow-Origin: https://ops.example"),
+        "{head}"
+    );
+    let (status, _, _) = server
+        .http("GET", "/healthz", &[("Origin", "https://evil.example")], "")
+        .await;
+    assert_eq!(status, 403);
+}

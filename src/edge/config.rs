@@ -85,6 +85,9 @@ pub struct Flags {
     /// Bytes waiting to be written to one client before it is closed as too slow (1008).
     #[arg(long, env = "RINGCAST_MAX_QUEUE_BYTES")]
     pub max_queue_bytes: Option<usize>,
+    /// Browser origins allowed (comma-separated; unset: every origin). Others get 403.
+    #[arg(long, env = "RINGCAST_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
     /// New connections per minute from one IP (0: no limit).
     #[arg(long, env = "RINGCAST_CONNECTIONS_PER_IP_PER_MINUTE")]
     pub connections_per_ip_per_minute: Option<u32>,
@@ -131,6 +134,7 @@ struct FileSettings {
     max_channels_per_connection: Option<usize>,
     jwt_leeway_secs: Option<u64>,
     max_queue_bytes: Option<usize>,
+    allowed_origins: Option<String>,
     connections_per_ip_per_minute: Option<u32>,
     limit_loopback: Option<bool>,
     max_connections_per_user: Option<u32>,
@@ -162,6 +166,8 @@ pub struct Config {
     pub max_queue_bytes: usize,
     pub limits: LimitConfig,
     pub max_client_messages_per_sec: u32,
+    /// `None`: every origin.
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -282,6 +288,12 @@ impl Config {
                 .max_client_messages_per_sec
                 .or(file.max_client_messages_per_sec)
                 .unwrap_or(50),
+            allowed_origins: flags.allowed_origins.or(file.allowed_origins).map(|list| {
+                list.split(',')
+                    .map(|o| o.trim().trim_end_matches('/').to_string())
+                    .filter(|o| !o.is_empty())
+                    .collect()
+            }),
         };
         config.check()?;
         Ok(config)

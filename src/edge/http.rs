@@ -30,6 +30,19 @@ const MAX_READ_CHUNK: usize = 64 * 1024;
 pub struct Edge {
     pub verifier: Arc<Verifier>,
     pub api_key: String,
+    /// Browser origins allowed to upgrade and to call the HTTP API; `None` allows every origin.
+    pub allowed_origins: Option<Vec<String>>,
+}
+
+impl Edge {
+    /// Whether a request's `Origin` (if it has one) is allowed. Requests without `Origin` are
+    /// not from a browser page and are not subject to the policy.
+    pub fn origin_allowed(&self, req: &Request) -> bool {
+        match (req.header("origin"), &self.allowed_origins) {
+            (None, _) | (_, None) => true,
+            (Some(origin), Some(list)) => list.iter().any(|o| o == "*" || o == origin),
+        }
+    }
 }
 
 /// A response to write, and whether the connection goes on afterwards.
@@ -103,6 +116,11 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
             }
         };
         let _ = buf.split_to(head_len);
+        if !edge.origin_allowed(&request) {
+            let reply = Reply::error(403, "origin not allowed");
+            let _ = stream.write_all(reply.encode(false)).await;
+            return;
+        }
         if request.path.starts_with("/ws") && request.method == "GET" {
             // A WebSocket lives for hours inside this future: keep none of the HTTP buffers.
             drop(chunk);
@@ -134,7 +152,17 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
         }
         let body = buf.split_to(body_len);
         let keep_alive = request.keep_alive();
-        let reply = route(&edge, &core, &request, &body).await;
+        let mut reply = if request.method == "OPTIONS" {
+            preflight()
+        } else {
+            route(&edge, &core, &request, &body).await
+        };
+        if let Some(origin) = request.header("origin") {
+            // Allowed (checked above): let the browser page read the answer.
+            reply = reply
+                .with_header("Access-Control-Allow-Origin", origin)
+                .with_header("Vary", "Origin");
+        }
         let mut bytes = reply.encode(keep_alive);
         if request.method == "HEAD" {
             bytes.truncate(bytes.len() - reply.body.len()); // headers only, length kept
@@ -143,6 +171,23 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
         if res.is_err() || !keep_alive {
             return;
         }
+    }
+}
+
+/// The answer to a CORS preflight from an allowed origin.
+fn preflight() -> Reply {
+    Reply {
+        status: 204,
+        content_type: "text/plain",
+        headers: vec![
+            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS".into()),
+            (
+                "Access-Control-Allow-Headers",
+                "Authorization, Content-Type".into(),
+            ),
+            ("Access-Control-Max-Age", "600".into()),
+        ],
+        body: Vec::new(),
     }
 }
 
