@@ -12,6 +12,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use ringcast::edge::config::{Config, Flags, IoDriver};
 use ringcast::edge::http::{self, Edge};
 use ringcast::edge::jwt::{self, Key, Rules, Verifier};
+use ringcast::runtime::audit::Audit;
 use ringcast::runtime::core::{Settings, Shared};
 use ringcast::runtime::mesh::{self, MeshMsg};
 use ringcast::runtime::worker::{self, Driver, Handler};
@@ -59,6 +60,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         mesh,
         verifier.clone(),
         config.limits,
+        Audit::new(config.audit_log.as_deref()).map_err(|e| {
+            format!(
+                "cannot open the audit log {}: {e}",
+                config
+                    .audit_log
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            )
+        })?,
     ));
     let listeners = worker::bind_listeners(config.listen, config.workers)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;

@@ -104,6 +104,15 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Opt
             "connections",
         ),
     };
+    let change = serde_json::json!({
+        "action": action,
+        "user_id": target.user_id,
+        "channels": match &cmd {
+            AdminCmd::Revoke { channels, .. } | AdminCmd::Grant { channels, .. } => channels.clone(),
+            _ => Vec::new(),
+        },
+        "project_id": target.project_id,
+    });
     let total: usize = broadcast(core, cmd)
         .await
         .into_iter()
@@ -112,6 +121,9 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Opt
             AdminAnswer::Connections(_) => 0,
         })
         .sum();
+    let mut change = change;
+    change["affected"] = total.into();
+    core.shared.audit("permission_change", change);
     let body = serde_json::json!({ "user_id": target.user_id, key: total });
     Some(Reply::json(200, body.to_string().into_bytes()))
 }

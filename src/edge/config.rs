@@ -85,6 +85,9 @@ pub struct Flags {
     /// Bytes waiting to be written to one client before it is closed as too slow (1008).
     #[arg(long, env = "RINGCAST_MAX_QUEUE_BYTES")]
     pub max_queue_bytes: Option<usize>,
+    /// Append audit events (JSON lines) to this file.
+    #[arg(long, env = "RINGCAST_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
     /// Browser origins allowed (comma-separated; unset: every origin). Others get 403.
     #[arg(long, env = "RINGCAST_ALLOWED_ORIGINS")]
     pub allowed_origins: Option<String>,
@@ -135,6 +138,7 @@ struct FileSettings {
     jwt_leeway_secs: Option<u64>,
     max_queue_bytes: Option<usize>,
     allowed_origins: Option<String>,
+    audit_log: Option<PathBuf>,
     connections_per_ip_per_minute: Option<u32>,
     limit_loopback: Option<bool>,
     max_connections_per_user: Option<u32>,
@@ -168,6 +172,7 @@ pub struct Config {
     pub max_client_messages_per_sec: u32,
     /// `None`: every origin.
     pub allowed_origins: Option<Vec<String>>,
+    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -288,6 +293,7 @@ impl Config {
                 .max_client_messages_per_sec
                 .or(file.max_client_messages_per_sec)
                 .unwrap_or(50),
+            audit_log: flags.audit_log.or(file.audit_log),
             allowed_origins: flags.allowed_origins.or(file.allowed_origins).map(|list| {
                 list.split(',')
                     .map(|o| o.trim().trim_end_matches('/').to_string())

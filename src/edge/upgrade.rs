@@ -12,6 +12,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
+use serde_json::json;
 
 use crate::delivery::access::Claims;
 use crate::delivery::channel;
@@ -21,6 +22,7 @@ use crate::delivery::limits::Refused;
 use crate::delivery::sequencer::Resume;
 use crate::proto::http::{self, Request};
 use crate::proto::msg::Control;
+use crate::runtime::audit::AUDIT_CHANNEL;
 use crate::runtime::conn::{self, Conn};
 use crate::runtime::core::Core;
 
@@ -56,7 +58,7 @@ pub async fn serve(
             return;
         }
     };
-    let opening = match open(edge, &core, &req, &upgrade.protocols) {
+    let opening = match open(edge, &core, peer, &req, &upgrade.protocols) {
         Ok(o) => o,
         Err(reply) => {
             let _ = stream.write_all(reply.encode(false)).await;
@@ -70,8 +72,12 @@ pub async fn serve(
         .iter()
         .filter_map(|c| c.strip_prefix("project:").map(str::to_owned))
         .collect();
-    if let Err(reply) = core.admit(id, peer, &opening.claims.sub, &projects) {
-        let _ = stream.write_all(reply_for(reply).encode(false)).await;
+    if let Err(refused) = core.admit(id, peer, &opening.claims.sub, &projects) {
+        core.shared.audit(
+            "limit_hit",
+            json!({"ip": peer, "user_id": opening.claims.sub, "reason": refused.reason}),
+        );
+        let _ = stream.write_all(reply_for(refused).encode(false)).await;
         return;
     }
     let accept = http::accept_response(&upgrade.key, opening.protocol);
@@ -85,6 +91,7 @@ pub async fn serve(
     let settings = &core.shared.settings;
     let conn = Rc::new(Conn::new(
         id,
+        peer,
         opening.claims,
         stream.as_raw_fd(),
         Heartbeat::new(Instant::now(), &settings.heartbeat),
@@ -93,6 +100,11 @@ pub async fn serve(
     *conn.handshake_projects.borrow_mut() = projects;
     *conn.filter.borrow_mut() = opening.filter;
     core.register(conn.clone());
+    core.shared.audit(
+        "connect",
+        json!({"ip": peer, "user_id": conn.claims.borrow().sub, "connection_id": format!("{:x}", id),
+               "core": core.id, "channels": opening.channels}),
+    );
     if core.shared.is_draining() {
         // Drain began while the 101 was on its way: this connection missed the notice.
         conn.push(crate::runtime::core::shutdown_frame());
@@ -119,7 +131,13 @@ pub async fn serve(
     monoio::spawn(conn::run(core, stream, conn, leftover));
 }
 
-fn open(edge: &Edge, core: &Core, req: &Request, protocols: &[String]) -> Result<Opening, Reply> {
+fn open(
+    edge: &Edge,
+    core: &Core,
+    peer: IpAddr,
+    req: &Request,
+    protocols: &[String],
+) -> Result<Opening, Reply> {
     if core.shared.is_draining() {
         return Err(
             Reply::error(503, "node is draining; reconnect to another node")
@@ -127,8 +145,10 @@ fn open(edge: &Edge, core: &Core, req: &Request, protocols: &[String]) -> Result
         );
     }
     let mut channels: Vec<String> = Vec::new();
+    let audit_stream = req.path == "/ws/audit";
     match req.path.as_str() {
         "/ws" => {}
+        "/ws/audit" => channels.push(AUDIT_CHANNEL.to_owned()),
         path => match path.strip_prefix("/ws/projects/") {
             Some(project) if !project.is_empty() && !project.contains('/') => {
                 channels.push(format!("project:{project}"))
@@ -145,15 +165,27 @@ fn open(edge: &Edge, core: &Core, req: &Request, protocols: &[String]) -> Result
                 .iter()
                 .find_map(|p| p.strip_prefix(TOKEN_PROTOCOL_PREFIX).map(str::to_owned))
         });
+    let audit = |kind: &str, fields: serde_json::Value| core.shared.audit(kind, fields);
     let Some(token) = token else {
+        audit(
+            "auth_failure",
+            json!({"ip": peer, "reason": "missing token"}),
+        );
         return Err(unauthorized(
             "missing token: pass ?token=, Authorization: Bearer, or a bearer.<token> subprotocol",
         ));
     };
-    let mut claims = edge
-        .verifier
-        .verify(&token)
-        .map_err(|e| unauthorized(&e.to_string()))?;
+    let mut claims = edge.verifier.verify(&token).map_err(|e| {
+        audit("auth_failure", json!({"ip": peer, "reason": e.to_string()}));
+        unauthorized(&e.to_string())
+    })?;
+    if audit_stream && !claims.is_admin() {
+        audit(
+            "subscribe_denied",
+            json!({"ip": peer, "user_id": claims.sub, "channel": AUDIT_CHANNEL}),
+        );
+        return Err(Reply::error(403, "the audit stream is for admins"));
+    }
     // An admin's revocations and grants for this user apply from the handshake on.
     core.apply_overrides(&mut claims);
     if let Some(list) = req.query_param("channels") {
@@ -175,6 +207,10 @@ fn open(edge: &Edge, core: &Core, req: &Request, protocols: &[String]) -> Result
             return Err(Reply::error(400, &format!("channels: {e}")));
         }
         if !claims.can_subscribe(name) {
+            audit(
+                "subscribe_denied",
+                json!({"ip": peer, "user_id": claims.sub, "channel": name}),
+            );
             return Err(Reply::error(
                 403,
                 &format!("not allowed to subscribe to {name}"),

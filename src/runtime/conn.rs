@@ -64,6 +64,9 @@ pub struct Conn {
     pub id: u64,
     /// Replaced by a `refresh`.
     pub claims: RefCell<Claims>,
+    pub peer: std::net::IpAddr,
+    /// The close code and reason the connection ended with (for the audit trail).
+    pub closed_with: RefCell<Option<(u16, String)>>,
     /// Projects named at the handshake (counted against the per-project limit until the end).
     pub handshake_projects: RefCell<Vec<String>>,
     /// Start of the current one-second window of client messages, and how many came in it.
@@ -90,6 +93,7 @@ pub struct Conn {
 impl Conn {
     pub fn new(
         id: u64,
+        peer: std::net::IpAddr,
         claims: Claims,
         fd: RawFd,
         heartbeat: Heartbeat,
@@ -97,6 +101,8 @@ impl Conn {
     ) -> Conn {
         Conn {
             id,
+            peer,
+            closed_with: RefCell::new(None),
             expires_at: Cell::new(claims.exp),
             filter: RefCell::new(Filter::default()),
             handshake_projects: RefCell::new(Vec::new()),
@@ -188,6 +194,9 @@ impl Conn {
     /// Queues a close frame; nothing more is queued after it.
     pub fn close(&self, code: u16, reason: &str) {
         if matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
+            self.closed_with
+                .borrow_mut()
+                .get_or_insert_with(|| (code, reason.to_owned()));
             self.open_now();
             self.queue
                 .borrow_mut()
@@ -358,6 +367,11 @@ fn handle_event(core: &Core, conn: &Rc<Conn>, event: Event) -> Flow {
             }
             Pace::Ignore => return Flow::Continue,
             Pace::Flooding => {
+                core.shared.audit(
+                    "limit_hit",
+                    serde_json::json!({"ip": conn.peer, "user_id": conn.claims.borrow().sub,
+                        "connection_id": format!("{:x}", conn.id), "reason": "message flood"}),
+                );
                 conn.close(1008, "flooding");
                 return Flow::Stop;
             }
@@ -375,7 +389,11 @@ fn handle_event(core: &Core, conn: &Rc<Conn>, event: Event) -> Flow {
         Event::Pong(_) => conn.heartbeat.borrow_mut().handle_pong(),
         Event::Close { code, .. } => {
             // Answer the peer's close with its own code, unless we started the handshake.
-            conn.close(code.unwrap_or(1000), "");
+            let code = code.unwrap_or(1000);
+            conn.closed_with
+                .borrow_mut()
+                .get_or_insert_with(|| (code, "closed by the client".into()));
+            conn.close(code, "");
             return Flow::Stop;
         }
     }

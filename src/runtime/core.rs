@@ -22,6 +22,7 @@ use crate::delivery::sequencer::{Resume, Sequencer, SubscribeAck};
 use crate::delivery::Delivery;
 use crate::proto::msg::{Control, ErrorCode};
 
+use super::audit::Audit;
 use super::conn::{Conn, SubState};
 use super::mesh::{Mesh, MeshMsg};
 
@@ -60,6 +61,7 @@ pub struct Shared {
     pub auth: Arc<dyn Authenticator>,
     /// Connection limits of the whole node (locked once per connect and per disconnect).
     pub limits: Mutex<Limits>,
+    pub audit_trail: Audit,
 }
 
 impl Shared {
@@ -68,8 +70,10 @@ impl Shared {
         mesh: Mesh,
         auth: Arc<dyn Authenticator>,
         limits: LimitConfig,
+        audit_trail: Audit,
     ) -> Shared {
         Shared {
+            audit_trail,
             limits: Mutex::new(Limits::new(limits)),
             settings,
             epoch: new_epoch(),
@@ -78,6 +82,11 @@ impl Shared {
             stats: Stats::default(),
             auth,
         }
+    }
+
+    /// Records an audit event (see `runtime::audit`).
+    pub fn audit(&self, kind: &str, fields: serde_json::Value) {
+        self.audit_trail.record(&self.mesh, kind, fields);
     }
 
     pub fn is_draining(&self) -> bool {
@@ -291,6 +300,16 @@ impl Core {
             &conn.claims.borrow().sub,
             &conn.handshake_projects.borrow(),
         );
+        let (code, reason) = conn
+            .closed_with
+            .borrow()
+            .clone()
+            .unwrap_or((1006, "connection lost".into()));
+        self.shared.audit(
+            "disconnect",
+            serde_json::json!({"ip": conn.peer, "user_id": conn.claims.borrow().sub,
+                "connection_id": format!("{:x}", conn.id), "code": code, "reason": reason}),
+        );
         let subs = std::mem::take(&mut *conn.subs.borrow_mut());
         let mut rooms = self.rooms.borrow_mut();
         for (channel, state) in subs {
@@ -309,7 +328,7 @@ impl Core {
         resume: Resume,
         initial: bool,
     ) -> Result<(), SubscribeError> {
-        check_subscribe(conn, name, self.shared.settings.max_channels_per_connection)?;
+        check_subscribe(&self.shared, conn, name)?;
         let channel: Arc<str> = name.into();
         let sub = self.next_sub.get() + 1;
         self.next_sub.set(sub);
@@ -603,7 +622,8 @@ pub fn shutdown_frame() -> bytes::Bytes {
     .frame()
 }
 
-fn check_subscribe(conn: &Conn, name: &str, max: usize) -> Result<(), SubscribeError> {
+fn check_subscribe(shared: &Shared, conn: &Conn, name: &str) -> Result<(), SubscribeError> {
+    let max = shared.settings.max_channels_per_connection;
     let fail = |code, message: String| Err(SubscribeError { code, message });
     if let Err(e) = channel::validate(name) {
         let shown: String = name.chars().take(64).collect();
@@ -613,6 +633,11 @@ fn check_subscribe(conn: &Conn, name: &str, max: usize) -> Result<(), SubscribeE
         );
     }
     if !conn.claims.borrow().can_subscribe(name) {
+        shared.audit(
+            "subscribe_denied",
+            serde_json::json!({"ip": conn.peer, "user_id": conn.claims.borrow().sub,
+                "connection_id": format!("{:x}", conn.id), "channel": name}),
+        );
         return fail(
             ErrorCode::Forbidden,
             format!("not allowed to subscribe to {name}"),

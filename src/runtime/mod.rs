@@ -1,5 +1,6 @@
 //! Runtime: worker threads on monoio (io_uring), the socket loops, the cross-core mesh.
 
+pub mod audit;
 pub mod conn;
 pub mod core;
 pub mod mesh;

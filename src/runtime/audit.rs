@@ -1,0 +1,87 @@
+//! The audit trail: connection and security events, as JSON lines in a file (written by a
+//! thread of its own, never by a worker) and as events on the admin-only `audit` channel, so
+//! admins watch them live on `/ws/audit` and can resume them like any channel.
+//!
+//! Invariant: an audit event names who (user, IP, connection) and what, never a token or a
+//! secret.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use serde_json::{json, Value};
+
+use crate::delivery::{channel, Publication};
+
+use super::core::now_ms;
+use super::mesh::{Mesh, MeshMsg};
+
+/// The channel audit events travel on (admins only, by the channel rules).
+pub const AUDIT_CHANNEL: &str = "audit";
+
+pub struct Audit {
+    file: Option<Sender<String>>,
+}
+
+impl Audit {
+    /// Opens (appends to) the JSON-lines file, if any, with its writer thread.
+    pub fn new(path: Option<&Path>) -> std::io::Result<Audit> {
+        let Some(path) = path else {
+            return Ok(Audit { file: None });
+        };
+        let mut out = std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        );
+        let (tx, rx) = crossbeam_channel::unbounded::<String>();
+        std::thread::Builder::new()
+            .name("ringcast-audit".into())
+            .spawn(move || {
+                while let Ok(line) = rx.recv() {
+                    let _ = writeln!(out, "{line}");
+                    // Flush when the burst is over, not per line.
+                    if rx.is_empty() {
+                        let _ = out.flush();
+                    }
+                }
+            })?;
+        Ok(Audit { file: Some(tx) })
+    }
+
+    /// Records one event of `kind` (`connect`, `auth_failure`, `disconnect`,
+    /// `subscribe_denied`, `limit_hit`, `permission_change`) with its fields.
+    pub fn record(&self, mesh: &Mesh, kind: &str, mut fields: Value) {
+        let ts = now_ms();
+        if let Some(obj) = fields.as_object_mut() {
+            obj.insert("type".into(), json!(kind));
+            obj.insert("ts".into(), json!(ts));
+        }
+        let line = fields.to_string();
+        if let Some(file) = &self.file {
+            let _ = file.send(line.clone());
+        }
+        let channel: Arc<str> = AUDIT_CHANNEL.into();
+        let owner = channel::owner_core(AUDIT_CHANNEL, mesh.cores());
+        // Nobody waits for the seq of an audit event.
+        let (reply, _) = futures_channel::oneshot::channel();
+        let publication = Publication {
+            channel,
+            event: format!("audit:{kind}").into(),
+            data: line.into(),
+            project_id: None,
+            user_id: None,
+            agent_id: None,
+            ephemeral: false,
+        };
+        mesh.send(
+            owner,
+            MeshMsg::Publish {
+                batch: vec![(0, publication)],
+                reply,
+            },
+        );
+    }
+}
