@@ -76,6 +76,8 @@ fn delivery(seq: u64, frame: &Bytes) -> Arc<Delivery> {
         user_id: None,
         agent_id: None,
         event: EVENT.into(),
+        priority: Default::default(),
+        coalesce_key: None,
     })
 }
 
@@ -222,6 +224,8 @@ fn sequencer(c: &mut Criterion) {
         project_id: Some("42".into()),
         user_id: None,
         agent_id: None,
+        priority: Default::default(),
+        coalesce_key: None,
         ephemeral: false,
     };
     let mut s = Sequencer::new(2, RingBounds::default());

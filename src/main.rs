@@ -160,6 +160,8 @@ fn settings(config: &Config) -> Settings {
         max_channels_per_connection: config.max_channels_per_connection,
         max_queue_bytes: config.max_queue_bytes,
         max_client_messages_per_sec: config.max_client_messages_per_sec,
+        queue_threshold: config.queue_threshold,
+        slow_client_timeout: config.slow_client_timeout,
     }
 }
 

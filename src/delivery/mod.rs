@@ -12,6 +12,7 @@ pub mod channel;
 pub mod filter;
 pub mod heartbeat;
 pub mod limits;
+pub mod queue;
 pub mod ring;
 pub mod rooms;
 pub mod sequencer;
@@ -29,6 +30,33 @@ pub struct Delivery {
     /// What connection filters look at (besides `project_id`).
     pub agent_id: Option<Box<str>>,
     pub event: Box<str>,
+    /// What yields when a client is behind (see `queue`).
+    pub priority: Priority,
+    /// For a client that is behind, only the newest queued event with this key is kept.
+    pub coalesce_key: Option<Box<str>>,
+}
+
+/// How much a message matters to a client that cannot keep up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+    /// Never dropped while the connection lives.
+    Critical,
+}
+
+impl Priority {
+    pub fn parse(s: &str) -> Option<Priority> {
+        match s {
+            "low" => Some(Priority::Low),
+            "normal" => Some(Priority::Normal),
+            "high" => Some(Priority::High),
+            "critical" => Some(Priority::Critical),
+            _ => None,
+        }
+    }
 }
 
 /// A message as a publisher sent it, before it has a seq.
@@ -41,6 +69,8 @@ pub struct Publication {
     pub project_id: Option<Box<str>>,
     pub user_id: Option<Box<str>>,
     pub agent_id: Option<Box<str>>,
+    pub priority: Priority,
+    pub coalesce_key: Option<Box<str>>,
     /// Never kept for replay.
     pub ephemeral: bool,
 }

@@ -128,6 +128,8 @@ mod tests {
             user_id: None,
             agent_id: None,
             event: "e".into(),
+            priority: Default::default(),
+            coalesce_key: None,
         })
     }
 

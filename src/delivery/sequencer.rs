@@ -89,6 +89,8 @@ impl Sequencer {
             user_id: p.user_id,
             agent_id: p.agent_id,
             event: p.event,
+            priority: p.priority,
+            coalesce_key: p.coalesce_key,
         });
         for (core, &n) in state.interest.iter().enumerate() {
             if n > 0 {
@@ -163,6 +165,8 @@ mod tests {
             project_id: None,
             user_id: None,
             agent_id: None,
+            priority: Default::default(),
+            coalesce_key: None,
             ephemeral,
         }
     }

@@ -85,6 +85,12 @@ pub struct Flags {
     /// Bytes waiting to be written to one client before it is closed as too slow (1008).
     #[arg(long, env = "RINGCAST_MAX_QUEUE_BYTES")]
     pub max_queue_bytes: Option<usize>,
+    /// Messages queued for one client past which it counts as behind (low, then normal yield).
+    #[arg(long, env = "RINGCAST_QUEUE_THRESHOLD")]
+    pub queue_threshold: Option<usize>,
+    /// How long a client may stay behind before it is closed with 1008 "too slow".
+    #[arg(long, env = "RINGCAST_SLOW_CLIENT_TIMEOUT_MS")]
+    pub slow_client_timeout_ms: Option<u64>,
     /// Append audit events (JSON lines) to this file.
     #[arg(long, env = "RINGCAST_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
@@ -139,6 +145,8 @@ struct FileSettings {
     max_queue_bytes: Option<usize>,
     allowed_origins: Option<String>,
     audit_log: Option<PathBuf>,
+    queue_threshold: Option<usize>,
+    slow_client_timeout_ms: Option<u64>,
     connections_per_ip_per_minute: Option<u32>,
     limit_loopback: Option<bool>,
     max_connections_per_user: Option<u32>,
@@ -173,6 +181,8 @@ pub struct Config {
     /// `None`: every origin.
     pub allowed_origins: Option<Vec<String>>,
     pub audit_log: Option<PathBuf>,
+    pub queue_threshold: usize,
+    pub slow_client_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -294,6 +304,14 @@ impl Config {
                 .or(file.max_client_messages_per_sec)
                 .unwrap_or(50),
             audit_log: flags.audit_log.or(file.audit_log),
+            queue_threshold: flags
+                .queue_threshold
+                .or(file.queue_threshold)
+                .unwrap_or(100),
+            slow_client_timeout: ms(
+                flags.slow_client_timeout_ms.or(file.slow_client_timeout_ms),
+                30_000,
+            ),
             allowed_origins: flags.allowed_origins.or(file.allowed_origins).map(|list| {
                 list.split(',')
                     .map(|o| o.trim().trim_end_matches('/').to_string())

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::delivery::{channel, Publication};
+use crate::delivery::{channel, Priority, Publication};
 use crate::proto::http::Request;
 use crate::runtime::core::Core;
 use crate::runtime::mesh::MeshMsg;
@@ -36,6 +36,8 @@ struct Incoming<'a> {
     priority: Option<String>,
     #[serde(default)]
     ephemeral: bool,
+    #[serde(default)]
+    coalesce_key: Option<String>,
 }
 
 pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
@@ -116,10 +118,16 @@ fn check(m: Incoming<'_>) -> Result<Publication, String> {
     if m.event.is_empty() || m.event.len() > 200 {
         return Err("event must be 1 to 200 bytes".into());
     }
-    if let Some(p) = m.priority.as_deref() {
-        if !matches!(p, "critical" | "high" | "normal" | "low") {
-            return Err("priority must be critical, high, normal or low".into());
-        }
+    let priority = match m.priority.as_deref() {
+        None => Priority::Normal,
+        Some(p) => Priority::parse(p)
+            .ok_or_else(|| "priority must be critical, high, normal or low".to_string())?,
+    };
+    if m.coalesce_key
+        .as_deref()
+        .is_some_and(|k| k.is_empty() || k.len() > 200)
+    {
+        return Err("coalesce_key must be 1 to 200 bytes".into());
     }
     if m.data.is_some_and(|d| d.get().len() > MAX_DATA_BYTES) {
         return Err("data is larger than 1 MiB".into());
@@ -131,6 +139,8 @@ fn check(m: Incoming<'_>) -> Result<Publication, String> {
         project_id: m.project_id.map(Into::into),
         user_id: m.user_id.map(Into::into),
         agent_id: m.agent_id.map(Into::into),
+        priority,
+        coalesce_key: m.coalesce_key.map(Into::into),
         ephemeral: m.ephemeral,
     })
 }

@@ -96,6 +96,7 @@ pub async fn serve(
         stream.as_raw_fd(),
         Heartbeat::new(Instant::now(), &settings.heartbeat),
         settings.max_queue_bytes,
+        settings.queue_threshold,
     ));
     *conn.handshake_projects.borrow_mut() = projects;
     *conn.filter.borrow_mut() = opening.filter;

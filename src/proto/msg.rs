@@ -108,6 +108,11 @@ pub enum Control<'a> {
     Shutdown {
         reason: &'a str,
     },
+    /// Events of `channel` this connection lost to backpressure since the last notice.
+    Dropped {
+        channel: &'a str,
+        count: u64,
+    },
     /// The filters now in force (the answer to a `filter` message).
     Filtered {
         agent_ids: &'a [Box<str>],

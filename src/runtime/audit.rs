@@ -74,6 +74,8 @@ impl Audit {
             project_id: None,
             user_id: None,
             agent_id: None,
+            priority: Default::default(),
+            coalesce_key: None,
             ephemeral: false,
         };
         mesh.send(

@@ -7,7 +7,7 @@
 //! once and one that is behind costs one syscall per batch.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::os::fd::RawFd;
 use std::rc::Rc;
@@ -22,6 +22,7 @@ use monoio::net::TcpStream;
 use crate::delivery::access::Claims;
 use crate::delivery::filter::{parse_list, Filter, FilterError};
 use crate::delivery::heartbeat::{Beat, Heartbeat};
+use crate::delivery::queue::{Pushed, SendQueue};
 use crate::delivery::sequencer::Resume;
 use crate::delivery::Delivery;
 use crate::proto::msg::{self, ClientMessage, Control, ErrorCode};
@@ -78,10 +79,11 @@ pub struct Conn {
     /// The token's `exp` (Unix seconds): past it (and the leeway) the connection closes 4001.
     expires_at: Cell<Option<u64>>,
     pub subs: RefCell<HashMap<Arc<str>, SubState>>,
-    queue: RefCell<VecDeque<Bytes>>,
-    /// Bytes in `queue`; past `max_queue_bytes` the client is too slow and is closed.
-    queued_bytes: Cell<usize>,
+    queue: RefCell<SendQueue>,
+    /// Past this many bytes queued the client is too slow and is closed at once.
     max_queue_bytes: usize,
+    /// Since when the client has been behind without catching up (for `slow_client_timeout`).
+    behind_since: Cell<Option<Instant>>,
     writer: Cell<Option<Waker>>,
     phase: Cell<Phase>,
     welcome: RefCell<Option<Bytes>>,
@@ -98,6 +100,7 @@ impl Conn {
         fd: RawFd,
         heartbeat: Heartbeat,
         max_queue_bytes: usize,
+        queue_threshold: usize,
     ) -> Conn {
         Conn {
             id,
@@ -110,9 +113,9 @@ impl Conn {
             filter_window: Cell::new((Instant::now(), 0)),
             claims: RefCell::new(claims),
             subs: RefCell::new(HashMap::new()),
-            queue: RefCell::new(VecDeque::new()),
-            queued_bytes: Cell::new(0),
+            queue: RefCell::new(SendQueue::new(queue_threshold)),
             max_queue_bytes,
+            behind_since: Cell::new(None),
             writer: Cell::new(None),
             phase: Cell::new(Phase::Greeting),
             welcome: RefCell::new(None),
@@ -166,23 +169,70 @@ impl Conn {
         n < FILTER_UPDATES_PER_SEC
     }
 
-    /// Queues a frame unless the connection is closing. A client whose queue passes
-    /// `max_queue_bytes` is not keeping up: its backlog is dropped and it is closed with 1008.
+    /// Queues a control frame (or a replayed event) unless the connection is closing.
     pub fn push(&self, frame: Bytes) {
         if !matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
             return;
         }
-        let queued = self.queued_bytes.get() + frame.len();
-        if queued > self.max_queue_bytes {
-            tracing::debug!(conn = self.id, queued, "send queue over its bound: closing");
-            self.queue.borrow_mut().clear();
-            self.queued_bytes.set(0);
-            self.close(1008, "too slow");
+        if self.over_byte_bound(frame.len()) {
             return;
         }
-        self.queued_bytes.set(queued);
-        self.queue.borrow_mut().push_back(frame);
+        self.queue.borrow_mut().push_control(frame);
         self.wake_writer();
+    }
+
+    /// Offers a live event: a client that is behind may have it dropped or conflated by its
+    /// priority and `coalesce_key` (see `delivery::queue`).
+    pub fn push_event(&self, d: &Arc<Delivery>) {
+        if !matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
+            return;
+        }
+        if self.over_byte_bound(d.frame.len()) {
+            return;
+        }
+        let (pushed, behind) = {
+            let mut q = self.queue.borrow_mut();
+            (q.push_event(d), q.is_behind())
+        };
+        if behind && self.behind_since.get().is_none() {
+            self.behind_since.set(Some(Instant::now()));
+        }
+        if pushed != Pushed::Dropped {
+            self.wake_writer();
+        }
+    }
+
+    /// A client whose queue would pass `max_queue_bytes` is not keeping up whatever the
+    /// priorities: its backlog is dropped and it is closed with 1008.
+    fn over_byte_bound(&self, more: usize) -> bool {
+        let queued = self.queue.borrow().bytes() + more;
+        if queued <= self.max_queue_bytes {
+            return false;
+        }
+        tracing::debug!(conn = self.id, queued, "send queue over its bound: closing");
+        self.queue.borrow_mut().clear();
+        self.close(1008, "too slow");
+        true
+    }
+
+    /// After a write: once the client has caught up, tell it what it lost.
+    fn after_write(&self) {
+        let notices = {
+            let mut q = self.queue.borrow_mut();
+            if !q.is_behind() {
+                self.behind_since.set(None);
+            }
+            q.take_dropped_if_drained()
+        };
+        for (channel, count) in notices {
+            self.push(
+                Control::Dropped {
+                    channel: &channel,
+                    count,
+                }
+                .frame(),
+            );
+        }
     }
 
     fn wake_writer(&self) {
@@ -200,7 +250,7 @@ impl Conn {
             self.open_now();
             self.queue
                 .borrow_mut()
-                .push_back(codec::close_frame(code, reason));
+                .push_control(codec::close_frame(code, reason));
             self.phase.set(Phase::Closing {
                 since: Instant::now(),
             });
@@ -229,7 +279,7 @@ impl Conn {
     fn open_now(&self) {
         if self.phase.get() == Phase::Greeting {
             if let Some(welcome) = self.welcome.borrow_mut().take() {
-                self.queue.borrow_mut().push_front(welcome);
+                self.queue.borrow_mut().push_control_front(welcome);
             }
             self.phase.set(Phase::Open);
             self.wake_writer();
@@ -247,6 +297,13 @@ impl Conn {
     /// Heartbeat, token-expiry and close-handshake deadlines; called by the core's sweep with
     /// the monotonic and the wall-clock time (Unix seconds).
     pub fn tick(&self, now: Instant, unix_secs: u64, core: &Core) {
+        if let Some(since) = self.behind_since.get() {
+            if now.duration_since(since) >= core.shared.settings.slow_client_timeout {
+                self.behind_since.set(None);
+                self.queue.borrow_mut().clear();
+                self.close(1008, "too slow");
+            }
+        }
         if let Some(exp) = self.expires_at.get() {
             if unix_secs > exp + core.shared.auth.leeway_secs() {
                 self.expires_at.set(None);
@@ -518,20 +575,18 @@ async fn write_loop(conn: Rc<Conn>, mut writer: OwnedWriteHalf<TcpStream>) {
             if phase != Phase::Greeting {
                 let mut queue = conn.queue.borrow_mut();
                 if queue.len() == 1 {
-                    conn.queued_bytes.set(0);
                     return Poll::Ready(queue.pop_front().map(Batch::One));
                 }
                 if !queue.is_empty() {
                     let mut buf = std::mem::take(&mut spare);
-                    while let Some(front) = queue.front() {
-                        if !buf.is_empty() && buf.len() + front.len() > MAX_WRITE_BATCH {
+                    while let Some(len) = queue.front_len() {
+                        if !buf.is_empty() && buf.len() + len > MAX_WRITE_BATCH {
                             break;
                         }
-                        buf.extend_from_slice(front);
-                        queue.pop_front();
+                        if let Some(frame) = queue.pop_front() {
+                            buf.extend_from_slice(&frame);
+                        }
                     }
-                    let left = conn.queued_bytes.get().saturating_sub(buf.len());
-                    conn.queued_bytes.set(left);
                     return Poll::Ready(Some(Batch::Many(buf)));
                 }
             }
@@ -559,5 +614,6 @@ async fn write_loop(conn: Rc<Conn>, mut writer: OwnedWriteHalf<TcpStream>) {
             conn.abort();
             return;
         }
+        conn.after_write();
     }
 }

@@ -38,6 +38,10 @@ pub struct Settings {
     pub max_queue_bytes: usize,
     /// Client messages per second before `rate_limited`; twice that closes the connection.
     pub max_client_messages_per_sec: u32,
+    /// Queued messages past which a client is behind (low, then normal events yield).
+    pub queue_threshold: usize,
+    /// How long a client may stay behind before it is closed with 1008.
+    pub slow_client_timeout: Duration,
 }
 
 /// Node-wide counters (relaxed atomics: for metrics, not for logic).
@@ -459,11 +463,11 @@ impl Core {
         }
     }
 
-    fn deliver(&self, d: &Delivery) {
+    fn deliver(&self, d: &Arc<Delivery>) {
         let mut queued = 0;
         for conn in self.rooms.borrow().members(&d.channel) {
             if conn.wants(d) {
-                conn.push(d.frame.clone());
+                conn.push_event(d);
                 queued += 1;
             }
         }

@@ -1,0 +1,278 @@
+//! One connection's send queue: shared frames in order, with priorities and conflation for a
+//! client that is behind.
+//!
+//! Invariant: frames of one channel leave in seq order; control frames are never dropped; a
+//! `Critical` event is never dropped while the connection lives. Once `threshold` entries wait
+//! (the client is behind), new `Low` events are dropped past half of it and `Normal` ones past
+//! it, counted per channel for the `dropped` notice; an event with a `coalesce_key` replaces the
+//! queued one with the same channel and key (newest wins), moving to the back so per-channel
+//! order holds.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{Delivery, Priority};
+
+enum Entry {
+    Control(Bytes),
+    Event(Arc<Delivery>),
+}
+
+impl Entry {
+    fn frame(&self) -> &Bytes {
+        match self {
+            Entry::Control(b) => b,
+            Entry::Event(d) => &d.frame,
+        }
+    }
+}
+
+/// What happened to an event offered to the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// Replaced an older queued event with the same `coalesce_key`.
+    Conflated,
+    /// Dropped: the client is behind and the event's priority yields.
+    Dropped,
+}
+
+pub struct SendQueue {
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    /// Entries waiting past which the client counts as behind (≥ 2).
+    threshold: usize,
+    /// Events dropped per channel since the last notice.
+    dropped: Vec<(Arc<str>, u64)>,
+}
+
+impl SendQueue {
+    pub fn new(threshold: usize) -> SendQueue {
+        SendQueue {
+            entries: VecDeque::new(),
+            bytes: 0,
+            threshold: threshold.max(2),
+            dropped: Vec::new(),
+        }
+    }
+
+    pub fn push_control(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.entries.push_back(Entry::Control(frame));
+    }
+
+    /// Puts a control frame before everything else (the welcome).
+    pub fn push_control_front(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.entries.push_front(Entry::Control(frame));
+    }
+
+    pub fn push_event(&mut self, d: &Arc<Delivery>) -> Pushed {
+        let waiting = self.entries.len();
+        if waiting >= self.threshold / 2 {
+            if let Some(key) = &d.coalesce_key {
+                let same = self.entries.iter().rposition(|e| {
+                    matches!(e, Entry::Event(q) if q.channel == d.channel
+                        && q.coalesce_key.as_deref() == Some(&**key))
+                });
+                if let Some(i) = same {
+                    if let Some(old) = self.entries.remove(i) {
+                        self.bytes -= old.frame().len();
+                    }
+                    self.bytes += d.frame.len();
+                    self.entries.push_back(Entry::Event(d.clone()));
+                    return Pushed::Conflated;
+                }
+            }
+            let yields = match d.priority {
+                Priority::Low => true,
+                Priority::Normal => waiting >= self.threshold,
+                Priority::High | Priority::Critical => false,
+            };
+            if yields {
+                match self.dropped.iter_mut().find(|(c, _)| *c == d.channel) {
+                    Some((_, n)) => *n += 1,
+                    None => self.dropped.push((d.channel.clone(), 1)),
+                }
+                return Pushed::Dropped;
+            }
+        }
+        self.bytes += d.frame.len();
+        self.entries.push_back(Entry::Event(d.clone()));
+        Pushed::Queued
+    }
+
+    pub fn pop_front(&mut self) -> Option<Bytes> {
+        let e = self.entries.pop_front()?;
+        let frame = match e {
+            Entry::Control(b) => b,
+            Entry::Event(d) => d.frame.clone(),
+        };
+        self.bytes -= frame.len();
+        Some(frame)
+    }
+
+    pub fn front_len(&self) -> Option<usize> {
+        self.entries.front().map(|e| e.frame().len())
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Whether the client is behind (as many entries wait as the threshold).
+    pub fn is_behind(&self) -> bool {
+        self.entries.len() >= self.threshold
+    }
+
+    /// Once the queue has drained below half the threshold: the per-channel drop counts to
+    /// tell the client about (and forget).
+    pub fn take_dropped_if_drained(&mut self) -> Vec<(Arc<str>, u64)> {
+        if self.dropped.is_empty() || self.entries.len() >= self.threshold / 2 {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(channel: &str, seq: u64, priority: Priority, key: Option<&str>) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            channel: channel.into(),
+            seq,
+            frame: Bytes::from(format!("{channel}#{seq}")),
+            project_id: None,
+            user_id: None,
+            agent_id: None,
+            event: "e".into(),
+            priority,
+            coalesce_key: key.map(Into::into),
+        })
+    }
+
+    fn drain(q: &mut SendQueue) -> Vec<String> {
+        std::iter::from_fn(|| q.pop_front())
+            .map(|b| String::from_utf8(b.to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_client_that_keeps_up_gets_everything_in_order() {
+        let mut q = SendQueue::new(10);
+        for seq in 1..=4 {
+            assert_eq!(
+                q.push_event(&event("c", seq, Priority::Low, None)),
+                Pushed::Queued
+            );
+            assert_eq!(q.pop_front().unwrap(), Bytes::from(format!("c#{seq}")));
+        }
+        assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn behind_low_then_normal_yield_high_and_critical_stay() {
+        let mut q = SendQueue::new(10);
+        for seq in 1..=10 {
+            q.push_event(&event("c", seq, Priority::High, None));
+        }
+        assert!(q.is_behind());
+        assert_eq!(
+            q.push_event(&event("c", 11, Priority::Low, None)),
+            Pushed::Dropped
+        );
+        assert_eq!(
+            q.push_event(&event("c", 12, Priority::Normal, None)),
+            Pushed::Dropped
+        );
+        assert_eq!(
+            q.push_event(&event("d", 1, Priority::Normal, None)),
+            Pushed::Dropped
+        );
+        assert_eq!(
+            q.push_event(&event("c", 13, Priority::Critical, None)),
+            Pushed::Queued
+        );
+        assert_eq!(
+            q.push_event(&event("c", 14, Priority::High, None)),
+            Pushed::Queued
+        );
+        // no notice while still behind
+        assert!(q.take_dropped_if_drained().is_empty());
+        let out = drain(&mut q);
+        assert_eq!(out.len(), 12);
+        assert_eq!(out.last().unwrap(), "c#14");
+        let mut notice = q.take_dropped_if_drained();
+        notice.sort();
+        assert_eq!(notice, vec![("c".into(), 2), ("d".into(), 1)]);
+        assert!(q.take_dropped_if_drained().is_empty());
+    }
+
+    #[test]
+    fn low_yields_from_half_the_threshold() {
+        let mut q = SendQueue::new(10);
+        for seq in 1..=5 {
+            q.push_event(&event("c", seq, Priority::Normal, None));
+        }
+        assert_eq!(
+            q.push_event(&event("c", 6, Priority::Low, None)),
+            Pushed::Dropped
+        );
+        assert_eq!(
+            q.push_event(&event("c", 7, Priority::Normal, None)),
+            Pushed::Queued
+        );
+    }
+
+    #[test]
+    fn conflation_keeps_the_newest_per_key_in_channel_order() {
+        let mut q = SendQueue::new(4);
+        q.push_event(&event("c", 1, Priority::Normal, Some("p")));
+        q.push_event(&event("c", 2, Priority::Normal, None));
+        assert_eq!(
+            q.push_event(&event("c", 3, Priority::Normal, Some("p"))),
+            Pushed::Conflated
+        );
+        assert_eq!(
+            q.push_event(&event("c", 4, Priority::Normal, Some("q"))),
+            Pushed::Queued
+        );
+        assert_eq!(
+            q.push_event(&event("c", 5, Priority::Normal, Some("p"))),
+            Pushed::Conflated
+        );
+        assert_eq!(
+            q.push_event(&event("d", 1, Priority::Normal, Some("p"))),
+            Pushed::Queued
+        );
+        assert_eq!(drain(&mut q), vec!["c#2", "c#4", "c#5", "d#1"]);
+    }
+
+    #[test]
+    fn controls_are_never_dropped() {
+        let mut q = SendQueue::new(2);
+        for i in 0..10 {
+            q.push_control(Bytes::from(format!("ctl{i}")));
+        }
+        q.push_control_front(Bytes::from_static(b"welcome"));
+        assert_eq!(q.len(), 11);
+        assert_eq!(q.pop_front().unwrap(), Bytes::from_static(b"welcome"));
+    }
+}

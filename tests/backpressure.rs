@@ -1,0 +1,171 @@
+//! End to end: a client that cannot keep up loses low and normal events (and is told), keeps
+//! every critical one, sees only the newest of conflated events, and never slows the others.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::*;
+
+async fn raw(server: &Server, channels: &str) -> RawWs {
+    let mut ws = RawWs::connect(
+        server.addr,
+        &format!("/ws?channels={channels}&token={}", admin_token()),
+    )
+    .await;
+    assert_eq!(ws.recv_json().await["type"], "welcome");
+    assert_eq!(ws.recv_json().await["type"], "subscribed");
+    ws
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+#[tokio::test]
+async fn a_slow_reader_loses_normal_events_keeps_critical_ones_and_slows_nobody() {
+    let server = Server::start_with(&[
+        ("RINGCAST_WORKERS", "1"),
+        ("RINGCAST_SLOW_CLIENT_TIMEOUT_MS", "60000"),
+    ]);
+    let t = admin_token();
+    let mut fast = Vec::new();
+    for _ in 0..100 {
+        let (mut ws, _) = connect(&server, &format!("channels=task:bp&token={t}")).await;
+        recv_json(&mut ws).await;
+        fast.push(ws);
+    }
+    let mut slow = raw(&server, "task:bp").await; // stops reading from here on
+    let pad = "x".repeat(4000);
+    const N: u64 = 1500;
+    let readers: Vec<_> = fast
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let mut worst_us = 0u64;
+                for seq in 1..=N {
+                    let ev = recv_json(&mut ws).await;
+                    assert_eq!(ev["seq"], seq);
+                    let sent = ev["data"]["t"].as_u64().unwrap();
+                    worst_us = worst_us.max(now_us().saturating_sub(sent));
+                }
+                worst_us
+            })
+        })
+        .collect();
+    for i in 1..=N {
+        let priority = if i % 10 == 0 { "critical" } else { "normal" };
+        let body = json!({"channel": "task:bp", "event": "log", "priority": priority,
+                          "data": {"t": now_us(), "i": i, "pad": pad}});
+        assert_eq!(server.publish(&body).await.0, 200);
+    }
+    let mut worst = Vec::new();
+    for r in readers {
+        worst.push(r.await.unwrap());
+    }
+    worst.sort();
+    let median_worst_ms = worst[worst.len() / 2] as f64 / 1000.0;
+    eprintln!("fast readers' worst latency, median over readers: {median_worst_ms:.1} ms");
+    assert!(
+        median_worst_ms < 250.0,
+        "fast readers were held up: {median_worst_ms} ms"
+    );
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(
+        rss_kib < 150 * 1024,
+        "server RSS {rss_kib} KiB: the slow reader's backlog is bounded"
+    );
+
+    // Now the slow reader reads: gaps, a `dropped` notice, and every critical event.
+    let (mut seen, mut dropped) = (Vec::new(), 0u64);
+    while seen.last() != Some(&N) {
+        let v: Value = slow.recv_json().await;
+        match v["type"].as_str() {
+            Some("dropped") => dropped += v["count"].as_u64().unwrap(),
+            Some(other) => panic!("unexpected {other}: {v}"),
+            None => seen.push(v["seq"].as_u64().unwrap()),
+        }
+    }
+    // The notice comes once the queue has drained.
+    while dropped == 0 {
+        let v = slow.recv_json().await;
+        assert_eq!(v["type"], "dropped", "{v}");
+        dropped += v["count"].as_u64().unwrap();
+    }
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order");
+    assert!(
+        dropped > 0 && (seen.len() as u64) < N,
+        "it fell behind and lost some"
+    );
+    assert_eq!(
+        seen.len() as u64 + dropped,
+        N,
+        "every event is either delivered or counted"
+    );
+    for critical in (10..=N).step_by(10) {
+        assert!(seen.contains(&critical), "critical {critical} was dropped");
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_stays_behind_is_closed_too_slow() {
+    let server = Server::start_with(&[
+        ("RINGCAST_SLOW_CLIENT_TIMEOUT_MS", "500"),
+        ("RINGCAST_QUEUE_THRESHOLD", "10"),
+    ]);
+    let mut stuck = raw(&server, "task:stuck").await;
+    let pad = "y".repeat(50_000);
+    for i in 0..300 {
+        let body = json!({"channel": "task:stuck", "event": "big", "priority": "high", "data": {"i": i, "pad": pad}});
+        server.publish(&body).await;
+    }
+    let started = Instant::now();
+    // Reading now drains what the kernel holds, then the close.
+    let code = loop {
+        match stuck.recv().await {
+            Some(f) if f.opcode == 0x8 => break f.close_code(),
+            Some(_) => continue,
+            None => panic!("closed without a close frame"),
+        }
+    };
+    assert_eq!(code, Some(1008));
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn a_client_that_is_behind_sees_only_the_newest_progress_never_an_older_one() {
+    let server = Server::start_with(&[("RINGCAST_SLOW_CLIENT_TIMEOUT_MS", "60000")]);
+    let mut slow = raw(&server, "task:p").await;
+    let pad = "z".repeat(20_000);
+    const N: u64 = 600;
+    for v in 1..=N {
+        let body = json!({"channel": "task:p", "event": "task:progress", "coalesce_key": "progress:t1",
+                          "data": {"current_step": v, "total_steps": N, "pad": pad}});
+        assert_eq!(server.publish(&body).await.0, 200);
+    }
+    let mut steps = Vec::new();
+    while steps.last() != Some(&N) {
+        let v = slow.recv_json().await;
+        if v["type"].is_null() {
+            steps.push(v["data"]["current_step"].as_u64().unwrap());
+        }
+    }
+    assert!(
+        steps.windows(2).all(|w| w[0] < w[1]),
+        "an older value after a newer one"
+    );
+    assert!(
+        (steps.len() as u64) < N,
+        "nothing was conflated ({} of {N})",
+        steps.len()
+    );
+}
