@@ -162,6 +162,8 @@ fn settings(config: &Config) -> Settings {
         max_client_messages_per_sec: config.max_client_messages_per_sec,
         queue_threshold: config.queue_threshold,
         slow_client_timeout: config.slow_client_timeout,
+        ack_timeout: config.ack_timeout,
+        ack_max_sends: config.ack_max_sends,
     }
 }
 
@@ -210,15 +212,31 @@ fn drain_on_signal(
     for core in 0..shared.mesh.cores() {
         shared.mesh.send(core, MeshMsg::Drain);
     }
-    let deadline = Instant::now() + timeout;
-    while shared.stats.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
-        if signals.pending().next().is_some() {
-            tracing::warn!("second signal: exiting without waiting");
-            break;
+    // Clients were told `shutdown`; give them the drain timeout to leave, then close the rest
+    // with 1012 and give those close handshakes a moment.
+    let open = || shared.stats.connections.load(Ordering::Relaxed);
+    let mut second_signal = false;
+    let mut wait = |until: Instant| {
+        while open() > 0 && Instant::now() < until && !second_signal {
+            if signals.pending().next().is_some() {
+                tracing::warn!("second signal: exiting without waiting");
+                second_signal = true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(10));
+    };
+    wait(Instant::now() + timeout);
+    if open() > 0 {
+        tracing::info!(
+            connections = open(),
+            "drain timeout: closing the rest with 1012"
+        );
+        for core in 0..shared.mesh.cores() {
+            shared.mesh.send(core, MeshMsg::ForceClose);
+        }
+        wait(Instant::now() + Duration::from_secs(3));
     }
-    let left = shared.stats.connections.load(Ordering::Relaxed);
+    let left = open();
     tracing::info!(connections_left = left, "drained; exiting");
     std::process::exit(0);
 }

@@ -86,22 +86,21 @@ async fn a_client_that_never_answers_pings_is_closed_one_that_does_stays() {
 
 #[tokio::test]
 async fn sigterm_drains_clients_with_shutdown_and_1012_then_exits_zero() {
-    let mut server = Server::start_with(&[("RINGCAST_DRAIN_TIMEOUT_MS", "5000")]);
+    let mut server = Server::start_with(&[("RINGCAST_DRAIN_TIMEOUT_MS", "1500")]);
     let t = admin_token();
-    let (mut ws, _) = connect(&server, &format!("channels=dashboard&token={t}")).await;
-    recv_json(&mut ws).await;
-    // A raw client that will not answer the close: it keeps the drain open for a moment.
+    let (mut polite, _) = connect(&server, &format!("channels=dashboard&token={t}")).await;
+    recv_json(&mut polite).await;
+    // A raw client that stays after the notice: it is closed with 1012 at the drain timeout.
     let mut stubborn = RawWs::connect(server.addr, &format!("/ws?token={t}")).await;
     stubborn.recv_json().await;
     assert_eq!(server.http("GET", "/readyz", &[], "").await.0, 200);
 
     server.terminate();
-    let shutdown = recv_json(&mut ws).await;
-    assert_eq!(shutdown["type"], "shutdown");
-    assert_eq!(recv_close(&mut ws).await, 1012);
+    let started = std::time::Instant::now();
+    assert_eq!(recv_json(&mut polite).await["type"], "shutdown");
     assert_eq!(stubborn.recv_json().await["type"], "shutdown");
-    let close = stubborn.recv().await.unwrap();
-    assert_eq!(close.close_code(), Some(1012));
+    // The polite client leaves as told (it would reconnect elsewhere).
+    polite.close(None).await.unwrap();
 
     // While the stubborn client holds on, the node is draining.
     let (status, _, body) = server.http("GET", "/readyz", &[], "").await;
@@ -116,7 +115,14 @@ async fn sigterm_drains_clients_with_shutdown_and_1012_then_exits_zero() {
     )
     .await;
     assert_eq!(status, 503);
-    let status = server.wait_exit(Duration::from_secs(6));
+
+    let close = stubborn.recv().await.unwrap();
+    assert_eq!(close.close_code(), Some(1012));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "1012 only at the drain timeout"
+    );
+    let status = server.wait_exit(Duration::from_secs(8));
     assert_eq!(status.code(), Some(0));
 }
 

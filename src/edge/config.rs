@@ -91,6 +91,12 @@ pub struct Flags {
     /// How long a client may stay behind before it is closed with 1008 "too slow".
     #[arg(long, env = "RINGCAST_SLOW_CLIENT_TIMEOUT_MS")]
     pub slow_client_timeout_ms: Option<u64>,
+    /// `ack=critical`: re-send an unacknowledged critical event after this many ms.
+    #[arg(long, env = "RINGCAST_ACK_TIMEOUT_MS")]
+    pub ack_timeout_ms: Option<u64>,
+    /// `ack=critical`: send an unacknowledged critical event at most this many times.
+    #[arg(long, env = "RINGCAST_ACK_MAX_SENDS")]
+    pub ack_max_sends: Option<u32>,
     /// Append audit events (JSON lines) to this file.
     #[arg(long, env = "RINGCAST_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
@@ -147,6 +153,8 @@ struct FileSettings {
     audit_log: Option<PathBuf>,
     queue_threshold: Option<usize>,
     slow_client_timeout_ms: Option<u64>,
+    ack_timeout_ms: Option<u64>,
+    ack_max_sends: Option<u32>,
     connections_per_ip_per_minute: Option<u32>,
     limit_loopback: Option<bool>,
     max_connections_per_user: Option<u32>,
@@ -183,6 +191,8 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     pub queue_threshold: usize,
     pub slow_client_timeout: Duration,
+    pub ack_timeout: Duration,
+    pub ack_max_sends: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -304,6 +314,8 @@ impl Config {
                 .or(file.max_client_messages_per_sec)
                 .unwrap_or(50),
             audit_log: flags.audit_log.or(file.audit_log),
+            ack_timeout: ms(flags.ack_timeout_ms.or(file.ack_timeout_ms), 5_000),
+            ack_max_sends: flags.ack_max_sends.or(file.ack_max_sends).unwrap_or(5),
             queue_threshold: flags
                 .queue_threshold
                 .or(file.queue_threshold)

@@ -39,6 +39,8 @@ struct Opening {
     claims: Claims,
     channels: Vec<String>,
     resume: Resume,
+    /// `ack=critical`
+    acks: bool,
     filter: Filter,
     protocol: Option<&'static str>,
 }
@@ -99,6 +101,7 @@ pub async fn serve(
         settings.queue_threshold,
     ));
     *conn.handshake_projects.borrow_mut() = projects;
+    conn.acks.set(opening.acks);
     *conn.filter.borrow_mut() = opening.filter;
     core.register(conn.clone());
     core.shared.audit(
@@ -109,7 +112,6 @@ pub async fn serve(
     if core.shared.is_draining() {
         // Drain began while the 101 was on its way: this connection missed the notice.
         conn.push(crate::runtime::core::shutdown_frame());
-        conn.close(1012, "server restarting");
     }
     let welcome = Control::Welcome {
         connection_id: &format!("{:x}", conn.id),
@@ -243,6 +245,11 @@ fn open(
                 .map_err(|e| Reply::error(400, &format!("{e}"))),
         }
     };
+    let acks = match req.query_param("ack").as_deref() {
+        None | Some("") | Some("none") => false,
+        Some("critical") => true,
+        Some(_) => return Err(Reply::error(400, "ack must be critical or none")),
+    };
     let filter = Filter {
         agent_ids: list("agent_ids")?,
         project_ids: list("project_ids")?,
@@ -256,6 +263,7 @@ fn open(
         claims,
         channels,
         resume,
+        acks,
         filter,
         protocol,
     })

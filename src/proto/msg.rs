@@ -159,6 +159,11 @@ pub enum ClientMessage {
         #[serde(default)]
         event_types: Vec<String>,
     },
+    /// The client has this critical event (connections opened with `ack=critical`).
+    Ack {
+        channel: String,
+        seq: u64,
+    },
     /// A fresh token for this connection (same `sub`), before the current one expires.
     Refresh {
         token: String,
@@ -173,7 +178,7 @@ pub struct ParseError {
 }
 
 /// Types the contract names that this version answers with `unsupported`.
-const LATER_TYPES: [&str; 4] = ["ack", "pause", "resume", "ping"];
+const LATER_TYPES: [&str; 3] = ["pause", "resume", "ping"];
 
 /// Parses one client text message with simd-json.
 pub fn parse_client_message(text: &[u8]) -> Result<ClientMessage, ParseError> {
@@ -202,7 +207,10 @@ pub fn parse_client_message(text: &[u8]) -> Result<ClientMessage, ParseError> {
             format!("\"{kind}\" is not supported by this server version"),
         );
     }
-    if !matches!(kind, "subscribe" | "unsubscribe" | "refresh" | "filter") {
+    if !matches!(
+        kind,
+        "subscribe" | "unsubscribe" | "refresh" | "filter" | "ack"
+    ) {
         let kind: String = kind.chars().take(64).collect();
         return fail(ErrorCode::UnknownType, format!("unknown type \"{kind}\""));
     }

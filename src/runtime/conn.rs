@@ -7,7 +7,7 @@
 //! once and one that is behind costs one syscall per batch.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::os::fd::RawFd;
 use std::rc::Rc;
@@ -24,7 +24,7 @@ use crate::delivery::filter::{parse_list, Filter, FilterError};
 use crate::delivery::heartbeat::{Beat, Heartbeat};
 use crate::delivery::queue::{Pushed, SendQueue};
 use crate::delivery::sequencer::Resume;
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, Priority};
 use crate::proto::msg::{self, ClientMessage, Control, ErrorCode};
 use crate::proto::ws::codec::{self, Decoder, Event};
 
@@ -34,6 +34,8 @@ use super::core::{Core, Received};
 const MAX_WRITE_BATCH: usize = 256 * 1024;
 /// Largest coalescing buffer a connection keeps between batches.
 const SPARE_WRITE_BUF: usize = 4096;
+/// Critical events one connection may have unacknowledged.
+const MAX_UNACKED: usize = 1000;
 /// `filter` messages one connection may send per second.
 const FILTER_UPDATES_PER_SEC: u32 = 10;
 /// How long a close handshake we started may take before the socket is cut.
@@ -72,6 +74,10 @@ pub struct Conn {
     pub handshake_projects: RefCell<Vec<String>>,
     /// Start of the current one-second window of client messages, and how many came in it.
     msg_window: Cell<(Instant, u32)>,
+    /// Opened with `ack=critical`: critical events are re-sent until acknowledged.
+    pub acks: Cell<bool>,
+    /// Critical events sent and not yet acknowledged: (event, last sent, sends so far).
+    unacked: RefCell<VecDeque<(Arc<Delivery>, Instant, u32)>>,
     /// What this client asked to see (narrows, never widens, what `claims` allow).
     pub filter: RefCell<Filter>,
     /// Start of the current one-second window of `filter` messages, and how many came in it.
@@ -108,6 +114,8 @@ impl Conn {
             closed_with: RefCell::new(None),
             expires_at: Cell::new(claims.exp),
             filter: RefCell::new(Filter::default()),
+            acks: Cell::new(false),
+            unacked: RefCell::new(VecDeque::new()),
             handshake_projects: RefCell::new(Vec::new()),
             msg_window: Cell::new((Instant::now(), 0)),
             filter_window: Cell::new((Instant::now(), 0)),
@@ -194,11 +202,45 @@ impl Conn {
             let mut q = self.queue.borrow_mut();
             (q.push_event(d), q.is_behind())
         };
+        if self.acks.get() && d.priority == Priority::Critical {
+            let mut unacked = self.unacked.borrow_mut();
+            if unacked.len() >= MAX_UNACKED {
+                unacked.pop_front(); // bounded: the oldest gives up first
+            }
+            unacked.push_back((d.clone(), Instant::now(), 1));
+        }
         if behind && self.behind_since.get().is_none() {
             self.behind_since.set(Some(Instant::now()));
         }
         if pushed != Pushed::Dropped {
             self.wake_writer();
+        }
+    }
+
+    /// The client acknowledged a critical event.
+    fn ack(&self, channel: &str, seq: u64) {
+        self.unacked
+            .borrow_mut()
+            .retain(|(d, _, _)| !(d.seq == seq && &*d.channel == channel));
+    }
+
+    /// Re-sends critical events not acknowledged within `timeout`, at most `max_sends` times.
+    fn resend_unacked(&self, now: Instant, timeout: Duration, max_sends: u32) {
+        let due: Vec<Bytes> = {
+            let mut unacked = self.unacked.borrow_mut();
+            unacked.retain(|(_, _, sends)| *sends < max_sends);
+            unacked
+                .iter_mut()
+                .filter(|(_, at, _)| now.duration_since(*at) >= timeout)
+                .map(|(d, at, sends)| {
+                    *at = now;
+                    *sends += 1;
+                    d.frame.clone()
+                })
+                .collect()
+        };
+        for frame in due {
+            self.push(frame); // same bytes, same seq: the client can tell a repeat
         }
     }
 
@@ -303,6 +345,10 @@ impl Conn {
                 self.queue.borrow_mut().clear();
                 self.close(1008, "too slow");
             }
+        }
+        if self.acks.get() {
+            let s = &core.shared.settings;
+            self.resend_unacked(now, s.ack_timeout, s.ack_max_sends);
         }
         if let Some(exp) = self.expires_at.get() {
             if unix_secs > exp + core.shared.auth.leeway_secs() {
@@ -489,6 +535,7 @@ fn handle_message(core: &Core, conn: &Rc<Conn>, text: &[u8]) {
             }
         }
         Ok(ClientMessage::Refresh { token }) => refresh(core, conn, &token),
+        Ok(ClientMessage::Ack { channel, seq }) => conn.ack(&channel, seq),
         Ok(ClientMessage::Filter {
             agent_ids,
             project_ids,

@@ -42,6 +42,10 @@ pub struct Settings {
     pub queue_threshold: usize,
     /// How long a client may stay behind before it is closed with 1008.
     pub slow_client_timeout: Duration,
+    /// `ack=critical`: re-send an unacknowledged critical event after this long...
+    pub ack_timeout: Duration,
+    /// ...until it has been sent this many times.
+    pub ack_max_sends: u32,
 }
 
 /// Node-wide counters (relaxed atomics: for metrics, not for logic).
@@ -460,6 +464,7 @@ impl Core {
                 }
             }
             MeshMsg::Drain => self.drain(),
+            MeshMsg::ForceClose => self.force_close(),
         }
     }
 
@@ -608,11 +613,20 @@ impl Core {
     }
 
     /// Tells every connection to go elsewhere and closes it with 1012.
+    /// Drain, first step: tell every connection to go elsewhere (`shutdown`); clients leave on
+    /// their own while the node waits.
     fn drain(&self) {
         let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
         let notice = shutdown_frame();
         for conn in conns {
             conn.push(notice.clone());
+        }
+    }
+
+    /// Drain, last step: close whoever is still here with 1012.
+    fn force_close(&self) {
+        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+        for conn in conns {
             conn.close(1012, "server restarting");
         }
     }

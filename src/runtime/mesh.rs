@@ -58,8 +58,10 @@ pub enum MeshMsg {
         code: u16,
         reason: &'static str,
     },
-    /// Begin the graceful drain.
+    /// Begin the graceful drain: notify every connection.
     Drain,
+    /// End of the drain: close the connections still open with 1012.
+    ForceClose,
 }
 
 struct Lane {
