@@ -33,6 +33,10 @@ pub struct Progress {
     pub recovered: AtomicUsize,
     pub not_recovered: AtomicUsize,
     pub storm: AtomicBool,
+    /// Jitter mode is on: subscribers are cut at random and resume.
+    pub jitter: AtomicBool,
+    /// Connections cut by jitter.
+    pub cuts: AtomicU64,
     pub stop: AtomicBool,
 }
 
@@ -182,11 +186,10 @@ pub async fn subscriber(ctx: Rc<Ctx>, idx: usize, channel: usize, src: Ipv4Addr)
         let outcome = read_loop(&ctx, &mut stream, buf, idx, first).await;
         ctx.stats.borrow_mut().subs[idx].fd = None;
         first = false;
-        if outcome == Ended::Closed
-            && ctx.progress.storm.load(Ordering::Relaxed)
-            && ctx.target == Target::Ringcast
-        {
-            continue; // the storm cut us off: resume
+        let cut_on_purpose = ctx.progress.storm.load(Ordering::Relaxed)
+            || ctx.progress.jitter.load(Ordering::Relaxed);
+        if outcome == Ended::Closed && cut_on_purpose && ctx.target == Target::Ringcast {
+            continue; // the storm or the jitter cut us off: resume
         }
         return;
     }

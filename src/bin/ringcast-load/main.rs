@@ -95,6 +95,10 @@ struct Args {
     /// Storm mode: seconds of publishing before every client drops and resumes at once.
     #[arg(long, default_value_t = 3.0)]
     storm_at: f64,
+    /// Fanout mode: cut each subscriber at random every ~this many seconds (0: never); it
+    /// resumes with its last seq (ringcast). Loss and order are checked as always.
+    #[arg(long, default_value_t = 0.0)]
+    jitter_secs: f64,
     /// Idle mode: keep the connections until standard input closes (for multi-process runs).
     #[arg(long)]
     hold: bool,
@@ -142,6 +146,7 @@ struct Report {
     tcp_mem_bytes_per_socket: f64,
     generator_cpu_percent: f64,
     storm_recovery_secs: Option<f64>,
+    jitter_cuts: Option<u64>,
     storm_recovered: Option<usize>,
     storm_not_recovered: Option<usize>,
 }
@@ -169,6 +174,7 @@ fn main() {
             args.source_ips.max(1),
             args.connect_concurrency,
         );
+        let jitter_secs = args.jitter_secs;
         std::thread::spawn(move || {
             let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
                 .enable_timer()
@@ -194,8 +200,22 @@ fn main() {
                     }
                 }
                 let mut stormed = false;
+                let mut next_cut: Vec<Option<Instant>> = vec![None; count];
+                let pick = || Duration::from_secs_f64(jitter_secs * (0.5 + rand::random::<f64>()));
                 loop {
                     monoio::time::sleep(Duration::from_millis(5)).await;
+                    if jitter_secs > 0.0 && progress.jitter.load(Ordering::Relaxed) {
+                        let now = Instant::now();
+                        for (i, sub) in ctx.stats.borrow().subs.iter().enumerate() {
+                            let due = *next_cut[i].get_or_insert_with(|| now + pick());
+                            if let (Some(fd), true) = (sub.fd, now >= due) {
+                                // SAFETY: shutting down a socket this thread owns.
+                                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                                progress.cuts.fetch_add(1, Ordering::Relaxed);
+                                next_cut[i] = Some(now + pick());
+                            }
+                        }
+                    }
                     if progress.storm.load(Ordering::Relaxed) && !stormed {
                         stormed = true;
                         for sub in &ctx.stats.borrow().subs {
@@ -293,6 +313,9 @@ fn main() {
         pad: "x".repeat(args.payload),
     };
     let publisher = std::thread::spawn(move || publisher::run(plan));
+    if args.jitter_secs > 0.0 {
+        progress.jitter.store(true, Ordering::Relaxed);
+    }
     let mut storm_recovery = None;
     if args.mode == Mode::Storm {
         std::thread::sleep(Duration::from_secs_f64(args.storm_at));
@@ -310,6 +333,8 @@ fn main() {
         storm_recovery = Some(storm_start.elapsed().as_secs_f64());
     }
     let published = publisher.join().expect("publisher thread");
+    // Stop cutting; the last ones cut resume and catch up during the drain wait.
+    progress.jitter.store(false, Ordering::Relaxed);
 
     // Expected deliveries: every subscriber of a channel gets every message of it.
     let mut subs_per_channel = vec![0u64; args.channels];
@@ -377,6 +402,9 @@ fn main() {
         after.own_cpu_us.saturating_sub(before.own_cpu_us) as f64,
         window * 1e6,
     ) * 100.0;
+    if args.jitter_secs > 0.0 {
+        report.jitter_cuts = Some(progress.cuts.load(Ordering::Relaxed));
+    }
     if args.mode == Mode::Storm {
         report.storm_recovery_secs = storm_recovery;
         report.storm_recovered = Some(progress.recovered.load(Ordering::Relaxed));
