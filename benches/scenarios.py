@@ -140,7 +140,15 @@ def s5(target, q):
                                          duration=q["dur"] / 2, storm_at=3))]
 
 
-SCENARIOS = {"S1": s1, "S2": s2, "S3": s3, "S4": s4, "S5": s5}
+def s6(target, q):
+    """Jitter: every client is cut at random every ~2 s and resumes by seq while publishing goes on."""
+    if target != "ringcast":
+        return []
+    return [fresh(target, lambda s: load(s, "S6", subscribers=q["subs"], channels=100, rate=1000,
+                                         batch=10, duration=q["dur"] / 2, jitter_secs=2))]
+
+
+SCENARIOS = {"S1": s1, "S2": s2, "S3": s3, "S4": s4, "S5": s5, "S6": s6}
 
 
 def machine():
@@ -253,13 +261,19 @@ def markdown(data):
         out.append("| S5 | clients | recovered | not recovered | time to all recovered s | lost | dup |")
         out.append("|---|---|---|---|---|---|---|")
         out.append(f"| ringcast | {r['connected']} | {r['storm_recovered']} | {r['storm_not_recovered']} | {r['storm_recovery_secs']:.2f} | {r['lost']} | {r['duplicates']} |")
+    r = find("ringcast", "S6")
+    if r:
+        out.append("")
+        out.append("| S6 jitter | clients | cuts | published | delivered / expected | lost | dup | gaps |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        out.append(f"| ringcast | {r['connected']} | {r['jitter_cuts']} | {r['published']} | {r['delivered']} / {r['expected']} | {r['lost']} | {r['duplicates']} | {r['gaps']} |")
     return "\n".join(out)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", default="floor,ringcast,nchan,socketio")
-    ap.add_argument("--scenarios", default="S1,S2,S3,S4,S5")
+    ap.add_argument("--scenarios", default="S1,S2,S3,S4,S5,S6")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench-results.json"))
     ap.add_argument("--chart", default=None, help="PNG path for the chart")
