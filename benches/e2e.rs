@@ -33,6 +33,8 @@ fn start() -> Server {
         .env("RINGCAST_WORKERS", "2")
         .env("RINGCAST_JWT_SECRET", SECRET)
         .env("RINGCAST_API_KEY", API_KEY)
+        .env("RINGCAST_CONNECTION_RATE_LIMIT", "0")
+        .env("RINGCAST_NODE_RATE_LIMIT", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -78,6 +78,7 @@ fn delivery(seq: u64, frame: &Bytes) -> Arc<Delivery> {
         event: EVENT.into(),
         priority: Default::default(),
         coalesce_key: None,
+        ttl: None,
     })
 }
 
@@ -226,6 +227,7 @@ fn sequencer(c: &mut Criterion) {
         agent_id: None,
         priority: Default::default(),
         coalesce_key: None,
+        ttl: None,
         ephemeral: false,
     };
     let mut s = Sequencer::new(2, RingBounds::default());

@@ -43,7 +43,9 @@ class Server:
             env.update(RINGCAST_JWT_SECRET=SECRET, RINGCAST_API_KEY=API_KEY,
                        # one bench user holds all the connections
                        RINGCAST_MAX_CONNECTIONS_PER_USER="0",
-                       RINGCAST_MAX_CONNECTIONS_PER_PROJECT="0")
+                       RINGCAST_MAX_CONNECTIONS_PER_PROJECT="0",
+                       # throughput runs measure the server, not its throttles
+                       RINGCAST_CONNECTION_RATE_LIMIT="0", RINGCAST_NODE_RATE_LIMIT="0")
             self.proc = subprocess.Popen(
                 [os.path.join(REL, binary)], env=env, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, text=True)

@@ -163,6 +163,9 @@ fn settings(config: &Config) -> Settings {
         queue_threshold: config.queue_threshold,
         slow_client_timeout: config.slow_client_timeout,
         ack_timeout: config.ack_timeout,
+        connection_rate_limit: config.connection_rate_limit,
+        node_rate_limit: config.node_rate_limit,
+        queue_ttl: config.queue_ttl,
         ack_max_sends: config.ack_max_sends,
     }
 }

@@ -34,6 +34,8 @@ pub struct Delivery {
     pub priority: Priority,
     /// For a client that is behind, only the newest queued event with this key is kept.
     pub coalesce_key: Option<Box<str>>,
+    /// Dropped if still queued for a connection after this long (critical events never are).
+    pub ttl: Option<std::time::Duration>,
 }
 
 /// How much a message matters to a client that cannot keep up.
@@ -71,6 +73,7 @@ pub struct Publication {
     pub agent_id: Option<Box<str>>,
     pub priority: Priority,
     pub coalesce_key: Option<Box<str>>,
+    pub ttl: Option<std::time::Duration>,
     /// Never kept for replay.
     pub ephemeral: bool,
 }

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -17,14 +18,69 @@ use super::{Delivery, Priority};
 
 enum Entry {
     Control(Bytes),
-    Event(Arc<Delivery>),
+    /// An event and when it was queued (for its TTL).
+    Event(Arc<Delivery>, Instant),
 }
 
 impl Entry {
     fn frame(&self) -> &Bytes {
         match self {
             Entry::Control(b) => b,
-            Entry::Event(d) => &d.frame,
+            Entry::Event(d, _) => &d.frame,
+        }
+    }
+}
+
+/// What the writer may send next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Frame(Bytes),
+    /// The front event waits for the rate limits; try again after this long.
+    Blocked(Duration),
+    Empty,
+}
+
+/// A token bucket: `rate` per second, bursts up to one second's worth. Rate 0: no limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    rate: f64,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl Bucket {
+    pub fn new(rate: u32) -> Bucket {
+        Bucket {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            last: None,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            let add = now.duration_since(last).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + add).min(self.rate.max(1.0));
+        }
+        self.last = Some(now);
+    }
+
+    /// Time until one token is there (zero if it is).
+    pub fn wait(&mut self, now: Instant) -> Duration {
+        if self.rate == 0.0 {
+            return Duration::ZERO;
+        }
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        }
+    }
+
+    pub fn take(&mut self) {
+        if self.rate > 0.0 {
+            self.tokens -= 1.0;
         }
     }
 }
@@ -74,7 +130,7 @@ impl SendQueue {
         if waiting >= self.threshold / 2 {
             if let Some(key) = &d.coalesce_key {
                 let same = self.entries.iter().rposition(|e| {
-                    matches!(e, Entry::Event(q) if q.channel == d.channel
+                    matches!(e, Entry::Event(q, _) if q.channel == d.channel
                         && q.coalesce_key.as_deref() == Some(&**key))
                 });
                 if let Some(i) = same {
@@ -82,7 +138,8 @@ impl SendQueue {
                         self.bytes -= old.frame().len();
                     }
                     self.bytes += d.frame.len();
-                    self.entries.push_back(Entry::Event(d.clone()));
+                    self.entries
+                        .push_back(Entry::Event(d.clone(), Instant::now()));
                     return Pushed::Conflated;
                 }
             }
@@ -92,23 +149,70 @@ impl SendQueue {
                 Priority::High | Priority::Critical => false,
             };
             if yields {
-                match self.dropped.iter_mut().find(|(c, _)| *c == d.channel) {
-                    Some((_, n)) => *n += 1,
-                    None => self.dropped.push((d.channel.clone(), 1)),
-                }
+                self.count_drop(&d.channel);
                 return Pushed::Dropped;
             }
         }
         self.bytes += d.frame.len();
-        self.entries.push_back(Entry::Event(d.clone()));
+        self.entries
+            .push_back(Entry::Event(d.clone(), Instant::now()));
         Pushed::Queued
+    }
+
+    /// The next frame to write at `now`: control frames and critical events at once; other
+    /// events only with a token from every bucket, and dropped (counted) once older than their
+    /// `ttl` (the message's `ttl_ms`, else `default_ttl`).
+    pub fn next(
+        &mut self,
+        now: Instant,
+        default_ttl: Duration,
+        buckets: &mut [&mut Bucket],
+    ) -> Next {
+        loop {
+            let Some(front) = self.entries.front() else {
+                return Next::Empty;
+            };
+            if let Entry::Event(d, at) = front {
+                if d.priority != Priority::Critical {
+                    let ttl = d.ttl.unwrap_or(default_ttl);
+                    let age = now.saturating_duration_since(*at);
+                    if age > ttl {
+                        let d = d.clone();
+                        self.entries.pop_front();
+                        self.bytes -= d.frame.len();
+                        self.count_drop(&d.channel);
+                        continue;
+                    }
+                    let wait = buckets
+                        .iter_mut()
+                        .map(|b| b.wait(now))
+                        .max()
+                        .unwrap_or_default();
+                    if !wait.is_zero() {
+                        return Next::Blocked(wait.min(ttl - age + Duration::from_millis(1)));
+                    }
+                    buckets.iter_mut().for_each(|b| b.take());
+                }
+            }
+            return match self.pop_front() {
+                Some(frame) => Next::Frame(frame),
+                None => Next::Empty,
+            };
+        }
+    }
+
+    fn count_drop(&mut self, channel: &Arc<str>) {
+        match self.dropped.iter_mut().find(|(c, _)| c == channel) {
+            Some((_, n)) => *n += 1,
+            None => self.dropped.push((channel.clone(), 1)),
+        }
     }
 
     pub fn pop_front(&mut self) -> Option<Bytes> {
         let e = self.entries.pop_front()?;
         let frame = match e {
             Entry::Control(b) => b,
-            Entry::Event(d) => d.frame.clone(),
+            Entry::Event(d, _) => d.frame.clone(),
         };
         self.bytes -= frame.len();
         Some(frame)
@@ -165,6 +269,7 @@ mod tests {
             event: "e".into(),
             priority,
             coalesce_key: key.map(Into::into),
+            ttl: None,
         })
     }
 
@@ -263,6 +368,45 @@ mod tests {
             Pushed::Queued
         );
         assert_eq!(drain(&mut q), vec!["c#2", "c#4", "c#5", "d#1"]);
+    }
+
+    #[test]
+    fn rate_limits_hold_back_expire_and_let_critical_through() {
+        let mut q = SendQueue::new(100);
+        let t0 = Instant::now();
+        let mut conn = Bucket::new(2); // 2 per second, burst 2
+        let ttl = Duration::from_secs(5);
+        for seq in 1..=4 {
+            q.push_event(&event("c", seq, Priority::Normal, None));
+        }
+        let mut next = |q: &mut SendQueue, now| q.next(now, ttl, &mut [&mut conn]);
+        assert_eq!(next(&mut q, t0), Next::Frame(Bytes::from("c#1")));
+        assert_eq!(next(&mut q, t0), Next::Frame(Bytes::from("c#2")));
+        let Next::Blocked(wait) = next(&mut q, t0) else {
+            panic!("rate limit")
+        };
+        assert!(wait <= Duration::from_millis(501), "{wait:?}");
+        assert_eq!(next(&mut q, t0 + wait), Next::Frame(Bytes::from("c#3")));
+        // seq 4 outlives its TTL while it waits: dropped and counted.
+        assert_eq!(next(&mut q, t0 + Duration::from_secs(6)), Next::Empty);
+        assert_eq!(q.take_dropped_if_drained(), vec![("c".into(), 1)]);
+        // Critical events need no token: three at once from a bucket allowing one per second.
+        let mut q = SendQueue::new(100);
+        let mut one = Bucket::new(1);
+        for seq in 1..=3 {
+            q.push_event(&event("k", seq, Priority::Critical, None));
+        }
+        q.push_event(&event("k", 4, Priority::Normal, None));
+        q.push_event(&event("k", 5, Priority::Normal, None));
+        let now = Instant::now();
+        for seq in 1..=4 {
+            let got = q.next(now, ttl, &mut [&mut one]);
+            assert_eq!(got, Next::Frame(Bytes::from(format!("k#{seq}"))));
+        }
+        assert!(matches!(
+            q.next(now, ttl, &mut [&mut one]),
+            Next::Blocked(_)
+        ));
     }
 
     #[test]

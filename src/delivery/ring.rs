@@ -130,6 +130,7 @@ mod tests {
             event: "e".into(),
             priority: Default::default(),
             coalesce_key: None,
+            ttl: None,
         })
     }
 

@@ -91,6 +91,7 @@ impl Sequencer {
             event: p.event,
             priority: p.priority,
             coalesce_key: p.coalesce_key,
+            ttl: p.ttl,
         });
         for (core, &n) in state.interest.iter().enumerate() {
             if n > 0 {
@@ -167,6 +168,7 @@ mod tests {
             agent_id: None,
             priority: Default::default(),
             coalesce_key: None,
+            ttl: None,
             ephemeral,
         }
     }

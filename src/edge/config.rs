@@ -91,6 +91,15 @@ pub struct Flags {
     /// How long a client may stay behind before it is closed with 1008 "too slow".
     #[arg(long, env = "RINGCAST_SLOW_CLIENT_TIMEOUT_MS")]
     pub slow_client_timeout_ms: Option<u64>,
+    /// Event frames per second to one connection (0: no limit); critical events are not counted.
+    #[arg(long, env = "RINGCAST_CONNECTION_RATE_LIMIT")]
+    pub connection_rate_limit: Option<u32>,
+    /// Event frames per second on the whole node (0: no limit).
+    #[arg(long, env = "RINGCAST_NODE_RATE_LIMIT")]
+    pub node_rate_limit: Option<u32>,
+    /// How long an event may wait in a connection's queue before it is dropped.
+    #[arg(long, env = "RINGCAST_QUEUE_TTL_MS")]
+    pub queue_ttl_ms: Option<u64>,
     /// `ack=critical`: re-send an unacknowledged critical event after this many ms.
     #[arg(long, env = "RINGCAST_ACK_TIMEOUT_MS")]
     pub ack_timeout_ms: Option<u64>,
@@ -155,6 +164,9 @@ struct FileSettings {
     slow_client_timeout_ms: Option<u64>,
     ack_timeout_ms: Option<u64>,
     ack_max_sends: Option<u32>,
+    connection_rate_limit: Option<u32>,
+    node_rate_limit: Option<u32>,
+    queue_ttl_ms: Option<u64>,
     connections_per_ip_per_minute: Option<u32>,
     limit_loopback: Option<bool>,
     max_connections_per_user: Option<u32>,
@@ -193,6 +205,9 @@ pub struct Config {
     pub slow_client_timeout: Duration,
     pub ack_timeout: Duration,
     pub ack_max_sends: u32,
+    pub connection_rate_limit: u32,
+    pub node_rate_limit: u32,
+    pub queue_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -315,6 +330,15 @@ impl Config {
                 .unwrap_or(50),
             audit_log: flags.audit_log.or(file.audit_log),
             ack_timeout: ms(flags.ack_timeout_ms.or(file.ack_timeout_ms), 5_000),
+            connection_rate_limit: flags
+                .connection_rate_limit
+                .or(file.connection_rate_limit)
+                .unwrap_or(100),
+            node_rate_limit: flags
+                .node_rate_limit
+                .or(file.node_rate_limit)
+                .unwrap_or(10_000),
+            queue_ttl: ms(flags.queue_ttl_ms.or(file.queue_ttl_ms), 5_000),
             ack_max_sends: flags.ack_max_sends.or(file.ack_max_sends).unwrap_or(5),
             queue_threshold: flags
                 .queue_threshold

@@ -38,6 +38,8 @@ struct Incoming<'a> {
     ephemeral: bool,
     #[serde(default)]
     coalesce_key: Option<String>,
+    #[serde(default)]
+    ttl_ms: Option<u64>,
 }
 
 pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
@@ -141,6 +143,7 @@ fn check(m: Incoming<'_>) -> Result<Publication, String> {
         agent_id: m.agent_id.map(Into::into),
         priority,
         coalesce_key: m.coalesce_key.map(Into::into),
+        ttl: m.ttl_ms.map(std::time::Duration::from_millis),
         ephemeral: m.ephemeral,
     })
 }

@@ -7,7 +7,6 @@
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::time::Instant;
 
 use bytes::BytesMut;
 use monoio::io::AsyncWriteRentExt;
@@ -17,7 +16,6 @@ use serde_json::json;
 use crate::delivery::access::Claims;
 use crate::delivery::channel;
 use crate::delivery::filter::{parse_list, Filter};
-use crate::delivery::heartbeat::Heartbeat;
 use crate::delivery::limits::Refused;
 use crate::delivery::sequencer::Resume;
 use crate::proto::http::{self, Request};
@@ -96,9 +94,7 @@ pub async fn serve(
         peer,
         opening.claims,
         stream.as_raw_fd(),
-        Heartbeat::new(Instant::now(), &settings.heartbeat),
-        settings.max_queue_bytes,
-        settings.queue_threshold,
+        settings,
     ));
     *conn.handshake_projects.borrow_mut() = projects;
     conn.acks.set(opening.acks);

@@ -76,6 +76,7 @@ impl Audit {
             agent_id: None,
             priority: Default::default(),
             coalesce_key: None,
+            ttl: None,
             ephemeral: false,
         };
         mesh.send(

@@ -22,13 +22,13 @@ use monoio::net::TcpStream;
 use crate::delivery::access::Claims;
 use crate::delivery::filter::{parse_list, Filter, FilterError};
 use crate::delivery::heartbeat::{Beat, Heartbeat};
-use crate::delivery::queue::{Pushed, SendQueue};
+use crate::delivery::queue::{Bucket, Next, Pushed, SendQueue};
 use crate::delivery::sequencer::Resume;
 use crate::delivery::{Delivery, Priority};
 use crate::proto::msg::{self, ClientMessage, Control, ErrorCode};
 use crate::proto::ws::codec::{self, Decoder, Event};
 
-use super::core::{Core, Received};
+use super::core::{Core, Received, Settings};
 
 /// Most bytes the writer puts into one coalesced write.
 const MAX_WRITE_BATCH: usize = 256 * 1024;
@@ -88,6 +88,8 @@ pub struct Conn {
     queue: RefCell<SendQueue>,
     /// Past this many bytes queued the client is too slow and is closed at once.
     max_queue_bytes: usize,
+    /// This connection's share of the outbound rate limit.
+    bucket: RefCell<Bucket>,
     /// Since when the client has been behind without catching up (for `slow_client_timeout`).
     behind_since: Cell<Option<Instant>>,
     writer: Cell<Option<Waker>>,
@@ -104,10 +106,10 @@ impl Conn {
         peer: std::net::IpAddr,
         claims: Claims,
         fd: RawFd,
-        heartbeat: Heartbeat,
-        max_queue_bytes: usize,
-        queue_threshold: usize,
+        settings: &Settings,
     ) -> Conn {
+        let max_queue_bytes = settings.max_queue_bytes;
+        let heartbeat = Heartbeat::new(Instant::now(), &settings.heartbeat);
         Conn {
             id,
             peer,
@@ -121,9 +123,10 @@ impl Conn {
             filter_window: Cell::new((Instant::now(), 0)),
             claims: RefCell::new(claims),
             subs: RefCell::new(HashMap::new()),
-            queue: RefCell::new(SendQueue::new(queue_threshold)),
+            queue: RefCell::new(SendQueue::new(settings.queue_threshold)),
             max_queue_bytes,
             behind_since: Cell::new(None),
+            bucket: RefCell::new(Bucket::new(settings.connection_rate_limit)),
             writer: Cell::new(None),
             phase: Cell::new(Phase::Greeting),
             welcome: RefCell::new(None),
@@ -380,7 +383,7 @@ impl Conn {
 /// Runs an upgraded connection until it ends. `leftover` holds bytes read after the handshake.
 pub async fn run(core: Rc<Core>, stream: TcpStream, conn: Rc<Conn>, leftover: BytesMut) {
     let (reader, writer) = monoio::io::Splitable::into_split(stream);
-    let write_task = monoio::spawn(write_loop(conn.clone(), writer));
+    let write_task = monoio::spawn(write_loop(core.clone(), conn.clone(), writer));
 
     read_loop(&core, &conn, reader, leftover).await;
     core.deregister(&conn);
@@ -612,29 +615,73 @@ fn send_error(conn: &Conn, code: ErrorCode, message: &str, channel: Option<&str>
 enum Batch {
     One(Bytes),
     Many(Vec<u8>),
+    /// The rate limits hold the front event back for this long.
+    Wait(Duration),
 }
 
-async fn write_loop(conn: Rc<Conn>, mut writer: OwnedWriteHalf<TcpStream>) {
+async fn write_loop(core: Rc<Core>, conn: Rc<Conn>, mut writer: OwnedWriteHalf<TcpStream>) {
     let mut spare: Vec<u8> = Vec::new();
+    let ttl = core.shared.settings.queue_ttl;
     loop {
         let batch = poll_fn(|cx| {
             let phase = conn.phase.get();
             if phase != Phase::Greeting {
+                let now = Instant::now();
                 let mut queue = conn.queue.borrow_mut();
-                if queue.len() == 1 {
-                    return Poll::Ready(queue.pop_front().map(Batch::One));
-                }
-                if !queue.is_empty() {
-                    let mut buf = std::mem::take(&mut spare);
-                    while let Some(len) = queue.front_len() {
-                        if !buf.is_empty() && buf.len() + len > MAX_WRITE_BATCH {
+                let mut mine = conn.bucket.borrow_mut();
+                let mut cores = core.bucket.borrow_mut();
+                let mut first: Option<Bytes> = None;
+                let mut many: Option<Vec<u8>> = None;
+                let mut blocked = None;
+                loop {
+                    let next = match queue.next(now, ttl, &mut [&mut mine, &mut cores]) {
+                        // Events may have expired on the way to an empty queue: say so.
+                        Next::Empty if first.is_none() && many.is_none() => {
+                            let notices = queue.take_dropped_if_drained();
+                            if notices.is_empty() {
+                                Next::Empty
+                            } else {
+                                for (channel, count) in notices {
+                                    let notice = Control::Dropped {
+                                        channel: &channel,
+                                        count,
+                                    };
+                                    queue.push_control(notice.frame());
+                                }
+                                continue;
+                            }
+                        }
+                        other => other,
+                    };
+                    match next {
+                        Next::Frame(frame) => match (&mut many, first.take()) {
+                            (Some(buf), _) => buf.extend_from_slice(&frame),
+                            (None, None) => first = Some(frame),
+                            (None, Some(one)) => {
+                                let mut buf = std::mem::take(&mut spare);
+                                buf.extend_from_slice(&one);
+                                buf.extend_from_slice(&frame);
+                                many = Some(buf);
+                            }
+                        },
+                        Next::Blocked(wait) => {
+                            blocked = Some(wait);
                             break;
                         }
-                        if let Some(frame) = queue.pop_front() {
-                            buf.extend_from_slice(&frame);
-                        }
+                        Next::Empty => break,
                     }
+                    if many.as_ref().is_some_and(|b| b.len() >= MAX_WRITE_BATCH) {
+                        break;
+                    }
+                }
+                if let Some(buf) = many {
                     return Poll::Ready(Some(Batch::Many(buf)));
+                }
+                if let Some(one) = first {
+                    return Poll::Ready(Some(Batch::One(one)));
+                }
+                if let Some(wait) = blocked {
+                    return Poll::Ready(Some(Batch::Wait(wait)));
                 }
             }
             if phase == Phase::Finished {
@@ -646,6 +693,11 @@ async fn write_loop(conn: Rc<Conn>, mut writer: OwnedWriteHalf<TcpStream>) {
         .await;
         let result = match batch {
             None => return,
+            Some(Batch::Wait(wait)) => {
+                monoio::time::sleep(wait).await;
+                conn.after_write(); // events may have expired: tell the client
+                continue;
+            }
             Some(Batch::One(frame)) => writer.write_all(frame).await.0,
             Some(Batch::Many(buf)) => {
                 let (res, mut buf) = writer.write_all(buf).await;

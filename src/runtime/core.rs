@@ -16,6 +16,7 @@ use crate::delivery::access::{Authenticator, Claims, Overrides};
 use crate::delivery::channel;
 use crate::delivery::heartbeat::HeartbeatConfig;
 use crate::delivery::limits::{LimitConfig, Limits, Refused};
+use crate::delivery::queue::Bucket;
 use crate::delivery::ring::RingBounds;
 use crate::delivery::rooms::Rooms;
 use crate::delivery::sequencer::{Resume, Sequencer, SubscribeAck};
@@ -42,6 +43,12 @@ pub struct Settings {
     pub queue_threshold: usize,
     /// How long a client may stay behind before it is closed with 1008.
     pub slow_client_timeout: Duration,
+    /// Event frames per second per connection (0: no limit).
+    pub connection_rate_limit: u32,
+    /// Event frames per second on the whole node (0: no limit), shared evenly by the cores.
+    pub node_rate_limit: u32,
+    /// How long an event may wait in a connection's queue (unless its `ttl_ms` says otherwise).
+    pub queue_ttl: Duration,
     /// `ack=critical`: re-send an unacknowledged critical event after this long...
     pub ack_timeout: Duration,
     /// ...until it has been sent this many times.
@@ -178,6 +185,8 @@ pub struct Core {
     pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
     next_conn: Cell<u64>,
     next_sub: Cell<u64>,
+    /// This core's share of the node-wide outbound rate limit.
+    pub bucket: RefCell<Bucket>,
     /// Admin changes per user, the same on every core (each command reaches all of them).
     overrides: RefCell<HashMap<String, Overrides>>,
     /// Every connection's reads pass through here, so none holds a read buffer of its own.
@@ -186,6 +195,10 @@ pub struct Core {
 
 impl Core {
     pub fn new(id: usize, shared: Arc<Shared>) -> Core {
+        let node_share = shared
+            .settings
+            .node_rate_limit
+            .div_ceil(shared.mesh.cores() as u32);
         let cores = shared.mesh.cores();
         let bounds = shared.settings.ring;
         Core {
@@ -196,6 +209,7 @@ impl Core {
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
             next_sub: Cell::new(0),
+            bucket: RefCell::new(Bucket::new(node_share)),
             overrides: RefCell::new(HashMap::new()),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
         }
