@@ -219,16 +219,8 @@ fn ring(c: &mut Criterion) {
 
 fn sequencer(c: &mut Criterion) {
     let publication = Publication {
-        channel: CHANNEL.into(),
-        event: EVENT.into(),
-        data: data_512().into(),
         project_id: Some("42".into()),
-        user_id: None,
-        agent_id: None,
-        priority: Default::default(),
-        coalesce_key: None,
-        ttl: None,
-        ephemeral: false,
+        ..Publication::new(CHANNEL.into(), EVENT, &data_512())
     };
     let mut s = Sequencer::new(2, RingBounds::default());
     let channel: Arc<str> = CHANNEL.into();

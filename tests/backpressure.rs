@@ -74,12 +74,7 @@ async fn a_slow_reader_loses_normal_events_keeps_critical_ones_and_slows_nobody(
         median_worst_ms < 250.0,
         "fast readers were held up: {median_worst_ms} ms"
     );
-    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
+    let rss_kib = server.rss_kib();
     assert!(
         rss_kib < 150 * 1024,
         "server RSS {rss_kib} KiB: the slow reader's backlog is bounded"

@@ -205,12 +205,7 @@ async fn a_flooding_client_neither_stalls_its_core_nor_grows_memory() {
         assert_eq!(recv_json(&mut watcher).await["seq"], i);
     }
     flooding.await.unwrap();
-    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
+    let rss_kib = server.rss_kib();
     assert!(
         rss_kib < 200 * 1024,
         "server RSS {rss_kib} KiB after the flood"

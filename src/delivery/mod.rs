@@ -38,6 +38,24 @@ pub struct Delivery {
     pub ttl: Option<std::time::Duration>,
 }
 
+impl Publication {
+    /// A plain durable message: normal priority, no visibility fields, no key, no TTL.
+    pub fn new(channel: Arc<str>, event: &str, data: &str) -> Publication {
+        Publication {
+            channel,
+            event: event.into(),
+            data: data.into(),
+            project_id: None,
+            user_id: None,
+            agent_id: None,
+            priority: Priority::Normal,
+            coalesce_key: None,
+            ttl: None,
+            ephemeral: false,
+        }
+    }
+}
+
 /// How much a message matters to a client that cannot keep up.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Priority {

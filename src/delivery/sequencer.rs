@@ -160,16 +160,8 @@ mod tests {
 
     fn publication(channel: &str, ephemeral: bool) -> Publication {
         Publication {
-            channel: channel.into(),
-            event: "e".into(),
-            data: "{}".into(),
-            project_id: None,
-            user_id: None,
-            agent_id: None,
-            priority: Default::default(),
-            coalesce_key: None,
-            ttl: None,
             ephemeral,
+            ..Publication::new(channel.into(), "e", "{}")
         }
     }
 

@@ -67,18 +67,7 @@ impl Audit {
         let owner = channel::owner_core(AUDIT_CHANNEL, mesh.cores());
         // Nobody waits for the seq of an audit event.
         let (reply, _) = futures_channel::oneshot::channel();
-        let publication = Publication {
-            channel,
-            event: format!("audit:{kind}").into(),
-            data: line.into(),
-            project_id: None,
-            user_id: None,
-            agent_id: None,
-            priority: Default::default(),
-            coalesce_key: None,
-            ttl: None,
-            ephemeral: false,
-        };
+        let publication = Publication::new(channel, &format!("audit:{kind}"), &line);
         mesh.send(
             owner,
             MeshMsg::Publish {

@@ -588,16 +588,7 @@ fn refresh(core: &Core, conn: &Rc<Conn>, token: &str) {
     core.apply_overrides(&mut claims);
     *conn.claims.borrow_mut() = claims;
     conn.expires_at.set(exp);
-    let lost: Vec<Arc<str>> = conn
-        .subs
-        .borrow()
-        .keys()
-        .filter(|c| !conn.claims.borrow().can_subscribe(c))
-        .cloned()
-        .collect();
-    for channel in lost {
-        let _ = core.unsubscribe(conn, &channel, Some("forbidden"));
-    }
+    core.end_forbidden_subscriptions(conn, "forbidden");
     conn.push(Control::Refreshed { exp }.frame());
 }
 

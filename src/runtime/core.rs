@@ -289,6 +289,21 @@ impl Core {
             .release(conn, user, projects);
     }
 
+    /// Ends the subscriptions the connection's (changed) claims no longer allow, telling the
+    /// client why; returns how many.
+    pub fn end_forbidden_subscriptions(&self, conn: &Conn, reason: &str) -> usize {
+        let lost: Vec<Arc<str>> = conn
+            .subs
+            .borrow()
+            .keys()
+            .filter(|c| !conn.claims.borrow().can_subscribe(c))
+            .cloned()
+            .collect();
+        lost.iter()
+            .filter(|c| self.unsubscribe(conn, c, Some(reason)).is_ok())
+            .count()
+    }
+
     /// Puts the admin's changes for this user over freshly read claims.
     pub fn apply_overrides(&self, claims: &mut Claims) {
         if let Some(o) = self.overrides.borrow().get(&claims.sub) {
@@ -593,22 +608,11 @@ impl Core {
                 let mut count = 0;
                 for conn in of_user(user) {
                     conn.claims.borrow_mut().overrides = overrides.clone();
-                    if !revoke {
-                        count += 1;
-                        continue;
-                    }
-                    let lost: Vec<Arc<str>> = conn
-                        .subs
-                        .borrow()
-                        .keys()
-                        .filter(|c| !conn.claims.borrow().can_subscribe(c))
-                        .cloned()
-                        .collect();
-                    for channel in lost {
-                        if self.unsubscribe(&conn, &channel, Some("revoked")).is_ok() {
-                            count += 1;
-                        }
-                    }
+                    count += if revoke {
+                        self.end_forbidden_subscriptions(&conn, "revoked")
+                    } else {
+                        1
+                    };
                 }
                 AdminAnswer::Count(count)
             }

@@ -89,6 +89,16 @@ impl Server {
         self.child.id()
     }
 
+    /// The server's resident memory, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
     pub fn url(&self, path_and_query: &str) -> String {
         format!("ws://{}{}", self.addr, path_and_query)
     }
