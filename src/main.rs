@@ -166,6 +166,7 @@ fn settings(config: &Config) -> Settings {
         connection_rate_limit: config.connection_rate_limit,
         node_rate_limit: config.node_rate_limit,
         queue_ttl: config.queue_ttl,
+        key_interval: config.key_interval,
         ack_max_sends: config.ack_max_sends,
     }
 }

@@ -164,3 +164,48 @@ async fn a_client_that_is_behind_sees_only_the_newest_progress_never_an_older_on
         steps.len()
     );
 }
+
+#[tokio::test]
+async fn progress_faster_than_every_100_ms_reaches_a_keeping_up_client_at_that_pace_newest_first() {
+    let server = Server::start();
+    let t = admin_token();
+    let (mut ws, _) = connect(&server, &format!("channels=task:q,dashboard&token={t}")).await;
+    recv_json(&mut ws).await;
+    recv_json(&mut ws).await;
+    let reader = tokio::spawn(async move {
+        let (mut steps, mut other_latency_ms) = (Vec::new(), None);
+        while steps.last() != Some(&100u64) {
+            let v = recv_json(&mut ws).await;
+            if v["channel"] == "dashboard" {
+                other_latency_ms =
+                    Some((now_us() - v["data"]["t"].as_u64().unwrap()) as f64 / 1000.0);
+            } else {
+                steps.push(v["data"]["current_step"].as_u64().unwrap());
+            }
+        }
+        (steps, other_latency_ms)
+    });
+    let started = Instant::now();
+    for step in 1..=100u64 {
+        let body = json!({"channel": "task:q", "event": "task:progress", "coalesce_key": "progress:q",
+                          "data": {"current_step": step, "total_steps": 100}});
+        server.publish(&body).await;
+        if step == 50 {
+            let other = json!({"channel": "dashboard", "event": "other", "data": {"t": now_us()}});
+            server.publish(&other).await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await; // a producer ticking every 5 ms
+    }
+    let (steps, other) = reader.await.unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    let most = (secs * 10.0).ceil() as usize + 2;
+    assert!(
+        steps.len() <= most,
+        "{} values in {secs:.2} s: not paced ({steps:?})",
+        steps.len()
+    );
+    assert!(steps.len() >= 3, "{steps:?}");
+    let other = other.expect("the other channel's event arrived");
+    assert!(other < 50.0, "another channel was held back {other:.1} ms");
+}

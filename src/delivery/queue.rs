@@ -4,9 +4,10 @@
 //! Invariant: frames of one channel leave in seq order; control frames are never dropped; a
 //! `Critical` event is never dropped while the connection lives. Once `threshold` entries wait
 //! (the client is behind), new `Low` events are dropped past half of it and `Normal` ones past
-//! it, counted per channel for the `dropped` notice; an event with a `coalesce_key` replaces the
+//! it, counted per channel for the `dropped` notice. An event with a `coalesce_key` replaces a
 //! queued one with the same channel and key (newest wins), moving to the back so per-channel
-//! order holds.
+//! order holds; and events of one key leave at most once per `key_interval` (progress at a
+//! steady pace with the newest value), holding back only their own channel meanwhile.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -102,15 +103,22 @@ pub struct SendQueue {
     threshold: usize,
     /// Events dropped per channel since the last notice.
     dropped: Vec<(Arc<str>, u64)>,
+    /// Least time between two events of one `coalesce_key` (zero: no pacing); newer ones
+    /// replace the one waiting, so the client sees the newest value at that pace.
+    key_interval: Duration,
+    /// When an event of each (channel, key) last left.
+    last_sent: Vec<(Arc<str>, Box<str>, Instant)>,
 }
 
 impl SendQueue {
-    pub fn new(threshold: usize) -> SendQueue {
+    pub fn new(threshold: usize, key_interval: Duration) -> SendQueue {
         SendQueue {
             entries: VecDeque::new(),
             bytes: 0,
             threshold: threshold.max(2),
             dropped: Vec::new(),
+            key_interval,
+            last_sent: Vec::new(),
         }
     }
 
@@ -127,22 +135,24 @@ impl SendQueue {
 
     pub fn push_event(&mut self, d: &Arc<Delivery>) -> Pushed {
         let waiting = self.entries.len();
-        if waiting >= self.threshold / 2 {
-            if let Some(key) = &d.coalesce_key {
-                let same = self.entries.iter().rposition(|e| {
-                    matches!(e, Entry::Event(q, _) if q.channel == d.channel
-                        && q.coalesce_key.as_deref() == Some(&**key))
-                });
-                if let Some(i) = same {
-                    if let Some(old) = self.entries.remove(i) {
-                        self.bytes -= old.frame().len();
-                    }
-                    self.bytes += d.frame.len();
-                    self.entries
-                        .push_back(Entry::Event(d.clone(), Instant::now()));
-                    return Pushed::Conflated;
+        if let Some(key) = &d.coalesce_key {
+            // An older event of the same key still waits: the newer one takes its place (at
+            // the back, so the channel's order holds).
+            let same = self.entries.iter().rposition(|e| {
+                matches!(e, Entry::Event(q, _) if q.channel == d.channel
+                    && q.coalesce_key.as_deref() == Some(&**key))
+            });
+            if let Some(i) = same {
+                if let Some(old) = self.entries.remove(i) {
+                    self.bytes -= old.frame().len();
                 }
+                self.bytes += d.frame.len();
+                self.entries
+                    .push_back(Entry::Event(d.clone(), Instant::now()));
+                return Pushed::Conflated;
             }
+        }
+        if waiting >= self.threshold / 2 {
             let yields = match d.priority {
                 Priority::Low => true,
                 Priority::Normal => waiting >= self.threshold,
@@ -168,37 +178,103 @@ impl SendQueue {
         default_ttl: Duration,
         buckets: &mut [&mut Bucket],
     ) -> Next {
-        loop {
-            let Some(front) = self.entries.front() else {
-                return Next::Empty;
-            };
-            if let Entry::Event(d, at) = front {
-                if d.priority != Priority::Critical {
-                    let ttl = d.ttl.unwrap_or(default_ttl);
-                    let age = now.saturating_duration_since(*at);
-                    if age > ttl {
-                        let d = d.clone();
-                        self.entries.pop_front();
-                        self.bytes -= d.frame.len();
-                        self.count_drop(&d.channel);
-                        continue;
-                    }
-                    let wait = buckets
-                        .iter_mut()
-                        .map(|b| b.wait(now))
-                        .max()
-                        .unwrap_or_default();
-                    if !wait.is_zero() {
-                        return Next::Blocked(wait.min(ttl - age + Duration::from_millis(1)));
-                    }
-                    buckets.iter_mut().for_each(|b| b.take());
+        // Channels held back behind a keyed event that waits for its interval: nothing of
+        // theirs may overtake it; other channels go on.
+        let mut held: Vec<Arc<str>> = Vec::new();
+        let mut held_for: Option<Duration> = None;
+        let mut idx = 0;
+        while idx < self.entries.len() {
+            let Entry::Event(d, at) = &self.entries[idx] else {
+                if idx > 0 {
+                    break; // control frames keep their place behind held events
                 }
-            }
-            return match self.pop_front() {
-                Some(frame) => Next::Frame(frame),
-                None => Next::Empty,
+                return self.take(idx, now);
             };
+            if held.contains(&d.channel) {
+                idx += 1;
+                continue;
+            }
+            if d.priority != Priority::Critical {
+                let ttl = d.ttl.unwrap_or(default_ttl);
+                let age = now.saturating_duration_since(*at);
+                if age > ttl {
+                    let d = d.clone();
+                    self.entries.remove(idx);
+                    self.bytes -= d.frame.len();
+                    self.count_drop(&d.channel);
+                    continue;
+                }
+                if let Some(wait) = self.interval_left(d, now) {
+                    held.push(d.channel.clone());
+                    held_for = Some(held_for.map_or(wait, |w| w.min(wait)));
+                    idx += 1;
+                    continue;
+                }
+                let wait = buckets
+                    .iter_mut()
+                    .map(|b| b.wait(now))
+                    .max()
+                    .unwrap_or_default();
+                if !wait.is_zero() {
+                    let wait = wait.min(ttl - age + Duration::from_millis(1));
+                    return Next::Blocked(held_for.map_or(wait, |h| h.min(wait)));
+                }
+                buckets.iter_mut().for_each(|b| b.take());
+            }
+            return self.take(idx, now);
         }
+        match held_for {
+            Some(wait) => Next::Blocked(wait),
+            None => Next::Empty,
+        }
+    }
+
+    /// How long a keyed event must still wait for its key's interval (None: it may go).
+    fn interval_left(&self, d: &Delivery, now: Instant) -> Option<Duration> {
+        let key = d.coalesce_key.as_deref()?;
+        if self.key_interval.is_zero() {
+            return None;
+        }
+        let (_, _, sent) = self
+            .last_sent
+            .iter()
+            .find(|(c, k, _)| *c == d.channel && &**k == key)?;
+        let next = *sent + self.key_interval;
+        (next > now).then(|| next - now)
+    }
+
+    fn take(&mut self, idx: usize, now: Instant) -> Next {
+        let Some(entry) = self.entries.remove(idx) else {
+            return Next::Empty;
+        };
+        let frame = match entry {
+            Entry::Control(b) => b,
+            Entry::Event(d, _) => {
+                if let Some(key) = &d.coalesce_key {
+                    self.note_sent(&d.channel, key, now);
+                }
+                d.frame.clone()
+            }
+        };
+        self.bytes -= frame.len();
+        Next::Frame(frame)
+    }
+
+    fn note_sent(&mut self, channel: &Arc<str>, key: &str, now: Instant) {
+        if let Some(slot) = self
+            .last_sent
+            .iter_mut()
+            .find(|(c, k, _)| c == channel && &**k == key)
+        {
+            slot.2 = now;
+            return;
+        }
+        if self.last_sent.len() >= 64 {
+            let interval = self.key_interval;
+            self.last_sent
+                .retain(|(_, _, t)| now.saturating_duration_since(*t) < interval);
+        }
+        self.last_sent.push((channel.clone(), key.into(), now));
     }
 
     fn count_drop(&mut self, channel: &Arc<str>) {
@@ -281,7 +357,7 @@ mod tests {
 
     #[test]
     fn a_client_that_keeps_up_gets_everything_in_order() {
-        let mut q = SendQueue::new(10);
+        let mut q = SendQueue::new(10, Duration::ZERO);
         for seq in 1..=4 {
             assert_eq!(
                 q.push_event(&event("c", seq, Priority::Low, None)),
@@ -294,7 +370,7 @@ mod tests {
 
     #[test]
     fn behind_low_then_normal_yield_high_and_critical_stay() {
-        let mut q = SendQueue::new(10);
+        let mut q = SendQueue::new(10, Duration::ZERO);
         for seq in 1..=10 {
             q.push_event(&event("c", seq, Priority::High, None));
         }
@@ -332,7 +408,7 @@ mod tests {
 
     #[test]
     fn low_yields_from_half_the_threshold() {
-        let mut q = SendQueue::new(10);
+        let mut q = SendQueue::new(10, Duration::ZERO);
         for seq in 1..=5 {
             q.push_event(&event("c", seq, Priority::Normal, None));
         }
@@ -348,7 +424,7 @@ mod tests {
 
     #[test]
     fn conflation_keeps_the_newest_per_key_in_channel_order() {
-        let mut q = SendQueue::new(4);
+        let mut q = SendQueue::new(4, Duration::ZERO);
         q.push_event(&event("c", 1, Priority::Normal, Some("p")));
         q.push_event(&event("c", 2, Priority::Normal, None));
         assert_eq!(
@@ -372,7 +448,7 @@ mod tests {
 
     #[test]
     fn rate_limits_hold_back_expire_and_let_critical_through() {
-        let mut q = SendQueue::new(100);
+        let mut q = SendQueue::new(100, Duration::ZERO);
         let t0 = Instant::now();
         let mut conn = Bucket::new(2); // 2 per second, burst 2
         let ttl = Duration::from_secs(5);
@@ -391,7 +467,7 @@ mod tests {
         assert_eq!(next(&mut q, t0 + Duration::from_secs(6)), Next::Empty);
         assert_eq!(q.take_dropped_if_drained(), vec![("c".into(), 1)]);
         // Critical events need no token: three at once from a bucket allowing one per second.
-        let mut q = SendQueue::new(100);
+        let mut q = SendQueue::new(100, Duration::ZERO);
         let mut one = Bucket::new(1);
         for seq in 1..=3 {
             q.push_event(&event("k", seq, Priority::Critical, None));
@@ -410,8 +486,37 @@ mod tests {
     }
 
     #[test]
+    fn keyed_events_leave_at_most_once_per_interval_with_the_newest_value() {
+        let mut q = SendQueue::new(100, Duration::from_millis(100));
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(5);
+        let next = |q: &mut SendQueue, now| q.next(now, ttl, &mut []);
+        q.push_event(&event("p", 1, Priority::Normal, Some("k")));
+        assert_eq!(next(&mut q, t0), Next::Frame(Bytes::from("p#1")));
+        // Within the interval: 2 waits, 3 replaces it; another channel is not held back.
+        q.push_event(&event("p", 2, Priority::Normal, Some("k")));
+        q.push_event(&event("o", 1, Priority::Normal, None));
+        assert_eq!(next(&mut q, t0), Next::Frame(Bytes::from("o#1")));
+        assert!(matches!(next(&mut q, t0), Next::Blocked(w) if w <= Duration::from_millis(100)));
+        assert_eq!(
+            q.push_event(&event("p", 3, Priority::Normal, Some("k"))),
+            Pushed::Conflated
+        );
+        // A plain event of the held channel waits behind it (order holds).
+        q.push_event(&event("p", 4, Priority::Normal, None));
+        assert!(matches!(
+            next(&mut q, t0 + Duration::from_millis(50)),
+            Next::Blocked(_)
+        ));
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(next(&mut q, t1), Next::Frame(Bytes::from("p#3")));
+        assert_eq!(next(&mut q, t1), Next::Frame(Bytes::from("p#4")));
+        assert_eq!(next(&mut q, t1), Next::Empty);
+    }
+
+    #[test]
     fn controls_are_never_dropped() {
-        let mut q = SendQueue::new(2);
+        let mut q = SendQueue::new(2, Duration::ZERO);
         for i in 0..10 {
             q.push_control(Bytes::from(format!("ctl{i}")));
         }

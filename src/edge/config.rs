@@ -97,6 +97,9 @@ pub struct Flags {
     /// Event frames per second on the whole node (0: no limit).
     #[arg(long, env = "RINGCAST_NODE_RATE_LIMIT")]
     pub node_rate_limit: Option<u32>,
+    /// Least time between two events of one coalesce_key to one client (0: no pacing).
+    #[arg(long, env = "RINGCAST_KEY_INTERVAL_MS")]
+    pub key_interval_ms: Option<u64>,
     /// How long an event may wait in a connection's queue before it is dropped.
     #[arg(long, env = "RINGCAST_QUEUE_TTL_MS")]
     pub queue_ttl_ms: Option<u64>,
@@ -167,6 +170,7 @@ struct FileSettings {
     connection_rate_limit: Option<u32>,
     node_rate_limit: Option<u32>,
     queue_ttl_ms: Option<u64>,
+    key_interval_ms: Option<u64>,
     connections_per_ip_per_minute: Option<u32>,
     limit_loopback: Option<bool>,
     max_connections_per_user: Option<u32>,
@@ -208,6 +212,7 @@ pub struct Config {
     pub connection_rate_limit: u32,
     pub node_rate_limit: u32,
     pub queue_ttl: Duration,
+    pub key_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -339,6 +344,7 @@ impl Config {
                 .or(file.node_rate_limit)
                 .unwrap_or(10_000),
             queue_ttl: ms(flags.queue_ttl_ms.or(file.queue_ttl_ms), 5_000),
+            key_interval: ms(flags.key_interval_ms.or(file.key_interval_ms), 100),
             ack_max_sends: flags.ack_max_sends.or(file.ack_max_sends).unwrap_or(5),
             queue_threshold: flags
                 .queue_threshold

@@ -93,6 +93,8 @@ pub struct Conn {
     /// Since when the client has been behind without catching up (for `slow_client_timeout`).
     behind_since: Cell<Option<Instant>>,
     writer: Cell<Option<Waker>>,
+    /// Set by every push, so a writer waiting out a rate or key interval looks again.
+    kicked: Cell<bool>,
     phase: Cell<Phase>,
     welcome: RefCell<Option<Bytes>>,
     initial_pending: Cell<usize>,
@@ -123,7 +125,11 @@ impl Conn {
             filter_window: Cell::new((Instant::now(), 0)),
             claims: RefCell::new(claims),
             subs: RefCell::new(HashMap::new()),
-            queue: RefCell::new(SendQueue::new(settings.queue_threshold)),
+            queue: RefCell::new(SendQueue::new(
+                settings.queue_threshold,
+                settings.key_interval,
+            )),
+            kicked: Cell::new(false),
             max_queue_bytes,
             behind_since: Cell::new(None),
             bucket: RefCell::new(Bucket::new(settings.connection_rate_limit)),
@@ -281,6 +287,7 @@ impl Conn {
     }
 
     fn wake_writer(&self) {
+        self.kicked.set(true);
         if let Some(w) = self.writer.take() {
             w.wake();
         }
@@ -685,7 +692,18 @@ async fn write_loop(core: Rc<Core>, conn: Rc<Conn>, mut writer: OwnedWriteHalf<T
         let result = match batch {
             None => return,
             Some(Batch::Wait(wait)) => {
-                monoio::time::sleep(wait).await;
+                // Until the wait is over, or until something new is queued (it may be free
+                // to go: another channel, a control frame).
+                conn.kicked.set(false);
+                let pushed = poll_fn(|cx| {
+                    if conn.kicked.get() {
+                        Poll::Ready(())
+                    } else {
+                        conn.writer.set(Some(cx.waker().clone()));
+                        Poll::Pending
+                    }
+                });
+                let _ = monoio::time::timeout(wait, pushed).await;
                 conn.after_write(); // events may have expired: tell the client
                 continue;
             }

@@ -47,6 +47,8 @@ pub struct Settings {
     pub connection_rate_limit: u32,
     /// Event frames per second on the whole node (0: no limit), shared evenly by the cores.
     pub node_rate_limit: u32,
+    /// Least time between two events of one `coalesce_key` to one connection (zero: no pacing).
+    pub key_interval: Duration,
     /// How long an event may wait in a connection's queue (unless its `ttl_ms` says otherwise).
     pub queue_ttl: Duration,
     /// `ack=critical`: re-send an unacknowledged critical event after this long...
