@@ -37,6 +37,7 @@ use ringcast::delivery::rooms::Rooms;
 use ringcast::delivery::sequencer::{Resume, Sequencer};
 use ringcast::delivery::{Delivery, Publication};
 use ringcast::edge::jwt::{sign_hs256, Verifier};
+use ringcast::proto::msg::Encoding;
 use ringcast::proto::msg::{event_frame, parse_client_message};
 use ringcast::proto::ws::codec::{self, opcode, testing::client_frame, Decoder};
 
@@ -79,6 +80,7 @@ fn delivery(seq: u64, frame: &Bytes) -> Arc<Delivery> {
         priority: Default::default(),
         coalesce_key: None,
         ttl: None,
+        msgpack: Default::default(),
     })
 }
 
@@ -96,6 +98,27 @@ fn frame(c: &mut Criterion) {
                 black_box(&data),
             )
         })
+    });
+    // One MessagePack encode per message, whatever the number of MessagePack subscribers: the
+    // first `frame_for` builds it, the other 9,999 clone the same Bytes.
+    let json = shared_frame();
+    g.bench_function("event_msgpack_512B_encode", |b| {
+        b.iter_batched(
+            || delivery(1017, &json),
+            |d| d.frame_for(Encoding::MessagePack),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("event_msgpack_512B_for_10k_subscribers", |b| {
+        b.iter_batched(
+            || delivery(1017, &json),
+            |d| {
+                for _ in 0..10_000 {
+                    black_box(d.frame_for(Encoding::MessagePack));
+                }
+            },
+            BatchSize::SmallInput,
+        )
     });
     g.finish();
 }

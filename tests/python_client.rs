@@ -9,12 +9,18 @@ use std::process::Command;
 use serde_json::json;
 use support::*;
 
+/// Both tests of this file share one virtualenv, made once.
 fn python_with_websockets() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(make_python).clone()
+}
+
+fn make_python() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pyenv");
     let python = venv.join("bin/python3");
     let has_it = |py: &PathBuf| {
         Command::new(py)
-            .args(["-c", "import websockets"])
+            .args(["-c", "import websockets, msgpack"])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -27,7 +33,14 @@ fn python_with_websockets() -> PathBuf {
             .success();
         assert!(ok, "python3 -m venv failed");
         let ok = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "websockets>=13,<16"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "websockets>=13,<16",
+                "msgpack>=1,<2",
+            ])
             .status()
             .unwrap()
             .success();
@@ -38,10 +51,19 @@ fn python_with_websockets() -> PathBuf {
 
 #[test]
 fn python_websockets_client_sees_the_contract() {
+    run_script("client_check.py");
+}
+
+#[test]
+fn python_msgpack_client_gets_what_a_json_client_gets() {
+    run_script("msgpack_check.py");
+}
+
+fn run_script(name: &str) {
     let python = python_with_websockets();
     let server = Server::start();
     let t = token(json!({"sub": "py", "projects": ["py"]}));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/client_check.py");
+    let script = format!("{}/tests/python/{name}", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(python)
         .arg(script)
         .arg(server.addr.to_string())

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::proto::msg::{self, Encoding};
+
 pub mod access;
 pub mod channel;
 pub mod filter;
@@ -36,6 +38,21 @@ pub struct Delivery {
     pub coalesce_key: Option<Box<str>>,
     /// Dropped if still queued for a connection after this long (critical events never are).
     pub ttl: Option<std::time::Duration>,
+    /// The MessagePack frame, built once, the first time a MessagePack subscriber needs it.
+    pub msgpack: std::sync::OnceLock<Bytes>,
+}
+
+impl Delivery {
+    /// The shared frame in `encoding`: one encode per message per encoding in use.
+    pub fn frame_for(&self, encoding: Encoding) -> Bytes {
+        match encoding {
+            Encoding::Json => self.frame.clone(),
+            Encoding::MessagePack => self
+                .msgpack
+                .get_or_init(|| msg::event_frame_msgpack(&self.frame))
+                .clone(),
+        }
+    }
 }
 
 impl Publication {
@@ -94,4 +111,37 @@ pub struct Publication {
     pub ttl: Option<std::time::Duration>,
     /// Never kept for replay.
     pub ephemeral: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_encoding_is_built_once_per_message_and_shared() {
+        let frame = msg::event_frame("c", 7, "e", 1, r#"{"a":[1,2],"b":"x"}"#);
+        let d = Delivery {
+            channel: "c".into(),
+            seq: 7,
+            frame,
+            project_id: None,
+            user_id: None,
+            agent_id: None,
+            event: "e".into(),
+            priority: Priority::Normal,
+            coalesce_key: None,
+            ttl: None,
+            msgpack: Default::default(),
+        };
+        let a = d.frame_for(Encoding::MessagePack);
+        let b = d.frame_for(Encoding::MessagePack);
+        assert_eq!(a.as_ptr(), b.as_ptr(), "one MessagePack encode, shared");
+        assert_eq!(a[0], 0x82, "FIN + binary");
+        let map: serde_json::Value = rmp_serde::from_slice(&a[2..]).unwrap();
+        assert_eq!(
+            map,
+            serde_json::json!({"channel":"c","seq":7,"event":"e","ts":1,"data":{"a":[1,2],"b":"x"}})
+        );
+        assert_eq!(d.frame_for(Encoding::Json).as_ptr(), d.frame.as_ptr());
+    }
 }

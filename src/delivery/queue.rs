@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{Delivery, Priority};
+use crate::proto::msg::{self, Encoding};
 
 enum Entry {
     Control(Bytes),
@@ -24,11 +25,19 @@ enum Entry {
 }
 
 impl Entry {
-    fn frame(&self) -> &Bytes {
+    fn frame(&self, encoding: Encoding) -> &Bytes {
         match self {
             Entry::Control(b) => b,
-            Entry::Event(d, _) => &d.frame,
+            Entry::Event(d, _) => event_frame(d, encoding),
         }
+    }
+}
+
+/// An event's shared frame in the connection's encoding (MessagePack built once per message).
+fn event_frame(d: &Delivery, encoding: Encoding) -> &Bytes {
+    match encoding {
+        Encoding::Json => &d.frame,
+        Encoding::MessagePack => d.msgpack.get_or_init(|| msg::event_frame_msgpack(&d.frame)),
     }
 }
 
@@ -108,6 +117,7 @@ pub struct SendQueue {
     key_interval: Duration,
     /// When an event of each (channel, key) last left.
     last_sent: Vec<(Arc<str>, Box<str>, Instant)>,
+    encoding: Encoding,
 }
 
 impl SendQueue {
@@ -119,7 +129,13 @@ impl SendQueue {
             dropped: Vec::new(),
             key_interval,
             last_sent: Vec::new(),
+            encoding: Encoding::Json,
         }
+    }
+
+    /// Frames of events go out in this encoding (JSON unless set).
+    pub fn set_encoding(&mut self, encoding: Encoding) {
+        self.encoding = encoding;
     }
 
     pub fn push_control(&mut self, frame: Bytes) {
@@ -144,9 +160,9 @@ impl SendQueue {
             });
             if let Some(i) = same {
                 if let Some(old) = self.entries.remove(i) {
-                    self.bytes -= old.frame().len();
+                    self.bytes -= old.frame(self.encoding).len();
                 }
-                self.bytes += d.frame.len();
+                self.bytes += event_frame(d, self.encoding).len();
                 self.entries
                     .push_back(Entry::Event(d.clone(), Instant::now()));
                 return Pushed::Conflated;
@@ -163,7 +179,7 @@ impl SendQueue {
                 return Pushed::Dropped;
             }
         }
-        self.bytes += d.frame.len();
+        self.bytes += event_frame(d, self.encoding).len();
         self.entries
             .push_back(Entry::Event(d.clone(), Instant::now()));
         Pushed::Queued
@@ -200,7 +216,7 @@ impl SendQueue {
                 if age > ttl {
                     let d = d.clone();
                     self.entries.remove(idx);
-                    self.bytes -= d.frame.len();
+                    self.bytes -= event_frame(&d, self.encoding).len();
                     self.count_drop(&d.channel);
                     continue;
                 }
@@ -253,7 +269,7 @@ impl SendQueue {
                 if let Some(key) = &d.coalesce_key {
                     self.note_sent(&d.channel, key, now);
                 }
-                d.frame.clone()
+                event_frame(&d, self.encoding).clone()
             }
         };
         self.bytes -= frame.len();
@@ -288,14 +304,14 @@ impl SendQueue {
         let e = self.entries.pop_front()?;
         let frame = match e {
             Entry::Control(b) => b,
-            Entry::Event(d, _) => d.frame.clone(),
+            Entry::Event(d, _) => event_frame(&d, self.encoding).clone(),
         };
         self.bytes -= frame.len();
         Some(frame)
     }
 
     pub fn front_len(&self) -> Option<usize> {
-        self.entries.front().map(|e| e.frame().len())
+        self.entries.front().map(|e| e.frame(self.encoding).len())
     }
 
     pub fn len(&self) -> usize {
@@ -346,6 +362,7 @@ mod tests {
             priority,
             coalesce_key: key.map(Into::into),
             ttl: None,
+            msgpack: Default::default(),
         })
     }
 

@@ -19,7 +19,7 @@ use crate::delivery::filter::{parse_list, Filter};
 use crate::delivery::limits::Refused;
 use crate::delivery::sequencer::Resume;
 use crate::proto::http::{self, Request};
-use crate::proto::msg::Control;
+use crate::proto::msg::{Control, Encoding};
 use crate::runtime::audit::AUDIT_CHANNEL;
 use crate::runtime::conn::{self, Conn};
 use crate::runtime::core::Core;
@@ -37,6 +37,9 @@ struct Opening {
     claims: Claims,
     channels: Vec<String>,
     resume: Resume,
+    encoding: Encoding,
+    /// Why `encoding` is not what was asked for.
+    encoding_note: Option<String>,
     /// `ack=critical`
     acks: bool,
     filter: Filter,
@@ -95,6 +98,7 @@ pub async fn serve(
         opening.claims,
         stream.as_raw_fd(),
         settings,
+        opening.encoding,
     ));
     *conn.handshake_projects.borrow_mut() = projects;
     conn.acks.set(opening.acks);
@@ -107,15 +111,17 @@ pub async fn serve(
     );
     if core.shared.is_draining() {
         // Drain began while the 101 was on its way: this connection missed the notice.
-        conn.push(crate::runtime::core::shutdown_frame());
+        conn.push(crate::runtime::core::shutdown_frame(conn.encoding));
     }
     let welcome = Control::Welcome {
         connection_id: &format!("{:x}", conn.id),
         epoch: &core.shared.epoch,
         heartbeat_ms: settings.heartbeat.ping_interval.as_millis() as u64,
         channels: &opening.channels,
+        encoding: opening.encoding.name(),
+        note: opening.encoding_note.as_deref(),
     }
-    .frame();
+    .frame_in(conn.encoding);
     conn.greet_after(welcome, opening.channels.len());
     for name in &opening.channels {
         if let Err(e) = core.subscribe(&conn, name, opening.resume, true) {
@@ -241,6 +247,17 @@ fn open(
                 .map_err(|e| Reply::error(400, &format!("{e}"))),
         }
     };
+    let (encoding, encoding_note) = match req.query_param("encoding") {
+        None => (Encoding::Json, None),
+        Some(name) => match Encoding::parse(&name) {
+            Some(e) => (e, None),
+            None => {
+                let shown: String = name.chars().take(32).collect();
+                let note = format!("encoding \"{shown}\" is not supported; using json");
+                (Encoding::Json, Some(note))
+            }
+        },
+    };
     let acks = match req.query_param("ack").as_deref() {
         None | Some("") | Some("none") => false,
         Some("critical") => true,
@@ -259,6 +276,8 @@ fn open(
         claims,
         channels,
         resume,
+        encoding,
+        encoding_note,
         acks,
         filter,
         protocol,

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::ws::codec;
 
 const OPCODE_TEXT: u8 = 0x1;
+const OPCODE_BINARY: u8 = 0x2;
 /// Room left in front of the payload for the largest frame header.
 const HEADER_ROOM: usize = 10;
 
@@ -34,11 +35,15 @@ pub fn event_frame(channel: &str, seq: u64, event: &str, ts_ms: u64, data: &str)
 }
 
 /// Writes the header into the room reserved in front of the payload; no copy of the payload.
-fn frame_in_place(mut buf: Vec<u8>) -> Bytes {
+fn frame_in_place(buf: Vec<u8>) -> Bytes {
+    frame_in_place_as(buf, OPCODE_TEXT)
+}
+
+fn frame_in_place_as(mut buf: Vec<u8>, opcode: u8) -> Bytes {
     let payload_len = buf.len() - HEADER_ROOM;
     let start = HEADER_ROOM - codec::frame_header_len(payload_len);
     let mut header = Vec::with_capacity(HEADER_ROOM);
-    codec::write_frame_header(&mut header, OPCODE_TEXT, payload_len);
+    codec::write_frame_header(&mut header, opcode, payload_len);
     buf[start..HEADER_ROOM].copy_from_slice(&header);
     Bytes::from(buf).slice(start..)
 }
@@ -82,6 +87,11 @@ pub enum Control<'a> {
         epoch: &'a str,
         heartbeat_ms: u64,
         channels: &'a [String],
+        /// The encoding in force (`json` or `messagepack`).
+        encoding: &'a str,
+        /// Why the encoding is not the one asked for, when it is not.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        note: Option<&'a str>,
     },
     Subscribed {
         channel: &'a str,
@@ -133,6 +143,72 @@ impl Control<'_> {
         serde_json::to_writer(&mut buf, self).expect("control frames always serialize");
         frame_in_place(buf)
     }
+
+    /// The frame in a connection's encoding: JSON text, or the same map in MessagePack.
+    pub fn frame_in(&self, encoding: Encoding) -> Bytes {
+        match encoding {
+            Encoding::Json => self.frame(),
+            Encoding::MessagePack => {
+                let mut buf = vec![0; HEADER_ROOM];
+                rmp_serde::encode::write_named(&mut buf, self)
+                    .expect("control frames always serialize");
+                frame_in_place_as(buf, OPCODE_BINARY)
+            }
+        }
+    }
+}
+
+/// How a connection wants its frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Encoding {
+    /// Text frames of JSON (the default).
+    #[default]
+    Json,
+    /// Binary frames of MessagePack maps with the same keys.
+    MessagePack,
+}
+
+impl Encoding {
+    /// From `encoding=` at the handshake; None for an unsupported name.
+    pub fn parse(name: &str) -> Option<Encoding> {
+        match name {
+            "json" => Some(Encoding::Json),
+            "messagepack" | "msgpack" => Some(Encoding::MessagePack),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::MessagePack => "messagepack",
+        }
+    }
+}
+
+/// The MessagePack binary frame of an event, from its JSON frame (built once per message, the
+/// first time a MessagePack subscriber needs it). `data` is converted value by value.
+pub fn event_frame_msgpack(json_frame: &[u8]) -> Bytes {
+    #[derive(Deserialize, Serialize)]
+    struct Event<'a> {
+        #[serde(borrow)]
+        channel: std::borrow::Cow<'a, str>,
+        seq: u64,
+        #[serde(borrow)]
+        event: std::borrow::Cow<'a, str>,
+        ts: u64,
+        data: serde_json::Value,
+    }
+    let header = match json_frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    let event: Event = serde_json::from_slice(&json_frame[header..])
+        .expect("event frames are built from valid JSON");
+    let mut buf = vec![0; HEADER_ROOM];
+    rmp_serde::encode::write_named(&mut buf, &event).expect("events always serialize");
+    frame_in_place_as(buf, OPCODE_BINARY)
 }
 
 /// Client → server messages.
@@ -275,6 +351,8 @@ mod tests {
                 epoch: "e",
                 heartbeat_ms: 30000,
                 channels: &chans,
+                encoding: "json",
+                note: None,
             }
             .frame(),
         );

@@ -25,7 +25,7 @@ use crate::delivery::heartbeat::{Beat, Heartbeat};
 use crate::delivery::queue::{Bucket, Next, Pushed, SendQueue};
 use crate::delivery::sequencer::Resume;
 use crate::delivery::{Delivery, Priority};
-use crate::proto::msg::{self, ClientMessage, Control, ErrorCode};
+use crate::proto::msg::{self, ClientMessage, Control, Encoding, ErrorCode};
 use crate::proto::ws::codec::{self, Decoder, Event};
 
 use super::core::{Core, Received, Settings};
@@ -88,6 +88,8 @@ pub struct Conn {
     queue: RefCell<SendQueue>,
     /// Past this many bytes queued the client is too slow and is closed at once.
     max_queue_bytes: usize,
+    /// The encoding of every frame this connection gets.
+    pub encoding: Encoding,
     /// This connection's share of the outbound rate limit.
     bucket: RefCell<Bucket>,
     /// Since when the client has been behind without catching up (for `slow_client_timeout`).
@@ -109,7 +111,10 @@ impl Conn {
         claims: Claims,
         fd: RawFd,
         settings: &Settings,
+        encoding: Encoding,
     ) -> Conn {
+        let mut queue = SendQueue::new(settings.queue_threshold, settings.key_interval);
+        queue.set_encoding(encoding);
         let max_queue_bytes = settings.max_queue_bytes;
         let heartbeat = Heartbeat::new(Instant::now(), &settings.heartbeat);
         Conn {
@@ -125,11 +130,9 @@ impl Conn {
             filter_window: Cell::new((Instant::now(), 0)),
             claims: RefCell::new(claims),
             subs: RefCell::new(HashMap::new()),
-            queue: RefCell::new(SendQueue::new(
-                settings.queue_threshold,
-                settings.key_interval,
-            )),
+            queue: RefCell::new(queue),
             kicked: Cell::new(false),
+            encoding,
             max_queue_bytes,
             behind_since: Cell::new(None),
             bucket: RefCell::new(Bucket::new(settings.connection_rate_limit)),
@@ -244,7 +247,7 @@ impl Conn {
                 .map(|(d, at, sends)| {
                     *at = now;
                     *sends += 1;
-                    d.frame.clone()
+                    d.frame_for(self.encoding)
                 })
                 .collect()
         };
@@ -281,7 +284,7 @@ impl Conn {
                     channel: &channel,
                     count,
                 }
-                .frame(),
+                .frame_in(self.encoding),
             );
         }
     }
@@ -492,6 +495,18 @@ fn handle_event(core: &Core, conn: &Rc<Conn>, event: Event) -> Flow {
     }
     match event {
         Event::Text(text) => handle_message(core, conn, &text),
+        // MessagePack clients may send their messages as MessagePack maps too.
+        Event::Binary(bytes) if conn.encoding == Encoding::MessagePack => {
+            match rmp_serde::from_slice::<serde_json::Value>(&bytes) {
+                Ok(value) => handle_message(core, conn, value.to_string().as_bytes()),
+                Err(e) => send_error(
+                    conn,
+                    ErrorCode::BadJson,
+                    &format!("malformed MessagePack: {e}"),
+                    None,
+                ),
+            }
+        }
         Event::Binary(_) => send_error(
             conn,
             ErrorCode::BinaryNotSupported,
@@ -571,7 +586,7 @@ fn handle_message(core: &Core, conn: &Rc<Conn>, text: &[u8]) {
                             project_ids: &filter.project_ids,
                             event_types: &filter.event_types,
                         }
-                        .frame(),
+                        .frame_in(conn.encoding),
                     );
                     *conn.filter.borrow_mut() = filter;
                 }
@@ -596,7 +611,7 @@ fn refresh(core: &Core, conn: &Rc<Conn>, token: &str) {
     *conn.claims.borrow_mut() = claims;
     conn.expires_at.set(exp);
     core.end_forbidden_subscriptions(conn, "forbidden");
-    conn.push(Control::Refreshed { exp }.frame());
+    conn.push(Control::Refreshed { exp }.frame_in(conn.encoding));
 }
 
 fn send_error(conn: &Conn, code: ErrorCode, message: &str, channel: Option<&str>) {
@@ -606,7 +621,7 @@ fn send_error(conn: &Conn, code: ErrorCode, message: &str, channel: Option<&str>
             message,
             channel,
         }
-        .frame(),
+        .frame_in(conn.encoding),
     );
 }
 
@@ -644,7 +659,7 @@ async fn write_loop(core: Rc<Core>, conn: Rc<Conn>, mut writer: OwnedWriteHalf<T
                                         channel: &channel,
                                         count,
                                     };
-                                    queue.push_control(notice.frame());
+                                    queue.push_control(notice.frame_in(conn.encoding));
                                 }
                                 continue;
                             }

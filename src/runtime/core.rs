@@ -21,7 +21,7 @@ use crate::delivery::ring::RingBounds;
 use crate::delivery::rooms::Rooms;
 use crate::delivery::sequencer::{Resume, Sequencer, SubscribeAck};
 use crate::delivery::Delivery;
-use crate::proto::msg::{Control, ErrorCode};
+use crate::proto::msg::{Control, Encoding, ErrorCode};
 
 use super::audit::Audit;
 use super::conn::{Conn, SubState};
@@ -417,7 +417,7 @@ impl Core {
                 channel: &channel,
                 reason,
             }
-            .frame(),
+            .frame_in(conn.encoding),
         );
         self.send_unsubscribe(channel);
         Ok(())
@@ -535,7 +535,7 @@ impl Core {
                 channel: &channel,
                 seq: ack.last_seq,
             }
-            .frame(),
+            .frame_in(conn.encoding),
         );
         if let Some(mut replay) = ack.replay {
             // A replay that would overflow the send queue is not sent: the client reloads
@@ -548,7 +548,7 @@ impl Core {
             let mut count = 0;
             for d in &replay.deliveries {
                 if conn.wants(d) {
-                    conn.push(d.frame.clone());
+                    conn.push(d.frame_for(conn.encoding));
                     count += 1;
                 }
             }
@@ -558,7 +558,7 @@ impl Core {
                     recovered: replay.recovered,
                     count,
                 }
-                .frame(),
+                .frame_in(conn.encoding),
             );
         }
         self.rooms
@@ -637,9 +637,10 @@ impl Core {
     /// their own while the node waits.
     fn drain(&self) {
         let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
-        let notice = shutdown_frame();
+        let notice = [Encoding::Json, Encoding::MessagePack].map(shutdown_frame);
         for conn in conns {
-            conn.push(notice.clone());
+            let frame = &notice[usize::from(conn.encoding == Encoding::MessagePack)];
+            conn.push(frame.clone());
         }
     }
 
@@ -653,11 +654,11 @@ impl Core {
 }
 
 /// The drain notice, the same bytes for every connection.
-pub fn shutdown_frame() -> bytes::Bytes {
+pub fn shutdown_frame(encoding: Encoding) -> bytes::Bytes {
     Control::Shutdown {
         reason: "server is shutting down; reconnect and resume",
     }
-    .frame()
+    .frame_in(encoding)
 }
 
 fn check_subscribe(shared: &Shared, conn: &Conn, name: &str) -> Result<(), SubscribeError> {
