@@ -285,3 +285,90 @@ async fn an_oversize_publish_gets_its_413_and_expect_continue_is_honoured() {
         String::from_utf8_lossy(&rest)
     );
 }
+
+#[tokio::test]
+async fn data_that_only_looks_like_json_is_refused_at_publish() {
+    let server = Server::start();
+    let (mut mp, _) = tokio_tungstenite::connect_async(server.url(&format!(
+        "/ws?channels=task:x&token={}&encoding=messagepack",
+        admin_token()
+    )))
+    .await
+    .unwrap();
+    let auth = format!("Bearer {API_KEY}");
+    for data in [
+        r#""\ud800""#,
+        "1e400",
+        &format!("{}1{}", "[".repeat(200), "]".repeat(200)),
+    ] {
+        let body = format!(r#"{{"channel":"task:x","event":"e","data":{data}}}"#);
+        let (status, _, text) = server
+            .http(
+                "POST",
+                "/api/v1/publish",
+                &[("Authorization", &auth)],
+                &body,
+            )
+            .await;
+        assert_eq!(status, 400, "{data}: {text}");
+        assert!(text.contains("data is not valid JSON"), "{text}");
+    }
+    // The node (and its MessagePack subscriber) is fine.
+    server.publish_one("task:x", "ok", json!(1)).await;
+    use futures_util::StreamExt;
+    let mut frames = 0;
+    while frames < 3 {
+        // welcome, subscribed, the event
+        let msg = tokio::time::timeout(WAIT, mp.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if msg.is_binary() {
+            frames += 1;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_project_is_not_resent_to_an_ack_critical_client() {
+    let server = Server::start_with(&[
+        ("RINGCAST_PING_INTERVAL_MS", "100"),
+        ("RINGCAST_ACK_TIMEOUT_MS", "200"),
+    ]);
+    let t = token(json!({"sub": "u1", "projects": ["p1"], "channels": ["dashboard"]}));
+    let (mut ws, _) = connect(
+        &server,
+        &format!("channels=project:p1,dashboard&token={t}&ack=critical"),
+    )
+    .await;
+    recv_json(&mut ws).await;
+    recv_json(&mut ws).await;
+    let body = json!({"channel": "project:p1", "event": "agent:failed", "priority": "critical", "data": null});
+    assert_eq!(server.publish(&body).await.0, 200);
+    assert_eq!(recv_json(&mut ws).await["event"], "agent:failed");
+    let auth = format!("Bearer {API_KEY}");
+    let (status, _, _) = server
+        .http(
+            "POST",
+            "/api/v1/admin/revoke",
+            &[("Authorization", &auth)],
+            r#"{"user_id":"u1","project_id":"p1"}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let mut next = recv_json(&mut ws).await;
+    if next["event"] == "agent:failed" {
+        next = recv_json(&mut ws).await; // a re-send already on its way before the revoke
+    }
+    assert_eq!(next["reason"], "revoked", "{next}");
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await; // three ack timeouts
+    server
+        .publish_one("dashboard", "sentinel", json!(null))
+        .await;
+    assert_eq!(
+        recv_json(&mut ws).await["event"],
+        "sentinel",
+        "no re-send after the revoke"
+    );
+}

@@ -90,6 +90,13 @@ impl Overrides {
         }
     }
 
+    /// A grant of `project:X` opens X's messages on every channel too.
+    fn grants_project(&self, project: &str) -> bool {
+        self.granted_channels
+            .iter()
+            .any(|c| c.strip_prefix("project:") == Some(project))
+    }
+
     fn revokes_channel(&self, name: &str) -> bool {
         self.revoked_channels.iter().any(|c| c == name)
             || matches!(channel::kind(name), ChannelKind::Project(p) if self.revoked_projects.iter().any(|r| r == p))
@@ -135,7 +142,8 @@ impl Claims {
     /// May this token see a message published with these visibility fields?
     pub fn can_see(&self, project_id: Option<&str>, user_id: Option<&str>) -> bool {
         project_id.is_none_or(|p| {
-            self.has_project(p) && !self.overrides.revoked_projects.iter().any(|r| r == p)
+            (self.has_project(p) || self.overrides.grants_project(p))
+                && !self.overrides.revoked_projects.iter().any(|r| r == p)
         }) && user_id.is_none_or(|u| self.sub == u || self.is_admin())
     }
 }
@@ -208,6 +216,13 @@ mod tests {
         assert!(u.can_subscribe("project:p1"));
         assert!(u.can_see(Some("p1"), None));
         assert!(u.can_subscribe("dashboard"), "granted beyond the token");
+        let mut narrow = claims("n", &[], &[], &[]);
+        narrow.overrides.grant(&["project:p9".into()], &[]);
+        assert!(narrow.can_subscribe("project:p9"));
+        assert!(
+            narrow.can_see(Some("p9"), None),
+            "a granted project's messages are visible"
+        );
         u.overrides.grant(&[], &[]);
         u.overrides.revoke(&["dashboard".into()], &[]);
         assert!(!u.can_subscribe("dashboard"));

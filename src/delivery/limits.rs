@@ -76,6 +76,8 @@ pub struct Limits {
     ip_windows: HashMap<IpAddr, (u64, u32)>,
     /// Per user: connection ids, oldest first.
     users: HashMap<String, Vec<u64>>,
+    /// Connections told to close for a newer one, not yet released: not counted, not chosen.
+    evicting: Vec<u64>,
     projects: HashMap<String, u32>,
     total: u32,
 }
@@ -139,7 +141,8 @@ impl Limits {
             }
         }
         let mut evict = None;
-        let held = self.users.get(user).map_or(0, Vec::len);
+        let live = |ids: &Vec<u64>| ids.iter().filter(|id| !self.evicting.contains(id)).count();
+        let held = self.users.get(user).map_or(0, live);
         if c.per_user > 0 && held >= c.per_user as usize {
             match c.user_policy {
                 UserPolicy::Reject => {
@@ -150,7 +153,11 @@ impl Limits {
                     })
                 }
                 UserPolicy::CloseOldest => {
-                    evict = self.users.get(user).and_then(|ids| ids.first().copied());
+                    evict = self
+                        .users
+                        .get(user)
+                        .and_then(|ids| ids.iter().copied().find(|id| !self.evicting.contains(id)));
+                    self.evicting.extend(evict);
                 }
             }
         }
@@ -164,6 +171,7 @@ impl Limits {
 
     /// Forgets an admitted connection (call exactly once, when it ends).
     pub fn release(&mut self, conn: u64, user: &str, projects: &[String]) {
+        self.evicting.retain(|&id| id != conn);
         if let Some(ids) = self.users.get_mut(user) {
             ids.retain(|&id| id != conn);
             if ids.is_empty() {
@@ -262,10 +270,16 @@ mod tests {
             l.admit(3, ip("10.0.0.1"), "u", &[], 0).unwrap().evict,
             Some(1)
         );
-        l.release(1, "u", &[]);
+        // Before 1 is gone, a fourth displaces 2, not 1 again: the user never holds more.
         assert_eq!(
             l.admit(4, ip("10.0.0.1"), "u", &[], 0).unwrap().evict,
             Some(2)
+        );
+        l.release(1, "u", &[]);
+        l.release(2, "u", &[]);
+        assert_eq!(
+            l.admit(5, ip("10.0.0.1"), "u", &[], 0).unwrap().evict,
+            Some(3)
         );
     }
 

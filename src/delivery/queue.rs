@@ -151,11 +151,12 @@ impl SendQueue {
 
     pub fn push_event(&mut self, d: &Arc<Delivery>) -> Pushed {
         let waiting = self.entries.len();
-        if let Some(key) = &d.coalesce_key {
+        if let (Some(key), false) = (&d.coalesce_key, d.priority == Priority::Critical) {
             // An older event of the same key still waits: the newer one takes its place (at
-            // the back, so the channel's order holds).
+            // the back, so the channel's order holds). Critical events are never replaced.
             let same = self.entries.iter().rposition(|e| {
                 matches!(e, Entry::Event(q, _) if q.channel == d.channel
+                    && q.priority != Priority::Critical
                     && q.coalesce_key.as_deref() == Some(&**key))
             });
             if let Some(i) = same {
@@ -298,6 +299,20 @@ impl SendQueue {
             Some((_, n)) => *n += 1,
             None => self.dropped.push((channel.clone(), 1)),
         }
+    }
+
+    /// Removes every queued event `gone` picks (an ended subscription, a revoked project).
+    pub fn purge(&mut self, gone: impl Fn(&Delivery) -> bool) {
+        let encoding = self.encoding;
+        let mut freed = 0;
+        self.entries.retain(|e| match e {
+            Entry::Event(d, _) if gone(d) => {
+                freed += event_frame(d, encoding).len();
+                false
+            }
+            _ => true,
+        });
+        self.bytes -= freed;
     }
 
     pub fn pop_front(&mut self) -> Option<Bytes> {

@@ -134,6 +134,12 @@ fn check(m: Incoming<'_>) -> Result<Publication, String> {
     if m.data.is_some_and(|d| d.get().len() > MAX_DATA_BYTES) {
         return Err("data is larger than 1 MiB".into());
     }
+    // A raw value is only skimmed by the parser: make sure it really is JSON every client can
+    // read (no lone surrogates, numbers in range, bounded nesting) before it is sequenced.
+    if let Some(raw) = m.data {
+        serde_json::from_str::<serde_json::Value>(raw.get())
+            .map_err(|e| format!("data is not valid JSON: {e}"))?;
+    }
     Ok(Publication {
         channel: m.channel.into(),
         event: m.event.into(),

@@ -204,10 +204,19 @@ pub fn event_frame_msgpack(json_frame: &[u8]) -> Bytes {
         Some(127) => 10,
         _ => 2,
     };
-    let event: Event = serde_json::from_slice(&json_frame[header..])
-        .expect("event frames are built from valid JSON");
     let mut buf = vec![0; HEADER_ROOM];
-    rmp_serde::encode::write_named(&mut buf, &event).expect("events always serialize");
+    match serde_json::from_slice::<Event>(&json_frame[header..]) {
+        Ok(event) => {
+            rmp_serde::encode::write_named(&mut buf, &event).expect("a parsed event serializes")
+        }
+        // Publish checks `data`; should anything still not parse, send it as its JSON text
+        // rather than take the core down.
+        Err(_) => {
+            let text = String::from_utf8_lossy(&json_frame[header..]);
+            rmp_serde::encode::write_named(&mut buf, &serde_json::json!({ "raw": text }))
+                .expect("a string serializes")
+        }
+    }
     frame_in_place_as(buf, OPCODE_BINARY)
 }
 

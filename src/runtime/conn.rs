@@ -229,6 +229,18 @@ impl Conn {
         }
     }
 
+    /// Bytes waiting to be written.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.borrow().bytes()
+    }
+
+    /// Forgets queued and unacknowledged events `gone` picks: nothing of an ended subscription
+    /// or a revoked project goes out after the fact.
+    pub fn purge(&self, gone: impl Fn(&Delivery) -> bool) {
+        self.queue.borrow_mut().purge(&gone);
+        self.unacked.borrow_mut().retain(|(d, _, _)| !gone(d));
+    }
+
     /// The client acknowledged a critical event.
     fn ack(&self, channel: &str, seq: u64) {
         self.unacked
@@ -364,7 +376,7 @@ impl Conn {
             self.resend_unacked(now, s.ack_timeout, s.ack_max_sends);
         }
         if let Some(exp) = self.expires_at.get() {
-            if unix_secs > exp + core.shared.auth.leeway_secs() {
+            if unix_secs > exp.saturating_add(core.shared.auth.leeway_secs()) {
                 self.expires_at.set(None);
                 self.close(4001, "token expired");
             }

@@ -404,6 +404,7 @@ impl Core {
                 message: format!("not subscribed to {name}"),
             });
         };
+        conn.purge(|d| d.channel == channel);
         match state {
             SubState::Active => {
                 self.rooms.borrow_mut().leave(&channel, conn.id);
@@ -540,7 +541,12 @@ impl Core {
         if let Some(mut replay) = ack.replay {
             // A replay that would overflow the send queue is not sent: the client reloads
             // (recovered:false) instead of being closed as too slow again and again.
-            let bytes: usize = replay.deliveries.iter().map(|d| d.frame.len()).sum();
+            let bytes: usize = replay
+                .deliveries
+                .iter()
+                .map(|d| d.frame_for(conn.encoding).len())
+                .sum::<usize>()
+                + conn.queued_bytes();
             if bytes > self.shared.settings.max_queue_bytes / 2 {
                 replay.deliveries.clear();
                 replay.recovered = false;
@@ -610,6 +616,13 @@ impl Core {
                 let mut count = 0;
                 for conn in of_user(user) {
                     conn.claims.borrow_mut().overrides = overrides.clone();
+                    if revoke {
+                        conn.purge(|d| {
+                            d.project_id
+                                .as_deref()
+                                .is_some_and(|p| projects.iter().any(|r| r == p))
+                        });
+                    }
                     count += if revoke {
                         self.end_forbidden_subscriptions(&conn, "revoked")
                     } else {
