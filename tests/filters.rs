@@ -100,3 +100,53 @@ async fn the_filter_message_replaces_the_filters_and_is_rate_limited() {
     publish(&server, "z", json!({"project_id": "p2"})).await;
     assert_eq!(recv_json(&mut ws).await["event"], "z");
 }
+
+#[tokio::test]
+async fn log_lines_are_searched_and_level_filtered_on_the_server() {
+    let server = Server::start();
+    let t = admin_token();
+    let (mut ws, _) = connect(
+        &server,
+        &format!("channels=task:log&token={t}&search=refused&levels=error,warn"),
+    )
+    .await;
+    recv_json(&mut ws).await;
+    let line = |level: &str, text: &str| json!({"channel": "task:log", "event": "log", "data": {"level": level, "line": text}});
+    for body in [
+        line("info", "connection refused (info, wrong level)"),
+        line("error", "disk full (no match)"),
+        line("error", "connection refused on :5432"),
+        line("warn", "retry: connection refused"),
+    ] {
+        assert_eq!(server.publish(&body).await.0, 200);
+    }
+    assert_eq!(
+        recv_json(&mut ws).await["data"]["line"],
+        "connection refused on :5432"
+    );
+    assert_eq!(
+        recv_json(&mut ws).await["data"]["line"],
+        "retry: connection refused"
+    );
+
+    send_json(&mut ws, &json!({"type": "filter", "regex": r":\d{4}"})).await;
+    let answer = recv_json(&mut ws).await;
+    assert_eq!(
+        (answer["type"].as_str(), answer["regex"].as_str()),
+        (Some("filtered"), Some(r":\d{4}"))
+    );
+    for body in [
+        line("info", "listening on :80"),
+        line("debug", "bound :8080"),
+    ] {
+        assert_eq!(server.publish(&body).await.0, 200);
+    }
+    assert_eq!(recv_json(&mut ws).await["data"]["line"], "bound :8080");
+    send_json(&mut ws, &json!({"type": "filter", "regex": "("})).await;
+    let err = recv_json(&mut ws).await;
+    assert_eq!(err["code"], "bad_filter");
+    assert!(
+        err["message"].as_str().unwrap().starts_with("regex"),
+        "{err}"
+    );
+}

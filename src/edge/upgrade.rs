@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::delivery::access::Claims;
 use crate::delivery::channel;
-use crate::delivery::filter::{parse_list, Filter};
+use crate::delivery::filter::{parse_list, text_match, Filter};
 use crate::delivery::limits::Refused;
 use crate::delivery::sequencer::Resume;
 use crate::proto::http::{self, Request};
@@ -267,6 +267,12 @@ fn open(
         agent_ids: list("agent_ids")?,
         project_ids: list("project_ids")?,
         event_types: list("event_types")?,
+        text: text_match(
+            req.query_param("search").as_deref(),
+            req.query_param("regex").as_deref(),
+        )
+        .map_err(|e| Reply::error(400, &format!("{e}")))?,
+        levels: list("levels")?,
     };
     let protocol = protocols
         .iter()

@@ -128,6 +128,12 @@ pub enum Control<'a> {
         agent_ids: &'a [Box<str>],
         project_ids: &'a [Box<str>],
         event_types: &'a [Box<str>],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        search: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        regex: Option<&'a str>,
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        levels: &'a [Box<str>],
     },
     /// A `refresh` was accepted: the connection now lives until `exp` (Unix seconds).
     Refreshed {
@@ -184,6 +190,23 @@ impl Encoding {
             Encoding::MessagePack => "messagepack",
         }
     }
+}
+
+/// The `data` of an event frame, as the JSON text the publisher sent.
+pub fn event_data(frame: &[u8]) -> &str {
+    let header = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    let payload = frame.get(header..).unwrap_or_default();
+    // Channel and event names are JSON strings, so `,"data":` cannot occur inside them.
+    let start = payload
+        .windows(8)
+        .position(|w| w == b",\"data\":")
+        .map_or(payload.len(), |at| at + 8);
+    let end = payload.len().saturating_sub(1).max(start);
+    std::str::from_utf8(&payload[start..end]).unwrap_or_default()
 }
 
 /// The MessagePack binary frame of an event, from its JSON frame (built once per message, the
@@ -243,6 +266,15 @@ pub enum ClientMessage {
         project_ids: Vec<String>,
         #[serde(default)]
         event_types: Vec<String>,
+        /// Log search: a substring of the event's `data` (as JSON text).
+        #[serde(default)]
+        search: Option<String>,
+        /// Log search: a regular expression over the event's `data` (as JSON text).
+        #[serde(default)]
+        regex: Option<String>,
+        /// Log levels: `data.level` must be one of these.
+        #[serde(default)]
+        levels: Vec<String>,
     },
     /// The client has this critical event (connections opened with `ack=critical`).
     Ack {

@@ -20,7 +20,7 @@ use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 
 use crate::delivery::access::Claims;
-use crate::delivery::filter::{parse_list, Filter, FilterError};
+use crate::delivery::filter::{parse_list, text_match, Filter, FilterError, TextMatch};
 use crate::delivery::heartbeat::{Beat, Heartbeat};
 use crate::delivery::queue::{Bucket, Next, Pushed, SendQueue};
 use crate::delivery::sequencer::Resume;
@@ -152,7 +152,19 @@ impl Conn {
             .can_see(d.project_id.as_deref(), d.user_id.as_deref())
             && {
                 let f = self.filter.borrow();
-                f.is_empty() || f.passes(d.agent_id.as_deref(), d.project_id.as_deref(), &d.event)
+                f.is_empty() || {
+                    let data = if f.reads_data() {
+                        msg::event_data(&d.frame)
+                    } else {
+                        ""
+                    };
+                    f.passes(
+                        d.agent_id.as_deref(),
+                        d.project_id.as_deref(),
+                        &d.event,
+                        data,
+                    )
+                }
             }
     }
 
@@ -577,6 +589,9 @@ fn handle_message(core: &Core, conn: &Rc<Conn>, text: &[u8]) {
             agent_ids,
             project_ids,
             event_types,
+            search,
+            regex,
+            levels,
         }) => {
             if !conn.filter_update_allowed(Instant::now()) {
                 let message = "at most 10 filter updates per second";
@@ -587,6 +602,8 @@ fn handle_message(core: &Core, conn: &Rc<Conn>, text: &[u8]) {
                     agent_ids: parse_list("agent_ids", agent_ids.iter().map(String::as_str))?,
                     project_ids: parse_list("project_ids", project_ids.iter().map(String::as_str))?,
                     event_types: parse_list("event_types", event_types.iter().map(String::as_str))?,
+                    text: text_match(search.as_deref(), regex.as_deref())?,
+                    levels: parse_list("levels", levels.iter().map(String::as_str))?,
                 })
             })();
             match parsed {
@@ -597,6 +614,15 @@ fn handle_message(core: &Core, conn: &Rc<Conn>, text: &[u8]) {
                             agent_ids: &filter.agent_ids,
                             project_ids: &filter.project_ids,
                             event_types: &filter.event_types,
+                            search: match &filter.text {
+                                Some(TextMatch::Substring(s)) => Some(s),
+                                _ => None,
+                            },
+                            regex: match &filter.text {
+                                Some(TextMatch::Regex(r)) => Some(r.as_str()),
+                                _ => None,
+                            },
+                            levels: &filter.levels,
                         }
                         .frame_in(conn.encoding),
                     );
