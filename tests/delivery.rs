@@ -265,3 +265,51 @@ async fn project_and_user_fields_limit_who_sees_a_message() {
         assert_eq!(recv_json(&mut admin).await["data"], i);
     }
 }
+
+#[tokio::test]
+async fn progress_events_get_an_eta_from_the_observed_rate() {
+    let server = Server::start_with(&[("RINGCAST_KEY_INTERVAL_MS", "0")]);
+    let t = admin_token();
+    let (mut ws, _) = connect(&server, &format!("channels=task:eta&token={t}")).await;
+    recv_json(&mut ws).await;
+    let step = |n: u64| {
+        json!({"channel": "task:eta", "event": "task:progress", "coalesce_key": "progress:eta",
+               "data": {"current_step": n, "total_steps": 20, "message": "working"}})
+    };
+    server.publish(&step(1)).await;
+    let first = recv_json(&mut ws).await;
+    assert!(
+        first["data"].get("eta_seconds").is_none(),
+        "no rate after one step: {first}"
+    );
+    // Two steps 200 ms apart: 5 steps/s, so 17 steps left take about 4 s.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    server.publish(&step(2)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    server.publish(&step(3)).await;
+    recv_json(&mut ws).await;
+    let third = recv_json(&mut ws).await;
+    let eta = third["data"]["eta_seconds"].as_u64().expect("an ETA");
+    assert!(
+        (2..=8).contains(&eta),
+        "eta {eta} s for 17 steps at ~5 steps/s"
+    );
+    assert_eq!(
+        third["data"]["message"], "working",
+        "the publisher's fields stay"
+    );
+    // An event that is not progress is untouched, byte for byte.
+    let raw = r#"{"current_step": 1, "total_steps": 2}"#;
+    let body = format!(r#"{{"channel":"task:eta","event":"other","data":{raw}}}"#);
+    let auth = format!("Bearer {API_KEY}");
+    server
+        .http(
+            "POST",
+            "/api/v1/publish",
+            &[("Authorization", &auth)],
+            &body,
+        )
+        .await;
+    let other = recv_json(&mut ws).await;
+    assert!(other["data"].get("eta_seconds").is_none());
+}

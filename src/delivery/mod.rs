@@ -14,6 +14,7 @@ pub mod channel;
 pub mod filter;
 pub mod heartbeat;
 pub mod limits;
+pub mod progress;
 pub mod queue;
 pub mod ring;
 pub mod rooms;

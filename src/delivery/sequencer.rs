@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::progress::{Progress, PROGRESS_EVENT};
 use super::ring::{Replay, Ring, RingBounds};
 use super::{Delivery, Publication};
 use crate::proto::msg;
@@ -46,6 +47,7 @@ pub struct Sequencer {
     cores: usize,
     bounds: RingBounds,
     channels: HashMap<Arc<str>, ChannelState>,
+    progress: Progress,
 }
 
 impl Sequencer {
@@ -54,6 +56,7 @@ impl Sequencer {
             cores,
             bounds,
             channels: HashMap::new(),
+            progress: Progress::default(),
         }
     }
 
@@ -77,10 +80,18 @@ impl Sequencer {
         now_ms: u64,
         mut to_core: impl FnMut(usize, &Arc<Delivery>),
     ) -> u64 {
+        // Progress events gain a server-computed ETA (docs/events.md); the rest pass as sent.
+        let annotated = (&*p.event == PROGRESS_EVENT)
+            .then(|| {
+                let key = p.coalesce_key.as_deref().unwrap_or(&p.channel);
+                self.progress.annotate(key, &p.data, now_ms)
+            })
+            .flatten();
+        let data = annotated.as_deref().unwrap_or(&p.data);
         let state = self.state(&p.channel);
         state.last_seq += 1;
         let seq = state.last_seq;
-        let frame = msg::event_frame(&p.channel, seq, &p.event, now_ms, &p.data);
+        let frame = msg::event_frame(&p.channel, seq, &p.event, now_ms, data);
         let delivery = Arc::new(Delivery {
             channel: p.channel,
             seq,
