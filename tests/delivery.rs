@@ -274,6 +274,7 @@ async fn progress_events_get_an_eta_from_the_observed_rate() {
     recv_json(&mut ws).await;
     let step = |n: u64| {
         json!({"channel": "task:eta", "event": "task:progress", "coalesce_key": "progress:eta",
+               "compute_eta": true,
                "data": {"current_step": n, "total_steps": 20, "message": "working"}})
     };
     server.publish(&step(1)).await;
@@ -298,9 +299,9 @@ async fn progress_events_get_an_eta_from_the_observed_rate() {
         third["data"]["message"], "working",
         "the publisher's fields stay"
     );
-    // An event that is not progress is untouched, byte for byte.
+    // Without compute_eta, data stays exactly as sent, even for a progress event.
     let raw = r#"{"current_step": 1, "total_steps": 2}"#;
-    let body = format!(r#"{{"channel":"task:eta","event":"other","data":{raw}}}"#);
+    let body = format!(r#"{{"channel":"task:eta","event":"task:progress","data":{raw}}}"#);
     let auth = format!("Bearer {API_KEY}");
     server
         .http(

@@ -69,6 +69,7 @@ impl Publication {
             priority: Priority::Normal,
             coalesce_key: None,
             ttl: None,
+            compute_eta: false,
             ephemeral: false,
         }
     }
@@ -110,6 +111,8 @@ pub struct Publication {
     pub priority: Priority,
     pub coalesce_key: Option<Box<str>>,
     pub ttl: Option<std::time::Duration>,
+    /// The publisher asked the server to add `eta_seconds` to this progress event's data.
+    pub compute_eta: bool,
     /// Never kept for replay.
     pub ephemeral: bool,
 }

@@ -1,14 +1,12 @@
 //! ETA for progress events, from the rate the owner core observes.
 //!
-//! Invariant: only a `task:progress` event whose `data` is an object with numeric
-//! `current_step` and `total_steps` and no `eta_seconds` of its own is touched; it gains
+//! Invariant: only an event published with `compute_eta: true` whose `data` is an object with
+//! numeric `current_step` and `total_steps` and no `eta_seconds` of its own is touched; it gains
 //! `eta_seconds` once two steps of its key (its `coalesce_key`, else its channel) have been
 //! seen. Everything else passes through byte for byte.
 
 use std::collections::HashMap;
 
-/// The event name the convention uses (docs/events.md).
-pub const PROGRESS_EVENT: &str = "task:progress";
 /// Most progress keys tracked per owner core; the oldest are forgotten past it.
 const MAX_KEYS: usize = 10_000;
 

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::progress::{Progress, PROGRESS_EVENT};
+use super::progress::Progress;
 use super::ring::{Replay, Ring, RingBounds};
 use super::{Delivery, Publication};
 use crate::proto::msg;
@@ -80,8 +80,10 @@ impl Sequencer {
         now_ms: u64,
         mut to_core: impl FnMut(usize, &Arc<Delivery>),
     ) -> u64 {
-        // Progress events gain a server-computed ETA (docs/events.md); the rest pass as sent.
-        let annotated = (&*p.event == PROGRESS_EVENT)
+        // Progress events that ask for it gain a server-computed ETA (docs/events.md); all
+        // other data passes exactly as sent.
+        let annotated = p
+            .compute_eta
             .then(|| {
                 let key = p.coalesce_key.as_deref().unwrap_or(&p.channel);
                 self.progress.annotate(key, &p.data, now_ms)

@@ -40,6 +40,8 @@ struct Incoming<'a> {
     coalesce_key: Option<String>,
     #[serde(default)]
     ttl_ms: Option<u64>,
+    #[serde(default)]
+    compute_eta: bool,
 }
 
 pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
@@ -150,6 +152,7 @@ fn check(m: Incoming<'_>) -> Result<Publication, String> {
         priority,
         coalesce_key: m.coalesce_key.map(Into::into),
         ttl: m.ttl_ms.map(std::time::Duration::from_millis),
+        compute_eta: m.compute_eta,
         ephemeral: m.ephemeral,
     })
 }
