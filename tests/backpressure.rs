@@ -167,7 +167,8 @@ async fn a_client_that_is_behind_sees_only_the_newest_progress_never_an_older_on
 
 #[tokio::test]
 async fn progress_faster_than_every_100_ms_reaches_a_keeping_up_client_at_that_pace_newest_first() {
-    let server = Server::start();
+    // A 1 s interval (default 100 ms) keeps the pace visible even on a loaded machine.
+    let server = Server::start_with(&[("RINGCAST_KEY_INTERVAL_MS", "1000")]);
     let t = admin_token();
     let (mut ws, _) = connect(&server, &format!("channels=task:q,dashboard&token={t}")).await;
     recv_json(&mut ws).await;
@@ -194,18 +195,19 @@ async fn progress_faster_than_every_100_ms_reaches_a_keeping_up_client_at_that_p
             let other = json!({"channel": "dashboard", "event": "other", "data": {"t": now_us()}});
             server.publish(&other).await;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await; // a producer ticking every 5 ms
+        tokio::time::sleep(Duration::from_millis(10)).await; // a producer ticking every 10 ms
     }
     let (steps, other) = reader.await.unwrap();
     let secs = started.elapsed().as_secs_f64();
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
-    let most = (secs * 10.0).ceil() as usize + 2;
+    let most = secs.ceil() as usize + 2;
     assert!(
         steps.len() <= most,
         "{} values in {secs:.2} s: not paced ({steps:?})",
         steps.len()
     );
-    assert!(steps.len() >= 3, "{steps:?}");
+    assert!(steps.len() >= 2, "{steps:?}");
+    // Held behind the paced progress it would wait up to a second.
     let other = other.expect("the other channel's event arrived");
-    assert!(other < 50.0, "another channel was held back {other:.1} ms");
+    assert!(other < 500.0, "another channel was held back {other:.1} ms");
 }
