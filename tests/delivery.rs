@@ -302,15 +302,7 @@ async fn progress_events_get_an_eta_from_the_observed_rate() {
     // Without compute_eta, data stays exactly as sent, even for a progress event.
     let raw = r#"{"current_step": 1, "total_steps": 2}"#;
     let body = format!(r#"{{"channel":"task:eta","event":"task:progress","data":{raw}}}"#);
-    let auth = format!("Bearer {API_KEY}");
-    server
-        .http(
-            "POST",
-            "/api/v1/publish",
-            &[("Authorization", &auth)],
-            &body,
-        )
-        .await;
+    assert_eq!(server.publish_raw(&body).await.0, 200);
     let other = recv_json(&mut ws).await;
     assert!(other["data"].get("eta_seconds").is_none());
 }

@@ -46,12 +46,16 @@ pub struct Delivery {
 impl Delivery {
     /// The shared frame in `encoding`: one encode per message per encoding in use.
     pub fn frame_for(&self, encoding: Encoding) -> Bytes {
+        self.frame_in(encoding).clone()
+    }
+
+    /// The same, borrowed (the MessagePack frame is built on first use).
+    pub fn frame_in(&self, encoding: Encoding) -> &Bytes {
         match encoding {
-            Encoding::Json => self.frame.clone(),
+            Encoding::Json => &self.frame,
             Encoding::MessagePack => self
                 .msgpack
-                .get_or_init(|| msg::event_frame_msgpack(&self.frame))
-                .clone(),
+                .get_or_init(|| msg::event_frame_msgpack(&self.frame)),
         }
     }
 }

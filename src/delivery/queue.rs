@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{Delivery, Priority};
-use crate::proto::msg::{self, Encoding};
+use crate::proto::msg::Encoding;
 
 enum Entry {
     Control(Bytes),
@@ -28,16 +28,8 @@ impl Entry {
     fn frame(&self, encoding: Encoding) -> &Bytes {
         match self {
             Entry::Control(b) => b,
-            Entry::Event(d, _) => event_frame(d, encoding),
+            Entry::Event(d, _) => d.frame_in(encoding),
         }
-    }
-}
-
-/// An event's shared frame in the connection's encoding (MessagePack built once per message).
-fn event_frame(d: &Delivery, encoding: Encoding) -> &Bytes {
-    match encoding {
-        Encoding::Json => &d.frame,
-        Encoding::MessagePack => d.msgpack.get_or_init(|| msg::event_frame_msgpack(&d.frame)),
     }
 }
 
@@ -163,7 +155,7 @@ impl SendQueue {
                 if let Some(old) = self.entries.remove(i) {
                     self.bytes -= old.frame(self.encoding).len();
                 }
-                self.bytes += event_frame(d, self.encoding).len();
+                self.bytes += d.frame_in(self.encoding).len();
                 self.entries
                     .push_back(Entry::Event(d.clone(), Instant::now()));
                 return Pushed::Conflated;
@@ -180,7 +172,7 @@ impl SendQueue {
                 return Pushed::Dropped;
             }
         }
-        self.bytes += event_frame(d, self.encoding).len();
+        self.bytes += d.frame_in(self.encoding).len();
         self.entries
             .push_back(Entry::Event(d.clone(), Instant::now()));
         Pushed::Queued
@@ -217,7 +209,7 @@ impl SendQueue {
                 if age > ttl {
                     let d = d.clone();
                     self.entries.remove(idx);
-                    self.bytes -= event_frame(&d, self.encoding).len();
+                    self.bytes -= d.frame_in(self.encoding).len();
                     self.count_drop(&d.channel);
                     continue;
                 }
@@ -270,7 +262,7 @@ impl SendQueue {
                 if let Some(key) = &d.coalesce_key {
                     self.note_sent(&d.channel, key, now);
                 }
-                event_frame(&d, self.encoding).clone()
+                d.frame_in(self.encoding).clone()
             }
         };
         self.bytes -= frame.len();
@@ -307,7 +299,7 @@ impl SendQueue {
         let mut freed = 0;
         self.entries.retain(|e| match e {
             Entry::Event(d, _) if gone(d) => {
-                freed += event_frame(d, encoding).len();
+                freed += d.frame_in(encoding).len();
                 false
             }
             _ => true,
@@ -319,7 +311,7 @@ impl SendQueue {
         let e = self.entries.pop_front()?;
         let frame = match e {
             Entry::Control(b) => b,
-            Entry::Event(d, _) => event_frame(&d, self.encoding).clone(),
+            Entry::Event(d, _) => d.frame_in(self.encoding).clone(),
         };
         self.bytes -= frame.len();
         Some(frame)

@@ -126,15 +126,17 @@ impl Server {
 
     /// `POST /api/v1/publish` with the API key.
     pub async fn publish(&self, body: &Value) -> (u16, Value) {
-        let (status, _, body) = self
-            .http(
-                "POST",
-                "/api/v1/publish",
-                &[("Authorization", &format!("Bearer {API_KEY}"))],
-                &body.to_string(),
-            )
-            .await;
+        let (status, body) = self.publish_raw(&body.to_string()).await;
         (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    /// `POST /api/v1/publish` with the API key and a body sent as is: (status, body).
+    pub async fn publish_raw(&self, body: &str) -> (u16, String) {
+        let auth = format!("Bearer {API_KEY}");
+        let (status, _, body) = self
+            .http("POST", "/api/v1/publish", &[("Authorization", &auth)], body)
+            .await;
+        (status, body)
     }
 
     /// Publishes one message and returns its seq.
