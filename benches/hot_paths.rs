@@ -37,8 +37,8 @@ use ringcast::delivery::rooms::Rooms;
 use ringcast::delivery::sequencer::{Resume, Sequencer};
 use ringcast::delivery::{Delivery, Publication};
 use ringcast::edge::jwt::{sign_hs256, Verifier};
-use ringcast::proto::msg::Encoding;
 use ringcast::proto::msg::{event_frame, parse_client_message};
+use ringcast::proto::msg::{Encoding, Format};
 use ringcast::proto::ws::codec::{self, opcode, testing::client_frame, Decoder};
 
 #[global_allocator]
@@ -80,7 +80,7 @@ fn delivery(seq: u64, frame: &Bytes) -> Arc<Delivery> {
         priority: Default::default(),
         coalesce_key: None,
         ttl: None,
-        msgpack: Default::default(),
+        twins: Default::default(),
     })
 }
 
@@ -115,6 +115,65 @@ fn frame(c: &mut Criterion) {
             |d| {
                 for _ in 0..10_000 {
                     black_box(d.frame_for(Encoding::MessagePack));
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+/// A 4 KiB log batch as dashboards send it: coloured test output, some UTF-8.
+fn log_frame_4k() -> Bytes {
+    let mut lines = String::new();
+    let mut i = 0;
+    while lines.len() < 4000 {
+        lines.push_str(&format!(
+            "\u{1b}[32mPASSED\u{1b}[0m tests/test_api.py::test_case_{i} ✓ ({} ms)\\n",
+            i * 7 % 113
+        ));
+        i += 1;
+    }
+    let data = serde_json::json!({"level": "info", "line": lines}).to_string();
+    event_frame("logs:t9", 1017, "log", TS_MS, &data)
+}
+
+/// permessage-deflate: one compression per message, shared by every subscriber that
+/// negotiated it (server_no_context_takeover); what it costs and what it saves.
+fn deflate(c: &mut Criterion) {
+    let compressed = Format {
+        encoding: Encoding::Json,
+        compress_over: Some(1024),
+    };
+    let mut g = c.benchmark_group("deflate");
+    for (name, frame) in [("log_4KiB", log_frame_4k()), ("event_512B", shared_frame())] {
+        let size = delivery(1, &frame).frame_for(compressed).len();
+        println!(
+            "deflate {name}: {} -> {size} bytes on the wire ({:.1} % of plain)",
+            frame.len(),
+            100.0 * size as f64 / frame.len() as f64
+        );
+        g.throughput(Throughput::Bytes(frame.len() as u64));
+        g.bench_function(format!("{name}_compress_once"), |b| {
+            let min = Format {
+                compress_over: Some(0),
+                ..compressed
+            };
+            b.iter_batched(
+                || delivery(1017, &frame),
+                |d| d.frame_for(min),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    let frame = log_frame_4k();
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("log_4KiB_for_10k_subscribers", |b| {
+        b.iter_batched(
+            || delivery(1017, &frame),
+            |d| {
+                for _ in 0..10_000 {
+                    black_box(d.frame_for(compressed));
                 }
             },
             BatchSize::SmallInput,
@@ -295,5 +354,5 @@ fn jwt(c: &mut Criterion) {
         });
 }
 
-criterion_group!(benches, frame, parse, decode, fanout, ring, sequencer, jwt);
+criterion_group!(benches, frame, deflate, parse, decode, fanout, ring, sequencer, jwt);
 criterion_main!(benches);

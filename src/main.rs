@@ -167,6 +167,7 @@ fn settings(config: &Config) -> Settings {
         node_rate_limit: config.node_rate_limit,
         queue_ttl: config.queue_ttl,
         key_interval: config.key_interval,
+        compress_over: config.compress_over,
         ack_max_sends: config.ack_max_sends,
     }
 }

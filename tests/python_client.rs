@@ -59,6 +59,11 @@ fn python_msgpack_client_gets_what_a_json_client_gets() {
     run_script("msgpack_check.py");
 }
 
+#[test]
+fn python_deflate_client_gets_compressed_events_intact() {
+    run_script("deflate_check.py");
+}
+
 fn run_script(name: &str) {
     let python = python_with_websockets();
     let server = Server::start();

@@ -3,11 +3,12 @@
 //! Pure: no sockets, no clocks (time comes in as `now_ms` / `Instant` arguments), no threads.
 //! The runtime is the only caller.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
-use crate::proto::msg::{self, Encoding};
+use crate::proto::msg::{self, Encoding, Format};
+use crate::proto::ws::deflate;
 
 pub mod access;
 pub mod channel;
@@ -39,23 +40,41 @@ pub struct Delivery {
     pub coalesce_key: Option<Box<str>>,
     /// Dropped if still queued for a connection after this long (critical events never are).
     pub ttl: Option<std::time::Duration>,
-    /// The MessagePack frame, built once, the first time a MessagePack subscriber needs it.
-    pub msgpack: std::sync::OnceLock<Bytes>,
+    /// The same message in the other formats, each built the first time a subscriber needs it.
+    pub twins: Twins,
+}
+
+/// A message's frame in other formats than plain JSON: built once each, on first use, and
+/// shared by every subscriber that uses that format.
+#[derive(Debug, Default)]
+pub struct Twins {
+    msgpack: OnceLock<Bytes>,
+    /// permessage-deflate frames, by encoding (JSON, MessagePack).
+    deflated: [OnceLock<Bytes>; 2],
 }
 
 impl Delivery {
-    /// The shared frame in `encoding`: one encode per message per encoding in use.
-    pub fn frame_for(&self, encoding: Encoding) -> Bytes {
-        self.frame_in(encoding).clone()
+    /// The shared frame in `format`: one encode (and one compression) per message per format
+    /// in use, whatever the number of subscribers.
+    pub fn frame_for(&self, format: impl Into<Format>) -> Bytes {
+        self.frame_in(format).clone()
     }
 
-    /// The same, borrowed (the MessagePack frame is built on first use).
-    pub fn frame_in(&self, encoding: Encoding) -> &Bytes {
-        match encoding {
+    /// The same, borrowed.
+    pub fn frame_in(&self, format: impl Into<Format>) -> &Bytes {
+        let format = format.into();
+        let plain = match format.encoding {
             Encoding::Json => &self.frame,
             Encoding::MessagePack => self
+                .twins
                 .msgpack
                 .get_or_init(|| msg::event_frame_msgpack(&self.frame)),
+        };
+        match format.compress_over {
+            Some(min) if plain.len() > min as usize => self.twins.deflated
+                [format.encoding as usize]
+                .get_or_init(|| deflate::compress_frame(plain).unwrap_or_else(|| plain.clone())),
+            _ => plain,
         }
     }
 }
@@ -139,7 +158,7 @@ mod tests {
             priority: Priority::Normal,
             coalesce_key: None,
             ttl: None,
-            msgpack: Default::default(),
+            twins: Default::default(),
         };
         let a = d.frame_for(Encoding::MessagePack);
         let b = d.frame_for(Encoding::MessagePack);
@@ -151,5 +170,52 @@ mod tests {
             serde_json::json!({"channel":"c","seq":7,"event":"e","ts":1,"data":{"a":[1,2],"b":"x"}})
         );
         assert_eq!(d.frame_for(Encoding::Json).as_ptr(), d.frame.as_ptr());
+    }
+
+    #[test]
+    fn compressed_frames_are_built_once_per_format_and_only_past_the_threshold() {
+        let data = format!("{{\"log\":\"{}\"}}", "all tests passed; ".repeat(200));
+        let d = Delivery {
+            channel: "c".into(),
+            seq: 1,
+            frame: msg::event_frame("c", 1, "log", 1, &data),
+            project_id: None,
+            user_id: None,
+            agent_id: None,
+            event: "log".into(),
+            priority: Priority::Normal,
+            coalesce_key: None,
+            ttl: None,
+            twins: Default::default(),
+        };
+        let deflate = |encoding, min| Format {
+            encoding,
+            compress_over: Some(min),
+        };
+        let before = crate::proto::ws::deflate::compressed_total();
+        let a = d.frame_for(deflate(Encoding::Json, 1024));
+        let b = d.frame_for(deflate(Encoding::Json, 1024));
+        assert_eq!(a.as_ptr(), b.as_ptr(), "one compression, shared");
+        assert_eq!(a[0], 0xC1, "FIN + RSV1 + text");
+        assert!(
+            a.len() * 5 < d.frame.len(),
+            "{} vs {}",
+            a.len(),
+            d.frame.len()
+        );
+        let m = d.frame_for(deflate(Encoding::MessagePack, 1024));
+        assert_eq!(m[0], 0xC2, "FIN + RSV1 + binary");
+        assert_eq!(
+            d.frame_for(deflate(Encoding::MessagePack, 1024)).as_ptr(),
+            m.as_ptr()
+        );
+        // Other threads may compress too; this message was compressed exactly twice.
+        assert!(crate::proto::ws::deflate::compressed_total() >= before + 2);
+        // Under the threshold: the plain frame itself.
+        let big = d.frame.len() as u32;
+        assert_eq!(
+            d.frame_for(deflate(Encoding::Json, big)).as_ptr(),
+            d.frame.as_ptr()
+        );
     }
 }

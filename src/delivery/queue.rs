@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{Delivery, Priority};
-use crate::proto::msg::Encoding;
+use crate::proto::msg::Format;
 
 enum Entry {
     Control(Bytes),
@@ -25,10 +25,10 @@ enum Entry {
 }
 
 impl Entry {
-    fn frame(&self, encoding: Encoding) -> &Bytes {
+    fn frame(&self, format: Format) -> &Bytes {
         match self {
             Entry::Control(b) => b,
-            Entry::Event(d, _) => d.frame_in(encoding),
+            Entry::Event(d, _) => d.frame_in(format),
         }
     }
 }
@@ -109,7 +109,7 @@ pub struct SendQueue {
     key_interval: Duration,
     /// When an event of each (channel, key) last left.
     last_sent: Vec<(Arc<str>, Box<str>, Instant)>,
-    encoding: Encoding,
+    format: Format,
 }
 
 impl SendQueue {
@@ -121,13 +121,13 @@ impl SendQueue {
             dropped: Vec::new(),
             key_interval,
             last_sent: Vec::new(),
-            encoding: Encoding::Json,
+            format: Format::default(),
         }
     }
 
-    /// Frames of events go out in this encoding (JSON unless set).
-    pub fn set_encoding(&mut self, encoding: Encoding) {
-        self.encoding = encoding;
+    /// Frames of events go out in this format (plain JSON unless set).
+    pub fn set_format(&mut self, format: Format) {
+        self.format = format;
     }
 
     pub fn push_control(&mut self, frame: Bytes) {
@@ -153,9 +153,9 @@ impl SendQueue {
             });
             if let Some(i) = same {
                 if let Some(old) = self.entries.remove(i) {
-                    self.bytes -= old.frame(self.encoding).len();
+                    self.bytes -= old.frame(self.format).len();
                 }
-                self.bytes += d.frame_in(self.encoding).len();
+                self.bytes += d.frame_in(self.format).len();
                 self.entries
                     .push_back(Entry::Event(d.clone(), Instant::now()));
                 return Pushed::Conflated;
@@ -172,7 +172,7 @@ impl SendQueue {
                 return Pushed::Dropped;
             }
         }
-        self.bytes += d.frame_in(self.encoding).len();
+        self.bytes += d.frame_in(self.format).len();
         self.entries
             .push_back(Entry::Event(d.clone(), Instant::now()));
         Pushed::Queued
@@ -209,7 +209,7 @@ impl SendQueue {
                 if age > ttl {
                     let d = d.clone();
                     self.entries.remove(idx);
-                    self.bytes -= d.frame_in(self.encoding).len();
+                    self.bytes -= d.frame_in(self.format).len();
                     self.count_drop(&d.channel);
                     continue;
                 }
@@ -262,7 +262,7 @@ impl SendQueue {
                 if let Some(key) = &d.coalesce_key {
                     self.note_sent(&d.channel, key, now);
                 }
-                d.frame_in(self.encoding).clone()
+                d.frame_in(self.format).clone()
             }
         };
         self.bytes -= frame.len();
@@ -295,11 +295,11 @@ impl SendQueue {
 
     /// Removes every queued event `gone` picks (an ended subscription, a revoked project).
     pub fn purge(&mut self, gone: impl Fn(&Delivery) -> bool) {
-        let encoding = self.encoding;
+        let format = self.format;
         let mut freed = 0;
         self.entries.retain(|e| match e {
             Entry::Event(d, _) if gone(d) => {
-                freed += d.frame_in(encoding).len();
+                freed += d.frame_in(format).len();
                 false
             }
             _ => true,
@@ -311,14 +311,14 @@ impl SendQueue {
         let e = self.entries.pop_front()?;
         let frame = match e {
             Entry::Control(b) => b,
-            Entry::Event(d, _) => d.frame_in(self.encoding).clone(),
+            Entry::Event(d, _) => d.frame_in(self.format).clone(),
         };
         self.bytes -= frame.len();
         Some(frame)
     }
 
     pub fn front_len(&self) -> Option<usize> {
-        self.entries.front().map(|e| e.frame(self.encoding).len())
+        self.entries.front().map(|e| e.frame(self.format).len())
     }
 
     pub fn len(&self) -> usize {
@@ -369,7 +369,7 @@ mod tests {
             priority,
             coalesce_key: key.map(Into::into),
             ttl: None,
-            msgpack: Default::default(),
+            twins: Default::default(),
         })
     }
 

@@ -131,7 +131,7 @@ mod tests {
             priority: Default::default(),
             coalesce_key: None,
             ttl: None,
-            msgpack: Default::default(),
+            twins: Default::default(),
         })
     }
 

@@ -105,7 +105,7 @@ impl Sequencer {
             priority: p.priority,
             coalesce_key: p.coalesce_key,
             ttl: p.ttl,
-            msgpack: Default::default(),
+            twins: Default::default(),
         });
         for (core, &n) in state.interest.iter().enumerate() {
             if n > 0 {

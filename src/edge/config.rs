@@ -136,6 +136,12 @@ pub struct Flags {
     /// Client messages per second per connection before `rate_limited`; twice that closes 1008.
     #[arg(long, env = "RINGCAST_MAX_CLIENT_MESSAGES_PER_SEC")]
     pub max_client_messages_per_sec: Option<u32>,
+    /// Offer permessage-deflate to clients that ask for it (default true).
+    #[arg(long, env = "RINGCAST_COMPRESSION")]
+    pub compression: Option<bool>,
+    /// Event frames larger than this many bytes go compressed (default 1024).
+    #[arg(long, env = "RINGCAST_COMPRESSION_THRESHOLD")]
+    pub compression_threshold: Option<u32>,
 }
 
 /// The same settings as the file holds them (all optional).
@@ -178,6 +184,8 @@ struct FileSettings {
     max_connections_per_project: Option<u32>,
     max_connections: Option<u32>,
     max_client_messages_per_sec: Option<u32>,
+    compression: Option<bool>,
+    compression_threshold: Option<u32>,
 }
 
 /// The settings in force.
@@ -213,6 +221,8 @@ pub struct Config {
     pub node_rate_limit: u32,
     pub queue_ttl: Duration,
     pub key_interval: Duration,
+    /// permessage-deflate: compress event frames larger than this (`None`: not offered).
+    pub compress_over: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -345,6 +355,16 @@ impl Config {
                 .unwrap_or(10_000),
             queue_ttl: ms(flags.queue_ttl_ms.or(file.queue_ttl_ms), 5_000),
             key_interval: ms(flags.key_interval_ms.or(file.key_interval_ms), 100),
+            compress_over: flags
+                .compression
+                .or(file.compression)
+                .unwrap_or(true)
+                .then(|| {
+                    flags
+                        .compression_threshold
+                        .or(file.compression_threshold)
+                        .unwrap_or(1024)
+                }),
             ack_max_sends: flags.ack_max_sends.or(file.ack_max_sends).unwrap_or(5),
             queue_threshold: flags
                 .queue_threshold

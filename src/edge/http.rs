@@ -273,6 +273,9 @@ fn metrics(core: &Core) -> Reply {
          # HELP ringcast_frames_queued_total Event frames queued to subscribers since start.\n\
          # TYPE ringcast_frames_queued_total counter\n\
          ringcast_frames_queued_total {}\n\
+         # HELP ringcast_compressed_messages_total Event frames compressed (permessage-deflate), once per message and encoding.\n\
+         # TYPE ringcast_compressed_messages_total counter\n\
+         ringcast_compressed_messages_total {}\n\
          # HELP ringcast_draining 1 while the node drains.\n\
          # TYPE ringcast_draining gauge\n\
          ringcast_draining {}\n",
@@ -280,6 +283,7 @@ fn metrics(core: &Core) -> Reply {
         s.connections_total.load(Ordering::Relaxed),
         s.published.load(Ordering::Relaxed),
         s.frames_queued.load(Ordering::Relaxed),
+        crate::proto::ws::deflate::compressed_total(),
         u8::from(core.shared.is_draining()),
     );
     Reply {

@@ -19,7 +19,8 @@ use crate::delivery::filter::{parse_list, text_match, Filter};
 use crate::delivery::limits::Refused;
 use crate::delivery::sequencer::Resume;
 use crate::proto::http::{self, Request};
-use crate::proto::msg::{Control, Encoding};
+use crate::proto::msg::{Control, Encoding, Format};
+use crate::proto::ws::deflate;
 use crate::runtime::audit::AUDIT_CHANNEL;
 use crate::runtime::conn::{self, Conn};
 use crate::runtime::core::Core;
@@ -83,7 +84,14 @@ pub async fn serve(
         let _ = stream.write_all(reply_for(refused).encode(false)).await;
         return;
     }
-    let accept = http::accept_response(&upgrade.key, opening.protocol);
+    // permessage-deflate, if offered and on: frames past the threshold go compressed.
+    let compress_over = core
+        .shared
+        .settings
+        .compress_over
+        .filter(|_| deflate::accepts(req.tokens("sec-websocket-extensions")));
+    let extensions = compress_over.map(|_| deflate::RESPONSE);
+    let accept = http::accept_response(&upgrade.key, opening.protocol, extensions);
     // The request lives no longer than the handshake: a connection lasts hours.
     drop((req, upgrade));
     let (res, _) = stream.write_all(accept).await;
@@ -98,7 +106,10 @@ pub async fn serve(
         opening.claims,
         stream.as_raw_fd(),
         settings,
-        opening.encoding,
+        Format {
+            encoding: opening.encoding,
+            compress_over,
+        },
     ));
     *conn.handshake_projects.borrow_mut() = projects;
     conn.acks.set(opening.acks);

@@ -85,7 +85,8 @@ impl Request {
         }
     }
 
-    fn tokens<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    /// The comma-separated items of every `name` header (lower-case), trimmed, in order.
+    pub fn tokens<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.headers
             .iter()
             .filter(move |(n, _)| n == name)
@@ -276,8 +277,9 @@ pub fn is_upgrade_request(req: &Request) -> bool {
     req.has_token("upgrade", "websocket")
 }
 
-/// `101 Switching Protocols` completing the handshake for `key`, echoing `protocol` if chosen.
-pub fn accept_response(key: &str, protocol: Option<&str>) -> Vec<u8> {
+/// `101 Switching Protocols` completing the handshake for `key`, echoing `protocol` if chosen
+/// and naming the accepted `extensions`, if any.
+pub fn accept_response(key: &str, protocol: Option<&str>, extensions: Option<&str>) -> Vec<u8> {
     let mut out = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Accept: {}\r\n",
@@ -285,6 +287,9 @@ pub fn accept_response(key: &str, protocol: Option<&str>) -> Vec<u8> {
     );
     if let Some(protocol) = protocol {
         push_header(&mut out, "Sec-WebSocket-Protocol", protocol);
+    }
+    if let Some(extensions) = extensions {
+        push_header(&mut out, "Sec-WebSocket-Extensions", extensions);
     }
     out.push_str("\r\n");
     out.into_bytes()
@@ -636,13 +641,14 @@ mod tests {
 
     #[test]
     fn accept_key_rfc_example() {
-        let resp = String::from_utf8(accept_response("dGhlIHNhbXBsZSBub25jZQ==", None)).unwrap();
+        let resp =
+            String::from_utf8(accept_response("dGhlIHNhbXBsZSBub25jZQ==", None, None)).unwrap();
         assert_eq!(
             resp,
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
         );
-        let resp = accept_response("dGhlIHNhbXBsZSBub25jZQ==", Some("chat"));
+        let resp = accept_response("dGhlIHNhbXBsZSBub25jZQ==", Some("chat"), None);
         assert!(resp.ends_with(b"\r\nSec-WebSocket-Protocol: chat\r\n\r\n"));
     }
 

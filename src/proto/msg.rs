@@ -192,6 +192,23 @@ impl Encoding {
     }
 }
 
+/// How one connection's event frames are built: the encoding, and past what frame size they
+/// are compressed (permessage-deflate negotiated; `None`: never).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Format {
+    pub encoding: Encoding,
+    pub compress_over: Option<u32>,
+}
+
+impl From<Encoding> for Format {
+    fn from(encoding: Encoding) -> Format {
+        Format {
+            encoding,
+            compress_over: None,
+        }
+    }
+}
+
 /// The `data` of an event frame, as the JSON text the publisher sent.
 pub fn event_data(frame: &[u8]) -> &str {
     let header = match frame.get(1).map(|b| b & 0x7f) {

@@ -25,7 +25,7 @@ use crate::delivery::heartbeat::{Beat, Heartbeat};
 use crate::delivery::queue::{Bucket, Next, Pushed, SendQueue};
 use crate::delivery::sequencer::Resume;
 use crate::delivery::{Delivery, Priority};
-use crate::proto::msg::{self, ClientMessage, Control, Encoding, ErrorCode};
+use crate::proto::msg::{self, ClientMessage, Control, Encoding, ErrorCode, Format};
 use crate::proto::ws::codec::{self, Decoder, Event};
 
 use super::core::{Core, Received, Settings};
@@ -90,6 +90,8 @@ pub struct Conn {
     max_queue_bytes: usize,
     /// The encoding of every frame this connection gets.
     pub encoding: Encoding,
+    /// permessage-deflate: event frames larger than this go compressed.
+    compress_over: Option<u32>,
     /// This connection's share of the outbound rate limit.
     bucket: RefCell<Bucket>,
     /// Since when the client has been behind without catching up (for `slow_client_timeout`).
@@ -111,10 +113,10 @@ impl Conn {
         claims: Claims,
         fd: RawFd,
         settings: &Settings,
-        encoding: Encoding,
+        format: Format,
     ) -> Conn {
         let mut queue = SendQueue::new(settings.queue_threshold, settings.key_interval);
-        queue.set_encoding(encoding);
+        queue.set_format(format);
         let max_queue_bytes = settings.max_queue_bytes;
         let heartbeat = Heartbeat::new(Instant::now(), &settings.heartbeat);
         Conn {
@@ -132,7 +134,8 @@ impl Conn {
             subs: RefCell::new(HashMap::new()),
             queue: RefCell::new(queue),
             kicked: Cell::new(false),
-            encoding,
+            encoding: format.encoding,
+            compress_over: format.compress_over,
             max_queue_bytes,
             behind_since: Cell::new(None),
             bucket: RefCell::new(Bucket::new(settings.connection_rate_limit)),
@@ -142,6 +145,14 @@ impl Conn {
             initial_pending: Cell::new(0),
             heartbeat: RefCell::new(heartbeat),
             fd,
+        }
+    }
+
+    /// How this connection's event frames are built.
+    pub fn format(&self) -> Format {
+        Format {
+            encoding: self.encoding,
+            compress_over: self.compress_over,
         }
     }
 
@@ -271,7 +282,7 @@ impl Conn {
                 .map(|(d, at, sends)| {
                     *at = now;
                     *sends += 1;
-                    d.frame_for(self.encoding)
+                    d.frame_for(self.format())
                 })
                 .collect()
         };
@@ -442,6 +453,9 @@ async fn read_loop(
     mut acc: BytesMut,
 ) {
     let mut decoder = Decoder::new(core.shared.settings.max_message_bytes);
+    if conn.compress_over.is_some() {
+        decoder = decoder.with_deflate();
+    }
     loop {
         loop {
             match decoder.decode(&mut acc) {

@@ -49,6 +49,8 @@ pub struct Settings {
     pub node_rate_limit: u32,
     /// Least time between two events of one `coalesce_key` to one connection (zero: no pacing).
     pub key_interval: Duration,
+    /// permessage-deflate: event frames larger than this go compressed (`None`: not offered).
+    pub compress_over: Option<u32>,
     /// How long an event may wait in a connection's queue (unless its `ttl_ms` says otherwise).
     pub queue_ttl: Duration,
     /// `ack=critical`: re-send an unacknowledged critical event after this long...
@@ -544,7 +546,7 @@ impl Core {
             let bytes: usize = replay
                 .deliveries
                 .iter()
-                .map(|d| d.frame_for(conn.encoding).len())
+                .map(|d| d.frame_for(conn.format()).len())
                 .sum::<usize>()
                 + conn.queued_bytes();
             if bytes > self.shared.settings.max_queue_bytes / 2 {
@@ -554,7 +556,7 @@ impl Core {
             let mut count = 0;
             for d in &replay.deliveries {
                 if conn.wants(d) {
-                    conn.push(d.frame_for(conn.encoding));
+                    conn.push(d.frame_for(conn.format()));
                     count += 1;
                 }
             }

@@ -284,6 +284,8 @@ pub struct RawWs {
 #[derive(Debug, PartialEq, Eq)]
 pub struct RawFrame {
     pub opcode: u8,
+    /// RSV1: a permessage-deflate compressed message.
+    pub compressed: bool,
     pub payload: Vec<u8>,
 }
 
@@ -297,10 +299,19 @@ impl RawFrame {
 impl RawWs {
     /// Handshakes on `path_and_query` and returns the client; panics unless 101.
     pub async fn connect(addr: SocketAddr, path_and_query: &str) -> RawWs {
+        RawWs::connect_with(addr, path_and_query, "").await.0
+    }
+
+    /// The same with `extra_headers` (each line ending in CRLF); also returns the 101's head.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        path_and_query: &str,
+        extra_headers: &str,
+    ) -> (RawWs, String) {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let req = format!(
             "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
         );
         stream.write_all(req.as_bytes()).await.unwrap();
         let mut buf = Vec::new();
@@ -323,7 +334,7 @@ impl RawWs {
             "{head}"
         );
         buf.drain(..head_end);
-        RawWs { stream, buf }
+        (RawWs { stream, buf }, head)
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
@@ -414,6 +425,7 @@ fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
     Some((
         RawFrame {
             opcode: buf[0] & 0x0f,
+            compressed: buf[0] & 0x40 != 0,
             payload: buf[header..header + len].to_vec(),
         },
         header + len,

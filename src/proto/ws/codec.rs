@@ -5,7 +5,7 @@
 //! final server frames as one [`Bytes`] that can be shared across many sockets.
 //!
 //! Invariant: every `Event` handed out is fully validated (masking, reserved bits, opcodes,
-//! control-frame rules, fragmentation order, UTF-8, close codes), and the decoder never holds
+//! control-frame rules, fragmentation order, UTF-8 after inflating, close codes), and the decoder never holds
 //! more than `max_message_bytes` of message data: a frame whose header announces a length that
 //! would exceed the cap is rejected before its payload is buffered. After the first error the
 //! decoder is poisoned and returns that same error forever; the caller must close the
@@ -13,6 +13,8 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use std::fmt;
+
+use super::deflate;
 
 /// Default cap on one (reassembled) message.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
@@ -57,6 +59,8 @@ pub enum ProtocolError {
     ExpectedContinuation,
     InvalidUtf8,
     MessageTooBig,
+    /// A compressed message (permessage-deflate) that does not inflate.
+    BadCompression,
     InvalidCloseCode(u16),
     BadClosePayload,
     /// 64-bit payload length with the most significant bit set.
@@ -67,7 +71,7 @@ impl ProtocolError {
     /// Close code to send back: 1007 for bad UTF-8, 1009 for too big, 1002 otherwise.
     pub fn close_code(&self) -> u16 {
         match self {
-            ProtocolError::InvalidUtf8 => 1007,
+            ProtocolError::InvalidUtf8 | ProtocolError::BadCompression => 1007,
             ProtocolError::MessageTooBig => 1009,
             _ => 1002,
         }
@@ -85,6 +89,7 @@ impl ProtocolError {
             ProtocolError::ExpectedContinuation => "expected continuation frame",
             ProtocolError::InvalidUtf8 => "invalid UTF-8",
             ProtocolError::MessageTooBig => "message too big",
+            ProtocolError::BadCompression => "bad compressed data",
             ProtocolError::InvalidCloseCode(_) => "invalid close code",
             ProtocolError::BadClosePayload => "bad close payload",
             ProtocolError::LengthOverflow => "invalid payload length",
@@ -108,6 +113,8 @@ impl std::error::Error for ProtocolError {}
 #[derive(Debug)]
 pub struct Decoder {
     max_message_bytes: usize,
+    /// permessage-deflate was negotiated: RSV1 on a message's first frame means compressed.
+    deflate: bool,
     message: Option<Partial>,
     failed: Option<ProtocolError>,
 }
@@ -119,12 +126,15 @@ struct Partial {
     data: BytesMut,
     /// For text: `data[..utf8_checked]` is known to be valid, complete UTF-8.
     utf8_checked: usize,
+    /// Compressed (RSV1): checked and inflated once complete.
+    compressed: bool,
 }
 
 /// A parsed frame header, validated against the decoder state.
 struct Header {
     fin: bool,
     opcode: u8,
+    compressed: bool,
     mask: [u8; 4],
     header_len: usize,
     payload_len: usize,
@@ -134,9 +144,16 @@ impl Decoder {
     pub fn new(max_message_bytes: usize) -> Self {
         Decoder {
             max_message_bytes,
+            deflate: false,
             message: None,
             failed: None,
         }
+    }
+
+    /// Accepts compressed messages (permessage-deflate, no context takeover).
+    pub fn with_deflate(mut self) -> Self {
+        self.deflate = true;
+        self
     }
 
     /// Decodes the next complete event from the front of `buf`, removing the bytes it used.
@@ -171,7 +188,7 @@ impl Decoder {
             buf.advance(h.header_len);
             let mut payload = buf.split_to(h.payload_len);
             unmask(&mut payload, h.mask);
-            if let Some(event) = self.on_frame(h.fin, h.opcode, payload)? {
+            if let Some(event) = self.on_frame(h.fin, h.opcode, h.compressed, payload)? {
                 return Ok(Some(event));
             }
         }
@@ -186,9 +203,12 @@ impl Decoder {
         };
         let fin = b0 & 0x80 != 0;
         let opcode = b0 & 0x0F;
-        if b0 & 0x70 != 0 {
-            return Err(ProtocolError::ReservedBits);
-        }
+        let compressed = match b0 & 0x70 {
+            0 => false,
+            // RSV1 marks a compressed message, on its first frame only (RFC 7692 §6).
+            0x40 if self.deflate && matches!(opcode, opcode::TEXT | opcode::BINARY) => true,
+            _ => return Err(ProtocolError::ReservedBits),
+        };
         let is_control = match opcode {
             opcode::CONTINUATION | opcode::TEXT | opcode::BINARY => false,
             opcode::CLOSE | opcode::PING | opcode::PONG => true,
@@ -246,6 +266,7 @@ impl Decoder {
         Ok(Some(Header {
             fin,
             opcode,
+            compressed,
             mask: [m[0], m[1], m[2], m[3]],
             header_len: mask_at + 4,
             payload_len,
@@ -257,12 +278,16 @@ impl Decoder {
         &mut self,
         fin: bool,
         op: u8,
+        compressed: bool,
         payload: BytesMut,
     ) -> Result<Option<Event>, ProtocolError> {
         match op {
             opcode::PING => Ok(Some(Event::Ping(payload.freeze()))),
             opcode::PONG => Ok(Some(Event::Pong(payload.freeze()))),
             opcode::CLOSE => parse_close(&payload).map(Some),
+            opcode::TEXT | opcode::BINARY if fin && compressed => {
+                self.inflated(op, &payload).map(Some)
+            }
             opcode::TEXT | opcode::BINARY if fin => {
                 if op == opcode::TEXT && std::str::from_utf8(&payload).is_err() {
                     return Err(ProtocolError::InvalidUtf8);
@@ -276,6 +301,7 @@ impl Decoder {
                     opcode: op,
                     data: BytesMut::with_capacity(payload.len()),
                     utf8_checked: 0,
+                    compressed,
                 };
                 partial.append(&payload, false)?;
                 self.message = Some(partial);
@@ -290,11 +316,24 @@ impl Decoder {
                     return Ok(None);
                 }
                 match self.message.take() {
+                    Some(m) if m.compressed => self.inflated(m.opcode, &m.data).map(Some),
                     Some(m) => Ok(Some(data_event(m.opcode, m.data.freeze()))),
                     None => Ok(None),
                 }
             }
         }
+    }
+
+    /// A complete compressed message, inflated within the message limit and checked.
+    fn inflated(&self, op: u8, data: &[u8]) -> Result<Event, ProtocolError> {
+        let plain = deflate::inflate(data, self.max_message_bytes).map_err(|e| match e {
+            deflate::InflateError::TooBig => ProtocolError::MessageTooBig,
+            deflate::InflateError::Corrupt => ProtocolError::BadCompression,
+        })?;
+        if op == opcode::TEXT && std::str::from_utf8(&plain).is_err() {
+            return Err(ProtocolError::InvalidUtf8);
+        }
+        Ok(data_event(op, Bytes::from(plain)))
     }
 }
 
@@ -309,7 +348,7 @@ impl Partial {
     /// while a character split across fragments is fine until the final one.
     fn append(&mut self, fragment: &[u8], fin: bool) -> Result<(), ProtocolError> {
         self.data.extend_from_slice(fragment);
-        if self.opcode != opcode::TEXT {
+        if self.opcode != opcode::TEXT || self.compressed {
             return Ok(());
         }
         match std::str::from_utf8(&self.data[self.utf8_checked..]) {

@@ -1,3 +1,4 @@
 //! WebSocket (RFC 6455), server side.
 
 pub mod codec;
+pub mod deflate;

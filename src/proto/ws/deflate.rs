@@ -1,0 +1,249 @@
+//! permessage-deflate (RFC 7692), server side, without context takeover in either direction.
+//!
+//! Invariant: every compressed message stands alone (a fresh LZ77 window, no dictionary from
+//! earlier messages), so one compressed frame is valid for every subscriber that negotiated
+//! the extension and is built once per message, like the plain frame. Client messages are
+//! inflated one at a time into at most `max_message_bytes`.
+//!
+//! Negotiation: the server accepts the first `permessage-deflate` offer it can honour and
+//! answers `permessage-deflate; server_no_context_takeover; client_no_context_takeover`. An
+//! offer asking for `server_max_window_bits` below 15 is declined (our frames may reach back
+//! 32 KiB), as is one with unknown or repeated parameters; the connection then goes on plain.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+/// The `Sec-WebSocket-Extensions` value of an accepted offer.
+pub const RESPONSE: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// The tail a sync flush ends with, removed on the wire (RFC 7692 §7.2.1).
+const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// Messages compressed since start (each once, whatever the number of subscribers).
+static COMPRESSED: AtomicU64 = AtomicU64::new(0);
+
+/// How many messages this process has compressed (for metrics and tests).
+pub fn compressed_total() -> u64 {
+    COMPRESSED.load(Ordering::Relaxed)
+}
+
+/// Whether any of the `Sec-WebSocket-Extensions` offers (comma-separated lists, as sent) is a
+/// `permessage-deflate` offer this server accepts.
+pub fn accepts<'a>(offers: impl IntoIterator<Item = &'a str>) -> bool {
+    offers
+        .into_iter()
+        .flat_map(|header| header.split(','))
+        .any(acceptable)
+}
+
+fn acceptable(offer: &str) -> bool {
+    let mut parts = offer.split(';').map(str::trim);
+    if !parts
+        .next()
+        .is_some_and(|name| name.eq_ignore_ascii_case("permessage-deflate"))
+    {
+        return false;
+    }
+    let mut seen: Vec<String> = Vec::new();
+    for param in parts.filter(|p| !p.is_empty()) {
+        let (name, value) = match param.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+            None => (param, None),
+        };
+        let name = name.to_ascii_lowercase();
+        if seen.contains(&name) {
+            return false;
+        }
+        let ok = match (name.as_str(), value) {
+            ("server_no_context_takeover" | "client_no_context_takeover", None) => true,
+            // We inflate with a 32 KiB window, enough for any the client uses.
+            ("client_max_window_bits", None) => true,
+            ("client_max_window_bits", Some(v)) => window_bits(v).is_some(),
+            ("server_max_window_bits", Some(v)) => window_bits(v) == Some(15),
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+        seen.push(name);
+    }
+    true
+}
+
+fn window_bits(v: &str) -> Option<u8> {
+    v.parse::<u8>().ok().filter(|b| (8..=15).contains(b))
+}
+
+thread_local! {
+    static DEFLATE: RefCell<Compress> = RefCell::new(Compress::new(Compression::default(), false));
+    static INFLATE: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+}
+
+/// The payload of a compressed message: raw DEFLATE of `data`, sync-flushed, tail removed.
+/// Counts one compression.
+pub fn compress(data: &[u8]) -> Vec<u8> {
+    COMPRESSED.fetch_add(1, Ordering::Relaxed);
+    DEFLATE.with(|cell| {
+        let mut z = cell.borrow_mut();
+        z.reset();
+        let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        let start_in = z.total_in();
+        loop {
+            let used = (z.total_in() - start_in) as usize;
+            if out.capacity() - out.len() < 64 {
+                out.reserve(out.capacity().max(1024));
+            }
+            z.compress_vec(&data[used..], &mut out, FlushCompress::Sync)
+                .expect("deflate of an in-memory buffer cannot fail");
+            let done = (z.total_in() - start_in) as usize == data.len();
+            if done && out.ends_with(&SYNC_TAIL) && out.capacity() > out.len() {
+                break;
+            }
+        }
+        out.truncate(out.len() - SYNC_TAIL.len());
+        out
+    })
+}
+
+/// The compressed twin of a complete, final, unmasked server frame (same opcode, RSV1 set),
+/// or `None` when compressing does not make it smaller.
+pub fn compress_frame(frame: &[u8]) -> Option<bytes::Bytes> {
+    let header_len = match frame.get(1)? & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    let payload = compress(frame.get(header_len..)?);
+    let mut out = Vec::with_capacity(10 + payload.len());
+    super::codec::write_frame_header(&mut out, frame[0] & 0x0f, payload.len());
+    out[0] |= 0x40;
+    out.extend_from_slice(&payload);
+    (out.len() < frame.len()).then(|| bytes::Bytes::from(out))
+}
+
+/// Why a compressed client message was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflateError {
+    /// It inflates past the message limit.
+    TooBig,
+    /// Not valid DEFLATE data.
+    Corrupt,
+}
+
+/// Inflates one client message (no context takeover) into at most `max` bytes.
+pub fn inflate(data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
+    INFLATE.with(|cell| {
+        let mut z = cell.borrow_mut();
+        z.reset(false);
+        // Room for one byte past `max`: a message that fills it is too big.
+        let limit = max.saturating_add(1);
+        let mut out: Vec<u8> = Vec::new();
+        for input in [data, &SYNC_TAIL[..]] {
+            let start = z.total_in();
+            loop {
+                if out.len() == out.capacity() {
+                    if out.len() >= limit {
+                        return Err(InflateError::TooBig);
+                    }
+                    let grow = out.capacity().max(256).min(limit - out.len());
+                    out.reserve_exact(grow);
+                }
+                let used = (z.total_in() - start) as usize;
+                let before = (z.total_in(), z.total_out());
+                let status = z
+                    .decompress_vec(&input[used..], &mut out, FlushDecompress::Sync)
+                    .map_err(|_| InflateError::Corrupt)?;
+                if out.len() > max {
+                    return Err(InflateError::TooBig);
+                }
+                let consumed = (z.total_in() - start) as usize == input.len();
+                let room_left = out.len() < out.capacity();
+                let stuck = (z.total_in(), z.total_out()) == before;
+                if status == Status::StreamEnd || (room_left && (consumed || stuck)) {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_accepts_what_it_can_honour() {
+        assert!(accepts(["permessage-deflate"]));
+        assert!(accepts(["permessage-deflate; client_max_window_bits"]));
+        assert!(accepts([
+            "permessage-deflate; server_no_context_takeover; client_max_window_bits=10"
+        ]));
+        assert!(accepts(["x-webkit-deflate-frame, permessage-deflate"]));
+        assert!(accepts([
+            "permessage-deflate; server_max_window_bits=10",
+            "permessage-deflate"
+        ]));
+        assert!(accepts(["permessage-deflate; server_max_window_bits=15"]));
+        assert!(!accepts(["permessage-deflate; server_max_window_bits=10"]));
+        assert!(!accepts(["permessage-deflate; server_max_window_bits"]));
+        assert!(!accepts(["permessage-deflate; client_max_window_bits=20"]));
+        assert!(!accepts(["permessage-deflate; mystery"]));
+        assert!(!accepts([
+            "permessage-deflate; server_no_context_takeover; server_no_context_takeover"
+        ]));
+        assert!(!accepts(["deflate-frame"]));
+        assert!(!accepts(Vec::<&str>::new()));
+    }
+
+    #[test]
+    fn compress_then_inflate_round_trips() {
+        for data in [
+            Vec::new(),
+            b"hello".to_vec(),
+            br#"{"line":"lorem ipsum dolor sit amet"}"#.repeat(5000),
+            (0..200_000u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect(),
+        ] {
+            let packed = compress(&data);
+            assert!(!packed.ends_with(&SYNC_TAIL) || data.is_empty());
+            assert_eq!(inflate(&packed, 1 << 20).unwrap(), data);
+        }
+    }
+
+    #[test]
+    fn repetitive_data_shrinks_a_lot() {
+        let data = br#"{"level":"info","line":"step 1 of 10 ok"}"#.repeat(100);
+        assert!(compress(&data).len() * 10 < data.len());
+    }
+
+    #[test]
+    fn inflate_stops_at_the_limit() {
+        let data = vec![b'a'; 100_000];
+        let packed = compress(&data);
+        assert_eq!(inflate(&packed, 99_999), Err(InflateError::TooBig));
+        assert_eq!(inflate(&packed, 100_000).unwrap().len(), 100_000);
+        assert_eq!(inflate(&packed, 4096), Err(InflateError::TooBig));
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert_eq!(
+            inflate(&[0xff, 0xff, 0xff, 0xff, 0x00], 1 << 20),
+            Err(InflateError::Corrupt)
+        );
+    }
+
+    #[test]
+    fn messages_are_independent() {
+        // No context takeover: each message inflates on its own, in any order.
+        let a = compress(b"first message first message");
+        let b = compress(b"second message first message");
+        assert_eq!(inflate(&b, 1024).unwrap(), b"second message first message");
+        assert_eq!(inflate(&a, 1024).unwrap(), b"first message first message");
+    }
+}
