@@ -49,6 +49,8 @@ pub struct Delivery {
 #[derive(Debug, Default)]
 pub struct Twins {
     msgpack: OnceLock<Bytes>,
+    /// The Server-Sent Events message.
+    sse: OnceLock<Bytes>,
     /// permessage-deflate frames, by encoding (JSON, MessagePack).
     deflated: [OnceLock<Bytes>; 2],
 }
@@ -69,6 +71,8 @@ impl Delivery {
                 .twins
                 .msgpack
                 .get_or_init(|| msg::event_frame_msgpack(&self.frame)),
+            // Not a WebSocket frame: never compressed.
+            Encoding::Sse => return self.twins.sse.get_or_init(|| msg::event_sse(&self.frame)),
         };
         match format.compress_over {
             Some(min) if plain.len() > min as usize => self.twins.deflated

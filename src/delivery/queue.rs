@@ -22,21 +22,27 @@ enum Entry {
     Control(Bytes),
     /// An event and when it was queued (for its TTL).
     Event(Arc<Delivery>, Instant),
+    /// A replayed event: goes out like a control frame (never dropped, paced or expired), but
+    /// is still an event (its position counts, a revoke purges it).
+    Replay(Arc<Delivery>),
 }
 
 impl Entry {
     fn frame(&self, format: Format) -> &Bytes {
         match self {
             Entry::Control(b) => b,
-            Entry::Event(d, _) => d.frame_in(format),
+            Entry::Event(d, _) | Entry::Replay(d) => d.frame_in(format),
         }
     }
 }
 
 /// What the writer may send next.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Next {
+    /// A control frame.
     Frame(Bytes),
+    /// An event (live or replayed); its frame is `frame_in` the queue's format.
+    Event(Arc<Delivery>),
     /// The front event waits for the rate limits; try again after this long.
     Blocked(Duration),
     Empty,
@@ -133,6 +139,12 @@ impl SendQueue {
     pub fn push_control(&mut self, frame: Bytes) {
         self.bytes += frame.len();
         self.entries.push_back(Entry::Control(frame));
+    }
+
+    /// Queues a replayed event: behind what is queued, exempt from drops and limits.
+    pub fn push_replay(&mut self, d: Arc<Delivery>) {
+        self.bytes += d.frame_in(self.format).len();
+        self.entries.push_back(Entry::Replay(d));
     }
 
     /// Puts a control frame before everything else (the welcome).
@@ -256,17 +268,17 @@ impl SendQueue {
         let Some(entry) = self.entries.remove(idx) else {
             return Next::Empty;
         };
-        let frame = match entry {
-            Entry::Control(b) => b,
+        self.bytes -= entry.frame(self.format).len();
+        match entry {
+            Entry::Control(b) => Next::Frame(b),
             Entry::Event(d, _) => {
                 if let Some(key) = &d.coalesce_key {
                     self.note_sent(&d.channel, key, now);
                 }
-                d.frame_in(self.format).clone()
+                Next::Event(d)
             }
-        };
-        self.bytes -= frame.len();
-        Next::Frame(frame)
+            Entry::Replay(d) => Next::Event(d),
+        }
     }
 
     fn note_sent(&mut self, channel: &Arc<str>, key: &str, now: Instant) {
@@ -298,7 +310,7 @@ impl SendQueue {
         let format = self.format;
         let mut freed = 0;
         self.entries.retain(|e| match e {
-            Entry::Event(d, _) if gone(d) => {
+            Entry::Event(d, _) | Entry::Replay(d) if gone(d) => {
                 freed += d.frame_in(format).len();
                 false
             }
@@ -309,10 +321,7 @@ impl SendQueue {
 
     pub fn pop_front(&mut self) -> Option<Bytes> {
         let e = self.entries.pop_front()?;
-        let frame = match e {
-            Entry::Control(b) => b,
-            Entry::Event(d, _) => d.frame_in(self.format).clone(),
-        };
+        let frame = e.frame(self.format).clone();
         self.bytes -= frame.len();
         Some(frame)
     }
@@ -371,6 +380,23 @@ mod tests {
             ttl: None,
             twins: Default::default(),
         })
+    }
+
+    /// What `next` gave, with frames (control or event) as their text.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Out {
+        Frame(String),
+        Blocked(Duration),
+        Empty,
+    }
+
+    fn out(next: Next) -> Out {
+        match next {
+            Next::Frame(b) => Out::Frame(String::from_utf8(b.to_vec()).unwrap()),
+            Next::Event(d) => Out::Frame(String::from_utf8(d.frame.to_vec()).unwrap()),
+            Next::Blocked(w) => Out::Blocked(w),
+            Next::Empty => Out::Empty,
+        }
     }
 
     fn drain(q: &mut SendQueue) -> Vec<String> {
@@ -479,16 +505,16 @@ mod tests {
         for seq in 1..=4 {
             q.push_event(&event("c", seq, Priority::Normal, None));
         }
-        let mut next = |q: &mut SendQueue, now| q.next(now, ttl, &mut [&mut conn]);
-        assert_eq!(next(&mut q, t0), Next::Frame(Bytes::from("c#1")));
-        assert_eq!(next(&mut q, t0), Next::Frame(Bytes::from("c#2")));
-        let Next::Blocked(wait) = next(&mut q, t0) else {
+        let mut next = |q: &mut SendQueue, now| out(q.next(now, ttl, &mut [&mut conn]));
+        assert_eq!(next(&mut q, t0), Out::Frame("c#1".into()));
+        assert_eq!(next(&mut q, t0), Out::Frame("c#2".into()));
+        let Out::Blocked(wait) = next(&mut q, t0) else {
             panic!("rate limit")
         };
         assert!(wait <= Duration::from_millis(501), "{wait:?}");
-        assert_eq!(next(&mut q, t0 + wait), Next::Frame(Bytes::from("c#3")));
+        assert_eq!(next(&mut q, t0 + wait), Out::Frame("c#3".into()));
         // seq 4 outlives its TTL while it waits: dropped and counted.
-        assert_eq!(next(&mut q, t0 + Duration::from_secs(6)), Next::Empty);
+        assert_eq!(next(&mut q, t0 + Duration::from_secs(6)), Out::Empty);
         assert_eq!(q.take_dropped_if_drained(), vec![("c".into(), 1)]);
         // Critical events need no token: three at once from a bucket allowing one per second.
         let mut q = SendQueue::new(100, Duration::ZERO);
@@ -500,12 +526,12 @@ mod tests {
         q.push_event(&event("k", 5, Priority::Normal, None));
         let now = Instant::now();
         for seq in 1..=4 {
-            let got = q.next(now, ttl, &mut [&mut one]);
-            assert_eq!(got, Next::Frame(Bytes::from(format!("k#{seq}"))));
+            let got = out(q.next(now, ttl, &mut [&mut one]));
+            assert_eq!(got, Out::Frame(format!("k#{seq}")));
         }
         assert!(matches!(
-            q.next(now, ttl, &mut [&mut one]),
-            Next::Blocked(_)
+            out(q.next(now, ttl, &mut [&mut one])),
+            Out::Blocked(_)
         ));
     }
 
@@ -514,14 +540,14 @@ mod tests {
         let mut q = SendQueue::new(100, Duration::from_millis(100));
         let t0 = Instant::now();
         let ttl = Duration::from_secs(5);
-        let next = |q: &mut SendQueue, now| q.next(now, ttl, &mut []);
+        let next = |q: &mut SendQueue, now| out(q.next(now, ttl, &mut []));
         q.push_event(&event("p", 1, Priority::Normal, Some("k")));
-        assert_eq!(next(&mut q, t0), Next::Frame(Bytes::from("p#1")));
+        assert_eq!(next(&mut q, t0), Out::Frame("p#1".into()));
         // Within the interval: 2 waits, 3 replaces it; another channel is not held back.
         q.push_event(&event("p", 2, Priority::Normal, Some("k")));
         q.push_event(&event("o", 1, Priority::Normal, None));
-        assert_eq!(next(&mut q, t0), Next::Frame(Bytes::from("o#1")));
-        assert!(matches!(next(&mut q, t0), Next::Blocked(w) if w <= Duration::from_millis(100)));
+        assert_eq!(next(&mut q, t0), Out::Frame("o#1".into()));
+        assert!(matches!(next(&mut q, t0), Out::Blocked(w) if w <= Duration::from_millis(100)));
         assert_eq!(
             q.push_event(&event("p", 3, Priority::Normal, Some("k"))),
             Pushed::Conflated
@@ -530,12 +556,12 @@ mod tests {
         q.push_event(&event("p", 4, Priority::Normal, None));
         assert!(matches!(
             next(&mut q, t0 + Duration::from_millis(50)),
-            Next::Blocked(_)
+            Out::Blocked(_)
         ));
         let t1 = t0 + Duration::from_millis(100);
-        assert_eq!(next(&mut q, t1), Next::Frame(Bytes::from("p#3")));
-        assert_eq!(next(&mut q, t1), Next::Frame(Bytes::from("p#4")));
-        assert_eq!(next(&mut q, t1), Next::Empty);
+        assert_eq!(next(&mut q, t1), Out::Frame("p#3".into()));
+        assert_eq!(next(&mut q, t1), Out::Frame("p#4".into()));
+        assert_eq!(next(&mut q, t1), Out::Empty);
     }
 
     #[test]

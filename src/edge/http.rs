@@ -17,7 +17,7 @@ use crate::proto::http::{self, HeadError, Parse, Request};
 use crate::runtime::core::Core;
 
 use super::jwt::Verifier;
-use super::{admin, publish, upgrade};
+use super::{admin, publish, sse, upgrade};
 
 /// Largest request body accepted (a publish batch).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -120,6 +120,11 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
             let reply = Reply::error(403, "origin not allowed");
             let _ = stream.write_all(reply.encode(false)).await;
             return;
+        }
+        if let (Some(channels), "GET") = (sse::route(&request.path), request.method.as_str()) {
+            // An event stream lives for hours inside this future too.
+            drop((chunk, buf));
+            return sse::serve(&edge, core, stream, peer.ip(), request, channels).await;
         }
         if request.path.starts_with("/ws") && request.method == "GET" {
             // A WebSocket lives for hours inside this future: keep none of the HTTP buffers.
@@ -249,6 +254,9 @@ async fn route(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
             .await
             .unwrap_or_else(|| Reply::error(404, "no such endpoint")),
         (_, "/healthz" | "/readyz" | "/metrics") => {
+            Reply::error(405, "method not allowed").with_header("Allow", "GET")
+        }
+        (_, path) if sse::route(path).is_some() => {
             Reply::error(405, "method not allowed").with_header("Allow", "GET")
         }
         (_, "/api/v1/publish") => {

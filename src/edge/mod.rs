@@ -5,4 +5,5 @@ pub mod config;
 pub mod http;
 pub mod jwt;
 pub mod publish;
+pub mod sse;
 pub mod upgrade;

@@ -22,7 +22,7 @@ use crate::proto::http::{self, Request};
 use crate::proto::msg::{Control, Encoding, Format};
 use crate::proto::ws::deflate;
 use crate::runtime::audit::AUDIT_CHANNEL;
-use crate::runtime::conn::{self, Conn};
+use crate::runtime::conn::{self, Conn, SseStream};
 use crate::runtime::core::Core;
 
 use super::http::{bearer, Edge, Reply};
@@ -34,17 +34,17 @@ pub const TOKEN_PROTOCOL_PREFIX: &str = "bearer.";
 
 /// What a valid handshake asked for.
 #[derive(Debug)]
-struct Opening {
-    claims: Claims,
-    channels: Vec<String>,
-    resume: Resume,
-    encoding: Encoding,
+pub(super) struct Opening {
+    pub claims: Claims,
+    pub channels: Vec<String>,
+    pub resume: Resume,
+    pub encoding: Encoding,
     /// Why `encoding` is not what was asked for.
-    encoding_note: Option<String>,
+    pub encoding_note: Option<String>,
     /// `ack=critical`
-    acks: bool,
-    filter: Filter,
-    protocol: Option<&'static str>,
+    pub acks: bool,
+    pub filter: Filter,
+    pub protocol: Option<&'static str>,
 }
 
 pub async fn serve(
@@ -62,28 +62,23 @@ pub async fn serve(
             return;
         }
     };
-    let opening = match open(edge, &core, peer, &req, &upgrade.protocols) {
+    let opening = path_channels(&req.path).and_then(|(channels, audit)| {
+        open(edge, &core, peer, &req, &upgrade.protocols, channels, audit)
+    });
+    let opening = match opening {
         Ok(o) => o,
         Err(reply) => {
             let _ = stream.write_all(reply.encode(false)).await;
             return;
         }
     };
-    // Connection limits, node-wide, before the 101.
-    let id = core.next_conn_id();
-    let projects: Vec<String> = opening
-        .channels
-        .iter()
-        .filter_map(|c| c.strip_prefix("project:").map(str::to_owned))
-        .collect();
-    if let Err(refused) = core.admit(id, peer, &opening.claims.sub, &projects) {
-        core.shared.audit(
-            "limit_hit",
-            json!({"ip": peer, "user_id": opening.claims.sub, "reason": refused.reason}),
-        );
-        let _ = stream.write_all(reply_for(refused).encode(false)).await;
-        return;
-    }
+    let (id, projects) = match admit(&core, peer, &opening) {
+        Ok(admitted) => admitted,
+        Err(reply) => {
+            let _ = stream.write_all(reply.encode(false)).await;
+            return;
+        }
+    };
     // permessage-deflate, if offered and on: frames past the threshold go compressed.
     let compress_over = core
         .shared
@@ -99,18 +94,83 @@ pub async fn serve(
         core.release(id, &opening.claims.sub, &projects);
         return;
     }
+    let format = Format {
+        encoding: opening.encoding,
+        compress_over,
+    };
+    let resumes = vec![opening.resume; opening.channels.len()];
+    let conn = start(
+        &core, id, peer, &stream, projects, opening, format, resumes, None,
+    );
+    // The connection lives on in a task of its own, sized for its socket loop alone: this
+    // handshake's (and the HTTP router's) state is freed now, not held for hours.
+    monoio::spawn(conn::run(core, stream, conn, leftover));
+}
+
+/// The channels a WebSocket path subscribes to by itself, and whether it is the audit stream.
+fn path_channels(path: &str) -> Result<(Vec<String>, bool), Reply> {
+    match path {
+        "/ws" => Ok((Vec::new(), false)),
+        "/ws/audit" => Ok((vec![AUDIT_CHANNEL.to_owned()], true)),
+        path => match path.strip_prefix("/ws/projects/") {
+            Some(project) if !project.is_empty() && !project.contains('/') => {
+                Ok((vec![format!("project:{project}")], false))
+            }
+            _ => Err(Reply::error(404, "no such endpoint")),
+        },
+    }
+}
+
+/// Node-wide connection limits, before the stream opens: the connection's id and the projects
+/// it counts against.
+pub(super) fn admit(
+    core: &Core,
+    peer: IpAddr,
+    opening: &Opening,
+) -> Result<(u64, Vec<String>), Reply> {
+    let id = core.next_conn_id();
+    let projects: Vec<String> = opening
+        .channels
+        .iter()
+        .filter_map(|c| c.strip_prefix("project:").map(str::to_owned))
+        .collect();
+    match core.admit(id, peer, &opening.claims.sub, &projects) {
+        Ok(()) => Ok((id, projects)),
+        Err(refused) => {
+            core.shared.audit(
+                "limit_hit",
+                json!({"ip": peer, "user_id": opening.claims.sub, "reason": refused.reason}),
+            );
+            Err(reply_for(refused))
+        }
+    }
+}
+
+/// Sets up an accepted stream (WebSocket or SSE) on its core: registers it, queues the
+/// welcome and subscribes its channels (`resumes[i]` for `opening.channels[i]`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn start(
+    core: &Rc<Core>,
+    id: u64,
+    peer: IpAddr,
+    stream: &TcpStream,
+    projects: Vec<String>,
+    opening: Opening,
+    format: Format,
+    resumes: Vec<Resume>,
+    sse: Option<Box<SseStream>>,
+) -> Rc<Conn> {
     let settings = &core.shared.settings;
-    let conn = Rc::new(Conn::new(
+    let mut conn = Conn::new(
         id,
         peer,
         opening.claims,
         stream.as_raw_fd(),
         settings,
-        Format {
-            encoding: opening.encoding,
-            compress_over,
-        },
-    ));
+        format,
+    );
+    conn.sse = sse;
+    let conn = Rc::new(conn);
     *conn.handshake_projects.borrow_mut() = projects;
     conn.acks.set(opening.acks);
     *conn.filter.borrow_mut() = opening.filter;
@@ -118,10 +178,11 @@ pub async fn serve(
     core.shared.audit(
         "connect",
         json!({"ip": peer, "user_id": conn.claims.borrow().sub, "connection_id": format!("{:x}", id),
-               "core": core.id, "channels": opening.channels}),
+               "core": core.id, "channels": opening.channels,
+               "transport": if conn.sse.is_some() { "sse" } else { "websocket" }}),
     );
     if core.shared.is_draining() {
-        // Drain began while the 101 was on its way: this connection missed the notice.
+        // Drain began while the answer was on its way: this connection missed the notice.
         conn.push(crate::runtime::core::shutdown_frame(conn.encoding));
     }
     let welcome = Control::Welcome {
@@ -129,48 +190,37 @@ pub async fn serve(
         epoch: &core.shared.epoch,
         heartbeat_ms: settings.heartbeat.ping_interval.as_millis() as u64,
         channels: &opening.channels,
-        encoding: opening.encoding.name(),
+        encoding: conn.encoding.name(),
         note: opening.encoding_note.as_deref(),
     }
     .frame_in(conn.encoding);
     conn.greet_after(welcome, opening.channels.len());
-    for name in &opening.channels {
-        if let Err(e) = core.subscribe(&conn, name, opening.resume, true) {
+    for (name, resume) in opening.channels.iter().zip(resumes) {
+        if let Err(e) = core.subscribe(&conn, name, resume, true) {
             // Checked in `open`; reaching here is a bug, so say so rather than hang the welcome.
             tracing::error!(conn = conn.id, "initial subscribe failed: {}", e.message);
             conn.initial_subscribed();
         }
     }
-    drop(opening.channels);
-    // The connection lives on in a task of its own, sized for its socket loop alone: this
-    // handshake's (and the HTTP router's) state is freed now, not held for hours.
-    monoio::spawn(conn::run(core, stream, conn, leftover));
+    conn
 }
 
-fn open(
+/// Checks everything a stream is opened with: draining, token, channels and their
+/// permissions, resume position, encoding, filters. `channels` holds those the path implies.
+pub(super) fn open(
     edge: &Edge,
     core: &Core,
     peer: IpAddr,
     req: &Request,
     protocols: &[String],
+    mut channels: Vec<String>,
+    audit_stream: bool,
 ) -> Result<Opening, Reply> {
     if core.shared.is_draining() {
         return Err(
             Reply::error(503, "node is draining; reconnect to another node")
                 .with_header("Retry-After", "1"),
         );
-    }
-    let mut channels: Vec<String> = Vec::new();
-    let audit_stream = req.path == "/ws/audit";
-    match req.path.as_str() {
-        "/ws" => {}
-        "/ws/audit" => channels.push(AUDIT_CHANNEL.to_owned()),
-        path => match path.strip_prefix("/ws/projects/") {
-            Some(project) if !project.is_empty() && !project.contains('/') => {
-                channels.push(format!("project:{project}"))
-            }
-            _ => return Err(Reply::error(404, "no such endpoint")),
-        },
     }
     let token = req
         .query_param("token")

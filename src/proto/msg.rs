@@ -118,6 +118,11 @@ pub enum Control<'a> {
     Shutdown {
         reason: &'a str,
     },
+    /// Server-Sent Events only (WebSocket has close frames): the server ends the stream.
+    Closed {
+        code: u16,
+        reason: &'a str,
+    },
     /// Events of `channel` this connection lost to backpressure since the last notice.
     Dropped {
         channel: &'a str,
@@ -160,6 +165,10 @@ impl Control<'_> {
                     .expect("control frames always serialize");
                 frame_in_place_as(buf, OPCODE_BINARY)
             }
+            Encoding::Sse => {
+                let json = serde_json::to_vec(self).expect("control frames always serialize");
+                sse_message(&json)
+            }
         }
     }
 }
@@ -172,6 +181,9 @@ pub enum Encoding {
     Json,
     /// Binary frames of MessagePack maps with the same keys.
     MessagePack,
+    /// Server-Sent Events: each message the JSON text in `data:` lines (not a WebSocket
+    /// encoding; `/events` streams use it).
+    Sse,
 }
 
 impl Encoding {
@@ -188,6 +200,7 @@ impl Encoding {
         match self {
             Encoding::Json => "json",
             Encoding::MessagePack => "messagepack",
+            Encoding::Sse => "sse",
         }
     }
 }
@@ -207,6 +220,44 @@ impl From<Encoding> for Format {
             compress_over: None,
         }
     }
+}
+
+/// One SSE message carrying `json`: a `data:` line per line of it, then a blank line.
+/// (Our JSON has no line breaks, but a publisher's `data` may hold them as whitespace; an
+/// `EventSource` joins the lines with `\n`, so the JSON means the same.)
+pub fn sse_message(json: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(json.len() + 16);
+    let mut rest = json;
+    loop {
+        out.extend_from_slice(b"data: ");
+        match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            Some(at) => {
+                out.extend_from_slice(&rest[..at]);
+                out.push(b'\n');
+                let skip = if rest[at] == b'\r' && rest.get(at + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                rest = &rest[at + skip..];
+            }
+            None => {
+                out.extend_from_slice(rest);
+                out.extend_from_slice(b"\n\n");
+                return Bytes::from(out);
+            }
+        }
+    }
+}
+
+/// The SSE message of an event: the same JSON object as its WebSocket frame.
+pub fn event_sse(json_frame: &[u8]) -> Bytes {
+    let header = match json_frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    sse_message(json_frame.get(header..).unwrap_or_default())
 }
 
 /// The `data` of an event frame, as the JSON text the publisher sent.

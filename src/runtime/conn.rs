@@ -104,6 +104,80 @@ pub struct Conn {
     initial_pending: Cell<usize>,
     heartbeat: RefCell<Heartbeat>,
     pub fd: RawFd,
+    /// Set for a Server-Sent Events stream (`/events`): its position, written as `id:`.
+    pub sse: Option<Box<SseStream>>,
+}
+
+/// The position of a Server-Sent Events stream: per channel (in the order the URL names them)
+/// the last seq written, as the `id:` of every message, so that `Last-Event-ID` resumes
+/// every channel exactly. Format: `{epoch}:{seq},{seq},…`; an empty slot means "nothing yet:
+/// live".
+pub struct SseStream {
+    epoch: Arc<str>,
+    channels: Vec<Arc<str>>,
+    positions: RefCell<Vec<Option<u64>>>,
+}
+
+impl SseStream {
+    pub fn new(epoch: &str, channels: &[String], resume: &[Option<u64>]) -> SseStream {
+        SseStream {
+            epoch: epoch.into(),
+            channels: channels.iter().map(|c| Arc::from(c.as_str())).collect(),
+            positions: RefCell::new(
+                (0..channels.len())
+                    .map(|i| resume.get(i).copied().flatten())
+                    .collect(),
+            ),
+        }
+    }
+
+    /// `seq` of `channel` is out (or, at subscribe, everything up to it is accounted for).
+    pub fn advance(&self, channel: &str, seq: u64) {
+        if let Some(i) = self.channels.iter().position(|c| &**c == channel) {
+            let mut p = self.positions.borrow_mut();
+            p[i] = Some(p[i].map_or(seq, |old| old.max(seq)));
+        }
+    }
+
+    /// `id: …` followed by its newline.
+    pub fn id_line(&self) -> Bytes {
+        let mut line = format!("id: {}:", self.epoch);
+        for (i, p) in self.positions.borrow().iter().enumerate() {
+            if i > 0 {
+                line.push(',');
+            }
+            if let Some(seq) = p {
+                line.push_str(itoa::Buffer::new().format(*seq));
+            }
+        }
+        line.push('\n');
+        Bytes::from(line)
+    }
+
+    /// Reads a `Last-Event-ID` for `channels`: per channel, where to resume. An id from
+    /// another epoch, or for another channel list, resumes nothing (`OtherEpoch`: the client
+    /// is told `recovered:false`).
+    pub fn parse_id(id: &str, epoch: &str, channels: usize) -> Vec<Resume> {
+        let parsed: Option<Vec<Option<u64>>> = id
+            .rsplit_once(':')
+            .filter(|(e, _)| *e == epoch)
+            .and_then(|(_, list)| {
+                list.split(',')
+                    .map(|slot| match slot {
+                        "" => Some(None),
+                        n => n.parse().ok().map(Some),
+                    })
+                    .collect()
+            })
+            .filter(|v: &Vec<Option<u64>>| v.len() == channels);
+        match parsed {
+            Some(slots) => slots
+                .into_iter()
+                .map(|s| s.map_or(Resume::Live, Resume::After))
+                .collect(),
+            None => vec![Resume::OtherEpoch; channels],
+        }
+    }
 }
 
 impl Conn {
@@ -145,6 +219,7 @@ impl Conn {
             initial_pending: Cell::new(0),
             heartbeat: RefCell::new(heartbeat),
             fd,
+            sse: None,
         }
     }
 
@@ -221,6 +296,18 @@ impl Conn {
             return;
         }
         self.queue.borrow_mut().push_control(frame);
+        self.wake_writer();
+    }
+
+    /// Queues a replayed event (never dropped) unless the connection is closing.
+    pub fn push_replay(&self, d: &Arc<Delivery>) {
+        if !matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
+            return;
+        }
+        if self.over_byte_bound(d.frame_in(self.format()).len()) {
+            return;
+        }
+        self.queue.borrow_mut().push_replay(d.clone());
         self.wake_writer();
     }
 
@@ -338,9 +425,11 @@ impl Conn {
                 .borrow_mut()
                 .get_or_insert_with(|| (code, reason.to_owned()));
             self.open_now();
-            self.queue
-                .borrow_mut()
-                .push_control(codec::close_frame(code, reason));
+            let last = match self.sse {
+                Some(_) => Control::Closed { code, reason }.frame_in(Encoding::Sse),
+                None => codec::close_frame(code, reason),
+            };
+            self.queue.borrow_mut().push_control(last);
             self.phase.set(Phase::Closing {
                 since: Instant::now(),
             });
@@ -404,14 +493,24 @@ impl Conn {
                 self.close(4001, "token expired");
             }
         }
-        match self.phase.get() {
-            Phase::Closing { since } if now.duration_since(since) >= CLOSE_GRACE => self.abort(),
-            Phase::Open => match self
+        let phase = self.phase.get();
+        let beat = match phase {
+            Phase::Open => self
                 .heartbeat
                 .borrow_mut()
-                .poll(now, &core.shared.settings.heartbeat)
-            {
+                .poll(now, &core.shared.settings.heartbeat),
+            _ => Beat::Nothing,
+        };
+        match phase {
+            Phase::Closing { since } if now.duration_since(since) >= CLOSE_GRACE => self.abort(),
+            Phase::Open => match beat {
                 Beat::Nothing => {}
+                Beat::SendPing if self.sse.is_some() => {
+                    // An SSE client cannot answer: the comment keeps proxies and the
+                    // browser's idle timers happy, and a dead peer fails the write.
+                    self.push(Bytes::from_static(b": ping\n\n"));
+                    self.heartbeat.borrow_mut().handle_pong();
+                }
                 Beat::SendPing => self.push(Bytes::from_static(&[0x89, 0x00])),
                 Beat::Dead => {
                     // The close frame goes out first; the close grace then cuts the socket
@@ -422,6 +521,41 @@ impl Conn {
             },
             _ => {}
         }
+    }
+}
+
+/// Runs a Server-Sent Events stream until it ends: the writer drains the queue; the reader
+/// only watches for the client going away (whatever it sends is dropped).
+pub async fn run_sse(core: Rc<Core>, stream: TcpStream, conn: Rc<Conn>) {
+    let (reader, writer) = monoio::io::Splitable::into_split(stream);
+    let mut write_task = monoio::spawn({
+        let (core, conn) = (core.clone(), conn.clone());
+        async move {
+            write_loop(core, conn.clone(), writer).await;
+            conn.abort(); // the stream's end is the end of the TCP connection
+        }
+    });
+    let mut sink = BytesMut::new();
+    loop {
+        // SAFETY: as in `read_loop`: readiness polling of our own socket.
+        let stream: &TcpStream = unsafe { &*reader.0.get() };
+        if stream.readable(false).await.is_err() {
+            break;
+        }
+        match core.recv_into(conn.fd, &mut sink) {
+            Received::Closed => break,
+            Received::Data | Received::NotReady => sink = BytesMut::new(),
+        }
+    }
+    core.deregister(&conn);
+    conn.phase.set(Phase::Finished);
+    conn.wake_writer();
+    if monoio::time::timeout(CLOSE_GRACE, &mut write_task)
+        .await
+        .is_err()
+    {
+        conn.abort();
+        write_task.await;
     }
 }
 
@@ -677,6 +811,33 @@ fn send_error(conn: &Conn, code: ErrorCode, message: &str, channel: Option<&str>
     );
 }
 
+/// What one wake of the writer collected: a frame alone goes out as it is (shared bytes, no
+/// copy); a backlog is coalesced into one buffer.
+#[derive(Default)]
+struct Out {
+    first: Option<Bytes>,
+    many: Option<Vec<u8>>,
+}
+
+impl Out {
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.many.is_none()
+    }
+
+    fn add(&mut self, frame: Bytes, spare: &mut Vec<u8>) {
+        match (&mut self.many, self.first.take()) {
+            (Some(buf), _) => buf.extend_from_slice(&frame),
+            (None, None) => self.first = Some(frame),
+            (None, Some(one)) => {
+                let mut buf = std::mem::take(spare);
+                buf.extend_from_slice(&one);
+                buf.extend_from_slice(&frame);
+                self.many = Some(buf);
+            }
+        }
+    }
+}
+
 enum Batch {
     One(Bytes),
     Many(Vec<u8>),
@@ -695,13 +856,13 @@ async fn write_loop(core: Rc<Core>, conn: Rc<Conn>, mut writer: OwnedWriteHalf<T
                 let mut queue = conn.queue.borrow_mut();
                 let mut mine = conn.bucket.borrow_mut();
                 let mut cores = core.bucket.borrow_mut();
-                let mut first: Option<Bytes> = None;
-                let mut many: Option<Vec<u8>> = None;
+                let mut out = Out::default();
                 let mut blocked = None;
+                let format = conn.format();
                 loop {
                     let next = match queue.next(now, ttl, &mut [&mut mine, &mut cores]) {
                         // Events may have expired on the way to an empty queue: say so.
-                        Next::Empty if first.is_none() && many.is_none() => {
+                        Next::Empty if out.is_empty() => {
                             let notices = queue.take_dropped_if_drained();
                             if notices.is_empty() {
                                 Next::Empty
@@ -719,37 +880,49 @@ async fn write_loop(core: Rc<Core>, conn: Rc<Conn>, mut writer: OwnedWriteHalf<T
                         other => other,
                     };
                     match next {
-                        Next::Frame(frame) => match (&mut many, first.take()) {
-                            (Some(buf), _) => buf.extend_from_slice(&frame),
-                            (None, None) => first = Some(frame),
-                            (None, Some(one)) => {
-                                let mut buf = std::mem::take(&mut spare);
-                                buf.extend_from_slice(&one);
-                                buf.extend_from_slice(&frame);
-                                many = Some(buf);
+                        Next::Frame(frame) => {
+                            // SSE: every message but a comment carries the stream's position.
+                            if let Some(sse) = conn.sse.as_deref() {
+                                if !frame.starts_with(b":") {
+                                    out.add(sse.id_line(), &mut spare);
+                                }
                             }
-                        },
+                            out.add(frame, &mut spare);
+                        }
+                        Next::Event(d) => {
+                            if let Some(sse) = conn.sse.as_deref() {
+                                sse.advance(&d.channel, d.seq);
+                                out.add(sse.id_line(), &mut spare);
+                            }
+                            out.add(d.frame_in(format).clone(), &mut spare);
+                        }
                         Next::Blocked(wait) => {
                             blocked = Some(wait);
                             break;
                         }
                         Next::Empty => break,
                     }
-                    if many.as_ref().is_some_and(|b| b.len() >= MAX_WRITE_BATCH) {
+                    if out
+                        .many
+                        .as_ref()
+                        .is_some_and(|b| b.len() >= MAX_WRITE_BATCH)
+                    {
                         break;
                     }
                 }
-                if let Some(buf) = many {
+                if let Some(buf) = out.many {
                     return Poll::Ready(Some(Batch::Many(buf)));
                 }
-                if let Some(one) = first {
+                if let Some(one) = out.first {
                     return Poll::Ready(Some(Batch::One(one)));
                 }
                 if let Some(wait) = blocked {
                     return Poll::Ready(Some(Batch::Wait(wait)));
                 }
             }
-            if phase == Phase::Finished {
+            // An event stream has no close handshake: once its last message is out, it ends.
+            let sse_done = conn.sse.is_some() && matches!(phase, Phase::Closing { .. });
+            if phase == Phase::Finished || sse_done {
                 return Poll::Ready(None);
             }
             conn.writer.set(Some(cx.waker().clone()));

@@ -540,6 +540,16 @@ impl Core {
             }
             .frame_in(conn.encoding),
         );
+        // An SSE stream's position: everything up to the head is accounted for, except what an
+        // exact replay is about to send (its events advance the position as they go out).
+        let sse_at_head = |conn: &Conn| {
+            if let Some(sse) = conn.sse.as_deref() {
+                sse.advance(&channel, ack.last_seq);
+            }
+        };
+        if ack.replay.is_none() {
+            sse_at_head(&conn);
+        }
         if let Some(mut replay) = ack.replay {
             // A replay that would overflow the send queue is not sent: the client reloads
             // (recovered:false) instead of being closed as too slow again and again.
@@ -553,10 +563,13 @@ impl Core {
                 replay.deliveries.clear();
                 replay.recovered = false;
             }
+            if !replay.recovered {
+                sse_at_head(&conn);
+            }
             let mut count = 0;
             for d in &replay.deliveries {
                 if conn.wants(d) {
-                    conn.push(d.frame_for(conn.format()));
+                    conn.push_replay(d);
                     count += 1;
                 }
             }

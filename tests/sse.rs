@@ -1,0 +1,372 @@
+//! End to end: the Server-Sent Events fallback (`GET /events`) with a raw HTTP client and with
+//! `curl -N`: the same events as WebSocket clients, `id:` positions, `Last-Event-ID` resume,
+//! permissions, filters, heartbeat comments, and how a stream ends.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One SSE message (or comment) as a browser would parse it.
+#[derive(Debug, Default)]
+struct Msg {
+    id: Option<String>,
+    data: Option<String>,
+    comment: Option<String>,
+    retry: Option<u64>,
+}
+
+impl Msg {
+    fn json(&self) -> Value {
+        serde_json::from_str(self.data.as_deref().expect("a data message")).unwrap()
+    }
+}
+
+struct Sse {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Sse {
+    /// Opens `path_and_query` with `extra` headers; returns the status and head, and the
+    /// stream when the status is 200.
+    async fn open(
+        server: &Server,
+        path_and_query: &str,
+        extra: &str,
+    ) -> (u16, String, Option<Sse>) {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let req = format!(
+            "GET {path_and_query} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{extra}\r\n",
+            server.addr
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed before the head");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        let status: u16 = head[9..12].parse().unwrap();
+        buf.drain(..end);
+        let sse = (status == 200).then_some(Sse { stream, buf });
+        (status, head, sse)
+    }
+
+    async fn connect(server: &Server, path_and_query: &str, extra: &str) -> Sse {
+        let (status, head, sse) = Sse::open(server, path_and_query, extra).await;
+        assert_eq!(status, 200, "{head}");
+        assert!(head.contains("Content-Type: text/event-stream"), "{head}");
+        sse.unwrap()
+    }
+
+    /// The next message or comment; None at the end of the stream.
+    async fn next(&mut self) -> Option<Msg> {
+        loop {
+            if let Some(at) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buf.drain(..at + 2).collect();
+                let mut msg = Msg::default();
+                for line in String::from_utf8(block).unwrap().lines() {
+                    if let Some(c) = line.strip_prefix(':') {
+                        msg.comment = Some(c.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        msg.id = Some(v.to_owned());
+                    } else if let Some(v) = line.strip_prefix("retry: ") {
+                        msg.retry = Some(v.parse().unwrap());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        msg.data = Some(match msg.data.take() {
+                            Some(d) => format!("{d}\n{v}"),
+                            None => v.to_owned(),
+                        });
+                    } else {
+                        assert!(line.is_empty(), "unexpected line {line:?}");
+                    }
+                }
+                return Some(msg);
+            }
+            let mut chunk = [0u8; 16384];
+            let n = tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+                .await
+                .expect("a message within the wait bound")
+                .unwrap_or(0);
+            if n == 0 {
+                assert!(self.buf.is_empty(), "stream ended mid-message");
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next data message (comments and `retry:` skipped).
+    async fn data(&mut self) -> Msg {
+        loop {
+            let m = self.next().await.expect("stream open");
+            if m.data.is_some() {
+                return m;
+            }
+        }
+    }
+
+    /// Reads past the welcome and one `subscribed` per channel; returns the welcome.
+    async fn opened(&mut self, channels: usize) -> Msg {
+        let first = self.next().await.unwrap();
+        assert_eq!(first.retry, Some(1000), "the stream starts with retry:");
+        let welcome = self.data().await;
+        assert_eq!(welcome.json()["type"], "welcome");
+        for _ in 0..channels {
+            assert_eq!(self.data().await.json()["type"], "subscribed");
+        }
+        welcome
+    }
+}
+
+#[tokio::test]
+async fn events_carry_positions_and_last_event_id_resumes_every_channel() {
+    let server = Server::start();
+    let t = admin_token();
+    let q = format!("/events?channels=task:s1,task:s2&token={t}");
+    let mut sse = Sse::connect(&server, &q, "").await;
+    let welcome = sse.opened(2).await;
+    let epoch = welcome.json()["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(welcome.id.as_deref(), Some(format!("{epoch}:0,0").as_str()));
+    let (mut ws, _) = connect(&server, &format!("channels=task:s1,task:s2&token={t}")).await;
+    for _ in 0..2 {
+        recv_json(&mut ws).await;
+    }
+
+    // Data with a line break in its JSON text still arrives as the same JSON.
+    let (status, _) = server
+        .publish_raw(
+            r#"[{"channel":"task:s1","event":"a","data":{"n":1}},
+                {"channel":"task:s2","event":"b","data":{
+                  "n":2}},
+                {"channel":"task:s1","event":"c","data":"x"}]"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    // Channels are ordered each on its own; the id follows what was written.
+    let mut positions = [0u64, 0];
+    let (mut from_sse, mut from_ws) = (Vec::new(), Vec::new());
+    let mut last_id = String::new();
+    for _ in 0..3 {
+        let m = sse.data().await;
+        let v = m.json();
+        let slot = usize::from(v["channel"] == "task:s2");
+        positions[slot] = v["seq"].as_u64().unwrap();
+        last_id = format!("{epoch}:{},{}", positions[0], positions[1]);
+        assert_eq!(m.id.unwrap(), last_id);
+        from_sse.push(v.to_string());
+        from_ws.push(recv_json(&mut ws).await.to_string());
+    }
+    assert_eq!(positions, [2, 1]);
+    from_sse.sort();
+    from_ws.sort();
+    assert_eq!(from_sse, from_ws, "the same objects as WebSocket");
+    drop(sse);
+
+    // Missed while away: two on s2, one on s1.
+    server.publish_one("task:s2", "d", json!(4)).await;
+    server.publish_one("task:s1", "e", json!(5)).await;
+    server.publish_one("task:s2", "f", json!(6)).await;
+    let mut back = Sse::connect(&server, &q, &format!("Last-Event-ID: {last_id}\r\n")).await;
+    assert_eq!(back.next().await.unwrap().retry, Some(1000));
+    let mut seen = Vec::new();
+    let mut replayed = 0;
+    while replayed < 2 {
+        let v = back.data().await.json();
+        match v["type"].as_str() {
+            Some("replayed") => {
+                assert_eq!(v["recovered"], true, "{v}");
+                replayed += 1;
+            }
+            Some(_) => {}
+            None => seen.push((
+                v["channel"].as_str().unwrap().to_owned(),
+                v["seq"].as_u64().unwrap(),
+            )),
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("task:s1".to_owned(), 3),
+            ("task:s2".to_owned(), 2),
+            ("task:s2".to_owned(), 3)
+        ],
+        "exactly what was missed, nothing twice"
+    );
+    // And live again.
+    server.publish_one("task:s1", "g", json!(7)).await;
+    let m = back.data().await;
+    assert_eq!(
+        (m.json()["seq"].as_u64(), m.id),
+        (Some(4), Some(format!("{epoch}:4,3")))
+    );
+
+    // An id from another run (epoch) resumes nothing: the client is told to reload.
+    let mut other = Sse::connect(&server, &q, "Last-Event-ID: 0123:1,1\r\n").await;
+    let mut recovered = Vec::new();
+    while recovered.len() < 2 {
+        let v = other.data().await.json();
+        if v["type"] == "replayed" {
+            recovered.push(v["recovered"].clone());
+        }
+    }
+    assert_eq!(recovered, vec![json!(false), json!(false)]);
+}
+
+#[tokio::test]
+async fn permissions_and_filters_are_those_of_websocket() {
+    let server = Server::start();
+    let (status, _, _) = Sse::open(&server, "/events?channels=project:p1", "").await;
+    assert_eq!(status, 401);
+    let member = token(json!({"sub": "m", "projects": ["p1"]}));
+    let (status, head, _) = Sse::open(
+        &server,
+        &format!("/events?channels=project:p2&token={member}"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 403, "{head}");
+    // Authorization: Bearer works too; filters narrow what arrives.
+    let mut sse = Sse::connect(
+        &server,
+        "/events?channels=project:p1&event_types=keep",
+        &format!("Authorization: Bearer {member}\r\n"),
+    )
+    .await;
+    sse.opened(1).await;
+    for (event, user) in [
+        ("drop", None),
+        ("keep", Some("someone-else")),
+        ("keep", None),
+    ] {
+        let mut body = json!({"channel": "project:p1", "event": event, "data": {}});
+        if let Some(u) = user {
+            body["user_id"] = json!(u);
+        }
+        assert_eq!(server.publish(&body).await.0, 200);
+    }
+    let v = sse.data().await.json();
+    assert_eq!(
+        (v["event"].as_str(), v["seq"].as_u64()),
+        (Some("keep"), Some(3))
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_are_comments_and_need_no_answer() {
+    let server = Server::start_with(&[
+        ("RINGCAST_PING_INTERVAL_MS", "50"),
+        ("RINGCAST_PONG_TIMEOUT_MS", "50"),
+        ("RINGCAST_MAX_MISSED_PONGS", "1"),
+    ]);
+    let mut sse = Sse::connect(&server, &format!("/events?token={}", admin_token()), "").await;
+    sse.opened(0).await;
+    // A WebSocket client that never answered would be closed 4002 after ~100 ms; an SSE
+    // client cannot answer and is not.
+    for _ in 0..10 {
+        let m = sse.next().await.expect("still open");
+        assert_eq!((m.comment.as_deref(), m.data), (Some("ping"), None));
+    }
+}
+
+#[tokio::test]
+async fn a_stream_ends_with_a_closed_message() {
+    let server = Server::start();
+    let user = token(json!({"sub": "u7", "channels": ["task:*"]}));
+    let mut sse = Sse::connect(
+        &server,
+        &format!("/events?channels=task:x&token={user}"),
+        "",
+    )
+    .await;
+    sse.opened(1).await;
+    let (status, _, reply) = server
+        .http(
+            "POST",
+            "/api/v1/admin/disconnect",
+            &[("Authorization", &format!("Bearer {API_KEY}"))],
+            r#"{"user_id":"u7","reason":"bye"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let m = sse.data().await;
+    assert_eq!(
+        m.json(),
+        json!({"type": "closed", "code": 4003, "reason": "bye"})
+    );
+    assert!(sse.next().await.is_none(), "then the TCP stream ends");
+}
+
+#[tokio::test]
+async fn the_proposal_alias_and_other_methods() {
+    let server = Server::start();
+    let user = token(json!({"sub": "u", "channels": ["proposal:*"]}));
+    let mut sse = Sse::connect(
+        &server,
+        &format!("/api/v1/proposals/p9/events?token={user}"),
+        "",
+    )
+    .await;
+    let welcome = sse.opened(1).await;
+    assert_eq!(welcome.json()["channels"], json!(["proposal:p9"]));
+    server
+        .publish_one(
+            "proposal:p9",
+            "validation_start",
+            json!({"proposal_id": "p9"}),
+        )
+        .await;
+    assert_eq!(sse.data().await.json()["event"], "validation_start");
+    let (status, head, _) = server.http("POST", "/events", &[], "").await;
+    assert_eq!(status, 405, "{head}");
+    assert!(head.contains("Allow: GET"), "{head}");
+}
+
+#[test]
+fn curl_follows_a_stream() {
+    let server = Server::start();
+    let url = server.url(&format!("/events?channels=task:c&token={}", admin_token()));
+    let url = url.replacen("ws://", "http://", 1);
+    let mut curl = Command::new("curl")
+        .args(["-sN", &url])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl is needed for this test");
+    let mut lines = BufReader::new(curl.stdout.take().unwrap()).lines();
+    let mut next_data = || loop {
+        let line = lines.next().expect("curl output").unwrap();
+        if let Some(d) = line.strip_prefix("data: ") {
+            return serde_json::from_str::<Value>(d).unwrap();
+        }
+    };
+    assert_eq!(next_data()["type"], "welcome");
+    assert_eq!(next_data()["type"], "subscribed");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let seq = rt.block_on(server.publish_one("task:c", "output", json!({"text": "hi"})));
+    let v = next_data();
+    assert_eq!(
+        (v["seq"].as_u64(), v["data"]["text"].as_str()),
+        (Some(seq), Some("hi"))
+    );
+    let _ = curl.kill();
+    let _ = curl.wait();
+}
