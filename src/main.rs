@@ -168,6 +168,7 @@ fn settings(config: &Config) -> Settings {
         queue_ttl: config.queue_ttl,
         key_interval: config.key_interval,
         compress_over: config.compress_over,
+        terminal_max_bytes_per_sec: config.terminal_max_bytes_per_sec,
         ack_max_sends: config.ack_max_sends,
     }
 }

@@ -135,6 +135,7 @@ impl Claims {
             ChannelKind::User(user) => self.sub == user || self.is_admin(),
             ChannelKind::Project(project) => self.has_project(project),
             ChannelKind::Admin => self.is_admin(),
+            ChannelKind::Terminal => true,
             ChannelKind::Other => self.channels_claim_allows(name),
         }
     }

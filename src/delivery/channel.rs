@@ -18,6 +18,9 @@ pub enum ChannelKind<'a> {
     Project(&'a str),
     /// `system`, `alerts`, `audit`: admins only.
     Admin,
+    /// `terminal:X`: any valid token may subscribe, because every message on it carries a
+    /// `project_id` (the publish API insists) and reaches only who may see that project.
+    Terminal,
     /// Anything else: only by the token's `channels` claim.
     Other,
 }
@@ -67,6 +70,8 @@ pub fn kind(name: &str) -> ChannelKind<'_> {
                 ChannelKind::User(user)
             } else if let Some(project) = name.strip_prefix("project:") {
                 ChannelKind::Project(project)
+            } else if name.starts_with("terminal:") {
+                ChannelKind::Terminal
             } else {
                 ChannelKind::Other
             }
@@ -107,6 +112,7 @@ mod tests {
         assert_eq!(kind("audit"), ChannelKind::Admin);
         assert_eq!(kind("dashboard"), ChannelKind::Other);
         assert_eq!(kind("task:t9"), ChannelKind::Other);
+        assert_eq!(kind("terminal:t9"), ChannelKind::Terminal);
     }
 
     #[test]

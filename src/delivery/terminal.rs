@@ -360,6 +360,36 @@ impl Pause {
     }
 }
 
+/// Terminal output travels on `terminal:{task_id}` as ephemeral events `stdout` / `stderr`
+/// (one chunk each) and `end` (a stream is over).
+pub const CHANNEL_PREFIX: &str = "terminal:";
+
+/// Whether an event is terminal output (what `pause` skips), not the end of a stream.
+pub fn is_output(channel: &str, event: &str) -> bool {
+    channel.starts_with(CHANNEL_PREFIX) && matches!(event, "stdout" | "stderr")
+}
+
+/// The `data` of an output event: where the chunk starts in its stream, its length in bytes,
+/// and its text (a chunk that is not valid UTF-8 gets U+FFFD for the bad bytes, as a terminal
+/// would show them; `bytes` and `offset` still count the producer's bytes).
+pub fn chunk_data(offset: u64, chunk: &[u8]) -> String {
+    let text = String::from_utf8_lossy(chunk);
+    let text = serde_json::to_string(&text).expect("a string serializes");
+    format!(
+        "{{\"offset\":{offset},\"bytes\":{},\"text\":{text}}}",
+        chunk.len()
+    )
+}
+
+/// The chunk length an output event's `data` states (0 if it states none).
+pub fn chunk_len(data: &str) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Len {
+        bytes: u64,
+    }
+    serde_json::from_str::<Len>(data).map_or(0, |l| l.bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -936,5 +966,18 @@ mod tests {
             prop_assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= MAX_CHUNK));
             prop_assert!(after.iter().all(|&(_, _, held)| held <= MAX_HELD));
         }
+    }
+
+    #[test]
+    fn output_events_carry_offset_length_and_text() {
+        let data = chunk_data(4096, "\u{1b}[32mok ✓\u{1b}[0m\n".as_bytes());
+        let v: serde_json::Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(v["offset"], 4096);
+        assert_eq!(v["text"], "\u{1b}[32mok ✓\u{1b}[0m\n");
+        assert_eq!(chunk_len(&data), 16);
+        assert_eq!(chunk_len("{}"), 0);
+        assert!(is_output("terminal:t1", "stderr"));
+        assert!(!is_output("terminal:t1", "end"));
+        assert!(!is_output("task:t1", "stdout"));
     }
 }

@@ -136,6 +136,9 @@ pub struct Flags {
     /// Client messages per second per connection before `rate_limited`; twice that closes 1008.
     #[arg(long, env = "RINGCAST_MAX_CLIENT_MESSAGES_PER_SEC")]
     pub max_client_messages_per_sec: Option<u32>,
+    /// Bytes per second one terminal output stream may publish (0: no cap).
+    #[arg(long, env = "RINGCAST_TERMINAL_MAX_BYTES_PER_SEC")]
+    pub terminal_max_bytes_per_sec: Option<u64>,
     /// Offer permessage-deflate to clients that ask for it (default true).
     #[arg(long, env = "RINGCAST_COMPRESSION")]
     pub compression: Option<bool>,
@@ -186,6 +189,7 @@ struct FileSettings {
     max_client_messages_per_sec: Option<u32>,
     compression: Option<bool>,
     compression_threshold: Option<u32>,
+    terminal_max_bytes_per_sec: Option<u64>,
 }
 
 /// The settings in force.
@@ -223,6 +227,8 @@ pub struct Config {
     pub key_interval: Duration,
     /// permessage-deflate: compress event frames larger than this (`None`: not offered).
     pub compress_over: Option<u32>,
+    /// Bytes per second per terminal output stream (0: no cap).
+    pub terminal_max_bytes_per_sec: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -355,6 +361,10 @@ impl Config {
                 .unwrap_or(10_000),
             queue_ttl: ms(flags.queue_ttl_ms.or(file.queue_ttl_ms), 5_000),
             key_interval: ms(flags.key_interval_ms.or(file.key_interval_ms), 100),
+            terminal_max_bytes_per_sec: flags
+                .terminal_max_bytes_per_sec
+                .or(file.terminal_max_bytes_per_sec)
+                .unwrap_or(1_000_000),
             compress_over: flags
                 .compression
                 .or(file.compression)

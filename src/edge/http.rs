@@ -17,7 +17,7 @@ use crate::proto::http::{self, HeadError, Parse, Request};
 use crate::runtime::core::Core;
 
 use super::jwt::Verifier;
-use super::{admin, publish, sse, upgrade};
+use super::{admin, publish, sse, terminal, upgrade};
 
 /// Largest request body accepted (a publish batch).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -125,6 +125,11 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
             // An event stream lives for hours inside this future too.
             drop((chunk, buf));
             return sse::serve(&edge, core, stream, peer.ip(), request, channels).await;
+        }
+        if let (Some(_), "POST") = (terminal::route(&request.path), request.method.as_str()) {
+            // A producer's body stays open while its task runs.
+            drop(chunk);
+            return terminal::produce(&edge, core, stream, request, buf).await;
         }
         if request.path.starts_with("/ws") && request.method == "GET" {
             // A WebSocket lives for hours inside this future: keep none of the HTTP buffers.
@@ -255,6 +260,9 @@ async fn route(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
             .unwrap_or_else(|| Reply::error(404, "no such endpoint")),
         (_, "/healthz" | "/readyz" | "/metrics") => {
             Reply::error(405, "method not allowed").with_header("Allow", "GET")
+        }
+        (_, path) if terminal::route(path).is_some() => {
+            Reply::error(405, "method not allowed").with_header("Allow", "POST")
         }
         (_, path) if sse::route(path).is_some() => {
             Reply::error(405, "method not allowed").with_header("Allow", "GET")

@@ -6,4 +6,5 @@ pub mod http;
 pub mod jwt;
 pub mod publish;
 pub mod sse;
+pub mod terminal;
 pub mod upgrade;

@@ -89,7 +89,7 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Rep
 }
 
 #[derive(serde::Serialize)]
-struct Sequenced {
+pub(super) struct Sequenced {
     channel: Arc<str>,
     seq: u64,
 }
@@ -127,6 +127,10 @@ fn check(m: Incoming<'_>) -> Result<Publication, String> {
         Some(p) => Priority::parse(p)
             .ok_or_else(|| "priority must be critical, high, normal or low".to_string())?,
     };
+    if m.channel.starts_with("terminal:") && m.project_id.is_none() {
+        // Anyone may subscribe to a terminal channel: the project is what guards it.
+        return Err("messages on terminal: channels need project_id".into());
+    }
     if m.coalesce_key
         .as_deref()
         .is_some_and(|k| k.is_empty() || k.len() > 200)
@@ -158,7 +162,10 @@ fn check(m: Incoming<'_>) -> Result<Publication, String> {
 }
 
 /// Sends each message to its channel's owner core and waits for the seqs.
-async fn sequence(core: &Core, publications: Vec<Publication>) -> Option<Vec<Sequenced>> {
+pub(super) async fn sequence(
+    core: &Core,
+    publications: Vec<Publication>,
+) -> Option<Vec<Sequenced>> {
     let mesh = &core.shared.mesh;
     let mut per_owner: Vec<Vec<(usize, Publication)>> =
         (0..mesh.cores()).map(|_| Vec::new()).collect();

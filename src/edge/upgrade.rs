@@ -112,6 +112,12 @@ fn path_channels(path: &str) -> Result<(Vec<String>, bool), Reply> {
     match path {
         "/ws" => Ok((Vec::new(), false)),
         "/ws/audit" => Ok((vec![AUDIT_CHANNEL.to_owned()], true)),
+        path if path.starts_with("/ws/terminal/") => match path.strip_prefix("/ws/terminal/") {
+            Some(task) if !task.is_empty() && !task.contains('/') => {
+                Ok((vec![format!("terminal:{task}")], false))
+            }
+            _ => Err(Reply::error(404, "no such endpoint")),
+        },
         path => match path.strip_prefix("/ws/projects/") {
             Some(project) if !project.is_empty() && !project.contains('/') => {
                 Ok((vec![format!("project:{project}")], false))
@@ -254,6 +260,22 @@ pub(super) fn open(
     }
     // An admin's revocations and grants for this user apply from the handshake on.
     core.apply_overrides(&mut claims);
+    // A terminal reader may name the task's project up front: refused at once if not allowed
+    // (without it, output of a project it may not see simply never reaches it).
+    if let Some(project) = req.query_param("project_id") {
+        if channels.iter().any(|c| c.starts_with("terminal:"))
+            && !claims.can_see(Some(&project), None)
+        {
+            audit(
+                "subscribe_denied",
+                json!({"ip": peer, "user_id": claims.sub, "project_id": project}),
+            );
+            return Err(Reply::error(
+                403,
+                &format!("not allowed to see project {project}"),
+            ));
+        }
+    }
     if let Some(list) = req.query_param("channels") {
         for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             if !channels.iter().any(|c| c == name) {

@@ -410,6 +410,122 @@ fn is_base64_16(key: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/'))
 }
 
+/// Incremental decoder of a `Transfer-Encoding: chunked` request body (RFC 9112 §7.1): hands
+/// out data as soon as it is buffered, not chunk by chunk, and keeps nothing of it.
+#[derive(Debug, Default)]
+pub struct ChunkedBody {
+    state: ChunkState,
+    /// Trailer bytes seen so far (bounded).
+    trailer_bytes: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Data(usize),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+/// What [`ChunkedBody::next`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BodyPart {
+    Data(bytes::Bytes),
+    /// Read more, then call again.
+    More,
+    /// The body is complete (the zero chunk and the trailers are consumed).
+    End,
+}
+
+/// Longest chunk-size line (with extensions) and longest trailer section accepted.
+const MAX_CHUNK_LINE: usize = 1024;
+const MAX_TRAILERS: usize = 8 * 1024;
+
+impl ChunkedBody {
+    /// The next piece of the body at the front of `buf`, consuming what it used.
+    pub fn next(&mut self, buf: &mut bytes::BytesMut) -> Result<BodyPart, HeadError> {
+        loop {
+            match self.state {
+                ChunkState::Done => return Ok(BodyPart::End),
+                ChunkState::Size => {
+                    let Some(end) = find_crlf(buf) else {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Err(HeadError::Malformed("chunk size line too long"));
+                        }
+                        return Ok(BodyPart::More);
+                    };
+                    let line = buf.split_to(end + 2);
+                    let size = parse_chunk_size(&line[..end])?;
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(BodyPart::More);
+                    }
+                    let take = left.min(buf.len());
+                    let data = buf.split_to(take).freeze();
+                    self.state = if take == left {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left - take)
+                    };
+                    return Ok(BodyPart::Data(data));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(BodyPart::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(HeadError::Malformed("chunk data not followed by CRLF"));
+                    }
+                    let _ = buf.split_to(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let Some(end) = find_crlf(buf) else {
+                        if self.trailer_bytes + buf.len() > MAX_TRAILERS {
+                            return Err(HeadError::Malformed("chunked trailers too long"));
+                        }
+                        return Ok(BodyPart::More);
+                    };
+                    let _ = buf.split_to(end + 2);
+                    self.trailer_bytes += end + 2;
+                    if self.trailer_bytes > MAX_TRAILERS {
+                        return Err(HeadError::Malformed("chunked trailers too long"));
+                    }
+                    if end == 0 {
+                        self.state = ChunkState::Done;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// `1a3f` or `1a3f;name=value`: hex digits, at most 15 of them (no overflow).
+fn parse_chunk_size(line: &[u8]) -> Result<usize, HeadError> {
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii_end();
+    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return Err(HeadError::Malformed("bad chunk size"));
+    }
+    let text = std::str::from_utf8(digits).map_err(|_| HeadError::Malformed("bad chunk size"))?;
+    usize::from_str_radix(text, 16).map_err(|_| HeadError::Malformed("bad chunk size"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -708,5 +824,57 @@ mod tests {
                 let _ = request.content_length();
             }
         }
+    }
+
+    fn dechunk(input: &[u8], step: usize) -> Result<Vec<u8>, HeadError> {
+        let mut body = ChunkedBody::default();
+        let mut buf = bytes::BytesMut::new();
+        let mut out = Vec::new();
+        let mut fed = 0;
+        loop {
+            match body.next(&mut buf)? {
+                BodyPart::Data(d) => out.extend_from_slice(&d),
+                BodyPart::End => return Ok(out),
+                BodyPart::More if fed < input.len() => {
+                    let to = (fed + step).min(input.len());
+                    buf.extend_from_slice(&input[fed..to]);
+                    fed = to;
+                }
+                BodyPart::More => return Err(HeadError::Malformed("truncated")),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_however_they_are_split() {
+        let wire =
+            b"5\r\nhello\r\n1;ext=1\r\n \r\nB \r\n\x1b[31mworld\r\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        for step in 1..=wire.len() {
+            assert_eq!(
+                dechunk(wire, step).unwrap(),
+                b"hello \x1b[31mworld\r",
+                "step {step}"
+            );
+        }
+        assert_eq!(dechunk(b"0\r\n\r\n", 3).unwrap(), b"");
+    }
+
+    #[test]
+    fn bad_chunked_bodies_are_refused() {
+        for wire in [
+            &b"x\r\nhello\r\n"[..],
+            b"\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"ffffffffffffffff0\r\n",
+            b"-1\r\n",
+        ] {
+            assert!(
+                matches!(dechunk(wire, 4), Err(HeadError::Malformed(_))),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        let long = vec![b'1'; 2000];
+        assert!(dechunk(&long, 2000).is_err());
     }
 }

@@ -118,6 +118,14 @@ pub enum Control<'a> {
     Shutdown {
         reason: &'a str,
     },
+    /// The answer to `pause`.
+    Paused,
+    /// The answer to `resume`: events skipped while paused, and how many bytes of terminal
+    /// output they held.
+    Resumed {
+        skipped: u64,
+        skipped_bytes: u64,
+    },
     /// Server-Sent Events only (WebSocket has close frames): the server ends the stream.
     Closed {
         code: u16,
@@ -353,6 +361,10 @@ pub enum ClientMessage {
     Refresh {
         token: String,
     },
+    /// Stop sending events (terminal output above all) until `resume`; nothing is closed.
+    Pause,
+    /// Go on with live events; the answer says what was skipped.
+    Resume,
 }
 
 /// Why a client message was refused: an `error` frame, never a close.
@@ -363,7 +375,7 @@ pub struct ParseError {
 }
 
 /// Types the contract names that this version answers with `unsupported`.
-const LATER_TYPES: [&str; 3] = ["pause", "resume", "ping"];
+const LATER_TYPES: [&str; 1] = ["ping"];
 
 /// Parses one client text message with simd-json.
 pub fn parse_client_message(text: &[u8]) -> Result<ClientMessage, ParseError> {
@@ -394,7 +406,7 @@ pub fn parse_client_message(text: &[u8]) -> Result<ClientMessage, ParseError> {
     }
     if !matches!(
         kind,
-        "subscribe" | "unsubscribe" | "refresh" | "filter" | "ack"
+        "subscribe" | "unsubscribe" | "refresh" | "filter" | "ack" | "pause" | "resume"
     ) {
         let kind: String = kind.chars().take(64).collect();
         return fail(ErrorCode::UnknownType, format!("unknown type \"{kind}\""));
@@ -512,7 +524,11 @@ mod tests {
         assert_eq!(code(b"[1,2]"), ErrorCode::BadJson);
         assert_eq!(code(br#"{"type":7}"#), ErrorCode::BadJson);
         assert_eq!(code(br#"{"type":"dance"}"#), ErrorCode::UnknownType);
-        assert_eq!(code(br#"{"type":"pause"}"#), ErrorCode::Unsupported);
+        assert_eq!(code(br#"{"type":"ping"}"#), ErrorCode::Unsupported);
+        assert_eq!(
+            parse_client_message(br#"{"type":"pause"}"#),
+            Ok(ClientMessage::Pause)
+        );
         assert_eq!(code(br#"{"type":"refresh"}"#), ErrorCode::BadMessage);
         assert_eq!(code(br#"{"type":"subscribe"}"#), ErrorCode::BadMessage);
         assert_eq!(

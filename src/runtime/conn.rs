@@ -24,7 +24,7 @@ use crate::delivery::filter::{parse_list, text_match, Filter, FilterError, TextM
 use crate::delivery::heartbeat::{Beat, Heartbeat};
 use crate::delivery::queue::{Bucket, Next, Pushed, SendQueue};
 use crate::delivery::sequencer::Resume;
-use crate::delivery::{Delivery, Priority};
+use crate::delivery::{terminal, Delivery, Priority};
 use crate::proto::msg::{self, ClientMessage, Control, Encoding, ErrorCode, Format};
 use crate::proto::ws::codec::{self, Decoder, Event};
 
@@ -106,6 +106,29 @@ pub struct Conn {
     pub fd: RawFd,
     /// Set for a Server-Sent Events stream (`/events`): its position, written as `id:`.
     pub sse: Option<Box<SseStream>>,
+    /// Set while the client has paused: what it skipped so far.
+    paused: RefCell<Option<Box<Skipped>>>,
+}
+
+/// What a paused connection did not get: events, and the terminal output bytes among them.
+#[derive(Debug, Default)]
+struct Skipped {
+    events: u64,
+    bytes: u64,
+}
+
+impl Skipped {
+    /// Counts `d` if a pause skips it (everything but the end of a terminal stream).
+    fn skips(&mut self, d: &Delivery) -> bool {
+        if d.channel.starts_with(terminal::CHANNEL_PREFIX) && &*d.event == "end" {
+            return false;
+        }
+        self.events += 1;
+        if terminal::is_output(&d.channel, &d.event) {
+            self.bytes += terminal::chunk_len(msg::event_data(&d.frame));
+        }
+        true
+    }
 }
 
 /// The position of a Server-Sent Events stream: per channel (in the order the URL names them)
@@ -220,6 +243,7 @@ impl Conn {
             heartbeat: RefCell::new(heartbeat),
             fd,
             sse: None,
+            paused: RefCell::new(None),
         }
     }
 
@@ -317,6 +341,11 @@ impl Conn {
         if !matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
             return;
         }
+        if let Some(skipped) = self.paused.borrow_mut().as_mut() {
+            if skipped.skips(d) {
+                return;
+            }
+        }
         if self.over_byte_bound(d.frame.len()) {
             return;
         }
@@ -324,7 +353,11 @@ impl Conn {
             let mut q = self.queue.borrow_mut();
             (q.push_event(d), q.is_behind())
         };
-        if self.acks.get() && d.priority == Priority::Critical {
+        // Terminal output goes as critical (never dropped) but is not acknowledged.
+        if self.acks.get()
+            && d.priority == Priority::Critical
+            && !terminal::is_output(&d.channel, &d.event)
+        {
             let mut unacked = self.unacked.borrow_mut();
             if unacked.len() >= MAX_UNACKED {
                 unacked.pop_front(); // bounded: the oldest gives up first
@@ -349,6 +382,29 @@ impl Conn {
     pub fn purge(&self, gone: impl Fn(&Delivery) -> bool) {
         self.queue.borrow_mut().purge(&gone);
         self.unacked.borrow_mut().retain(|(d, _, _)| !gone(d));
+    }
+
+    /// `pause`: from now on (and of what is queued) events are skipped, and counted.
+    fn pause(&self) {
+        let mut skipped = self.paused.borrow_mut().take().unwrap_or_default();
+        let counted = RefCell::new(&mut skipped);
+        self.queue
+            .borrow_mut()
+            .purge(|d| counted.borrow_mut().skips(d));
+        *self.paused.borrow_mut() = Some(skipped);
+        self.push(Control::Paused.frame_in(self.encoding));
+    }
+
+    /// `resume`: live events flow again; the answer says what was skipped.
+    fn resume(&self) {
+        let skipped = self.paused.borrow_mut().take().unwrap_or_default();
+        self.push(
+            Control::Resumed {
+                skipped: skipped.events,
+                skipped_bytes: skipped.bytes,
+            }
+            .frame_in(self.encoding),
+        );
     }
 
     /// The client acknowledged a critical event.
@@ -733,6 +789,8 @@ fn handle_message(core: &Core, conn: &Rc<Conn>, text: &[u8]) {
         }
         Ok(ClientMessage::Refresh { token }) => refresh(core, conn, &token),
         Ok(ClientMessage::Ack { channel, seq }) => conn.ack(&channel, seq),
+        Ok(ClientMessage::Pause) => conn.pause(),
+        Ok(ClientMessage::Resume) => conn.resume(),
         Ok(ClientMessage::Filter {
             agent_ids,
             project_ids,

@@ -51,6 +51,8 @@ pub struct Settings {
     pub key_interval: Duration,
     /// permessage-deflate: event frames larger than this go compressed (`None`: not offered).
     pub compress_over: Option<u32>,
+    /// Bytes per second per terminal output stream (0: no cap).
+    pub terminal_max_bytes_per_sec: u64,
     /// How long an event may wait in a connection's queue (unless its `ttl_ms` says otherwise).
     pub queue_ttl: Duration,
     /// `ack=critical`: re-send an unacknowledged critical event after this long...
