@@ -149,11 +149,12 @@ async fn compressed_client_messages_are_inflated_and_bad_ones_close_1007() {
 
 #[tokio::test]
 async fn a_compression_bomb_is_closed_1009() {
-    let server = Server::start_with(&[("RINGCAST_MAX_MESSAGE_BYTES", "4096")]);
+    let server = Server::start_with(&[("RINGCAST_MAX_MESSAGE_BYTES", "65536")]);
     let q = format!("channels=logs:b&token={}", admin_token());
     let (mut ws, _) = subscribed(&server, &q, OFFER).await;
-    let bomb = deflate::compress(&vec![b' '; 1 << 20]); // ~1 KiB on the wire, 1 MiB inflated
-    assert!(bomb.len() < 4096);
+    // Small on the wire, 1 MiB inflated: the frame passes the limit, the message does not.
+    let bomb = deflate::compress(&vec![b' '; 1 << 20]);
+    assert!(bomb.len() < 65536, "{}", bomb.len());
     let mut frame = client_frame(true, 0x1, &bomb, [1, 2, 3, 4]);
     frame[0] |= 0x40;
     ws.send_raw(&frame).await;
