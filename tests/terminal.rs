@@ -356,4 +356,14 @@ async fn producers_are_checked_and_a_dropped_producer_ends_the_stream() {
             &json!({"stream": "stdout", "bytes": 11, "reason": "producer disconnected"})
         )
     );
+    // A malformed chunked body: what came before it is published, then the end says why.
+    let mut producer = Producer::open(&server, "/api/v1/terminal/tx?project_id=p").await;
+    producer.send(b"hello").await;
+    producer.stream.write_all(b"zz\r\n").await.unwrap();
+    let mut answer = String::new();
+    producer.stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(recv_json(&mut ws).await["data"]["text"], "hello");
+    let end = recv_json(&mut ws).await;
+    assert_eq!(end["data"]["reason"], "bad chunk size", "{end}");
 }

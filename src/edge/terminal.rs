@@ -115,15 +115,16 @@ pub async fn produce(
                 match read(&core, &socket, &mut buf, chunker.held() > 0).await {
                     Read::Data => {}
                     Read::Idle => chunker.finish(&mut pieces),
-                    Read::Closed => {
-                        chunker.finish(&mut pieces);
-                        let _ = out.send(&mut pieces).await;
-                        break Err("producer disconnected");
-                    }
+                    Read::Closed => break Err("producer disconnected"),
                 }
             }
         }
     };
+    if ended.is_err() {
+        // What arrived before the failure still goes out, then the end says why it stopped.
+        chunker.finish(&mut pieces);
+        let _ = out.send(&mut pieces).await;
+    }
     let reason = match ended {
         Ok(()) => "complete",
         Err(why) => why,
