@@ -115,6 +115,13 @@ async fn offers_the_server_cannot_honour_are_declined_not_refused() {
     let small_window = "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=9\r\n";
     let (_, head) = subscribed(&server, &q, small_window).await;
     assert!(!head.contains("Sec-WebSocket-Extensions"), "{head}");
+    // An accepted server_max_window_bits is echoed (RFC 7692 §7.1.2.1).
+    let full_window = "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=15\r\n";
+    let (_, head) = subscribed(&server, &q, full_window).await;
+    assert!(
+        head.contains("client_no_context_takeover; server_max_window_bits=15\r\n"),
+        "{head}"
+    );
 }
 
 #[tokio::test]

@@ -340,6 +340,18 @@ async fn producers_are_checked_and_a_dropped_producer_ends_the_stream() {
     }
     let (got, head, _) = server.http("GET", "/api/v1/terminal/tx", &[], "").await;
     assert_eq!(got, 405, "{head}");
+    let (got, _, body) = server
+        .http(
+            "POST",
+            "/api/v1/terminal/tx?project_id=p",
+            &[
+                ("Authorization", "Bearer test-api-key-0123456789"),
+                ("Transfer-Encoding", "gzip, chunked"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(got, 501, "{body}");
 
     let t = token(json!({"sub": "dev", "projects": ["p"]}));
     let mut ws = reader(&server, &format!("/ws/terminal/tx?token={t}")).await;
@@ -366,4 +378,34 @@ async fn producers_are_checked_and_a_dropped_producer_ends_the_stream() {
     assert_eq!(recv_json(&mut ws).await["data"]["text"], "hello");
     let end = recv_json(&mut ws).await;
     assert_eq!(end["data"]["reason"], "bad chunk size", "{end}");
+}
+
+#[tokio::test]
+async fn a_pause_holds_back_replays_too() {
+    let server = Server::start();
+    let t = admin_token();
+    for i in 0..3 {
+        server.publish_one("task:pr", "log", json!(i)).await;
+    }
+    let (mut ws, welcome) = connect(&server, &format!("token={t}")).await;
+    send_json(&mut ws, &json!({"type": "pause"})).await;
+    assert_eq!(recv_json(&mut ws).await["type"], "paused");
+    let epoch = welcome["epoch"].clone();
+    send_json(
+        &mut ws,
+        &json!({"type": "subscribe", "channels": ["task:pr"], "since": {"task:pr": 0}, "epoch": epoch}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut ws).await["type"], "subscribed");
+    assert_eq!(
+        recv_json(&mut ws).await["type"],
+        "replayed",
+        "no event while paused"
+    );
+    send_json(&mut ws, &json!({"type": "resume"})).await;
+    let resumed = recv_json(&mut ws).await;
+    assert_eq!(
+        (resumed["type"].as_str(), resumed["skipped"].as_u64()),
+        (Some("resumed"), Some(3))
+    );
 }

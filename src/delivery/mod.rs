@@ -20,6 +20,7 @@ pub mod queue;
 pub mod ring;
 pub mod rooms;
 pub mod sequencer;
+pub mod sse;
 pub mod terminal;
 
 /// One sequenced message, as every subscriber receives it: the frame is built once and shared.

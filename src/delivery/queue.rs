@@ -25,12 +25,19 @@ enum Entry {
     /// A replayed event: goes out like a control frame (never dropped, paced or expired), but
     /// is still an event (its position counts, a revoke purges it).
     Replay(Arc<Delivery>),
+    /// No bytes: once the writer reaches it, `channel` is settled up to `seq` (an SSE stream's
+    /// position moves there only after what came before is written).
+    Mark(Arc<str>, u64),
 }
+
+/// The frame of a `Mark`.
+static NOTHING: Bytes = Bytes::new();
 
 impl Entry {
     fn frame(&self, format: Format) -> &Bytes {
         match self {
             Entry::Control(b) => b,
+            Entry::Mark(..) => &NOTHING,
             Entry::Event(d, _) | Entry::Replay(d) => d.frame_in(format),
         }
     }
@@ -43,6 +50,8 @@ pub enum Next {
     Frame(Bytes),
     /// An event (live or replayed); its frame is `frame_in` the queue's format.
     Event(Arc<Delivery>),
+    /// A `Mark` reached: `channel` is settled up to `seq`.
+    Mark(Arc<str>, u64),
     /// The front event waits for the rate limits; try again after this long.
     Blocked(Duration),
     Empty,
@@ -145,6 +154,11 @@ impl SendQueue {
     pub fn push_replay(&mut self, d: Arc<Delivery>) {
         self.bytes += d.frame_in(self.format).len();
         self.entries.push_back(Entry::Replay(d));
+    }
+
+    /// Queues a mark (see `Entry::Mark`) behind what is queued.
+    pub fn push_mark(&mut self, channel: Arc<str>, seq: u64) {
+        self.entries.push_back(Entry::Mark(channel, seq));
     }
 
     /// Puts a control frame before everything else (the welcome).
@@ -278,6 +292,7 @@ impl SendQueue {
                 Next::Event(d)
             }
             Entry::Replay(d) => Next::Event(d),
+            Entry::Mark(channel, seq) => Next::Mark(channel, seq),
         }
     }
 
@@ -394,6 +409,7 @@ mod tests {
         match next {
             Next::Frame(b) => Out::Frame(String::from_utf8(b.to_vec()).unwrap()),
             Next::Event(d) => Out::Frame(String::from_utf8(d.frame.to_vec()).unwrap()),
+            Next::Mark(c, seq) => Out::Frame(format!("mark {c}#{seq}")),
             Next::Blocked(w) => Out::Blocked(w),
             Next::Empty => Out::Empty,
         }

@@ -14,9 +14,10 @@ use std::rc::Rc;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
+use crate::delivery::sse::SseStream;
 use crate::proto::http::Request;
 use crate::proto::msg::{Encoding, Format};
-use crate::runtime::conn::{self, SseStream};
+use crate::runtime::conn;
 use crate::runtime::core::Core;
 
 use super::http::{Edge, Reply};
@@ -56,17 +57,10 @@ pub async fn serve(
         .map(str::to_owned)
         .or_else(|| req.query_param("last_event_id"))
     {
-        Some(last) => SseStream::parse_id(last.trim(), epoch, opening.channels.len()),
+        Some(last) => SseStream::parse_id(last.trim(), epoch, &opening.channels),
         None => vec![opening.resume; opening.channels.len()],
     };
-    let positions: Vec<Option<u64>> = resumes
-        .iter()
-        .map(|r| match r {
-            crate::delivery::sequencer::Resume::After(seq) => Some(*seq),
-            _ => None,
-        })
-        .collect();
-    let sse = SseStream::new(epoch, &opening.channels, &positions);
+    let sse = SseStream::new(epoch, &opening.channels, &resumes);
     let mut head = String::from(
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n\
          Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: close\r\n",
@@ -85,6 +79,12 @@ pub async fn serve(
         core.release(id, &opening.claims.sub, &projects);
         return;
     }
+    // An event stream cannot answer pings: a peer that vanished is found by the kernel when
+    // the comment pings (or events) stay unacknowledged this long, as a WebSocket that stops
+    // answering pongs would be.
+    let hb = &core.shared.settings.heartbeat;
+    let dead_after = hb.ping_interval + hb.pong_timeout * hb.max_missed;
+    set_user_timeout(&stream, dead_after);
     let format = Format {
         encoding: Encoding::Sse,
         compress_over: None,
@@ -94,6 +94,26 @@ pub async fn serve(
         &core, id, peer, &stream, projects, opening, format, resumes, sse,
     );
     monoio::spawn(conn::run_sse(core, stream, conn));
+}
+
+fn set_user_timeout(stream: &TcpStream, after: std::time::Duration) {
+    let ms = libc::c_uint::try_from(after.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: setsockopt on a socket we own, with a value of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "TCP_USER_TIMEOUT not set: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 async fn refuse(stream: &mut TcpStream, req: &Request, mut reply: Reply) {

@@ -180,7 +180,8 @@ fn check(edge: &Edge, core: &Core, req: &Request) -> Result<(Producer, Body), Re
         Some("stderr") => "stderr",
         Some(_) => return Err(Reply::error(400, "stream must be stdout or stderr")),
     };
-    let body = if req.has_token("transfer-encoding", "chunked") {
+    let codings: Vec<&str> = req.tokens("transfer-encoding").collect();
+    let body = if codings.len() == 1 && codings[0].eq_ignore_ascii_case("chunked") {
         Body::Chunked(ChunkedBody::default())
     } else if req.header("transfer-encoding").is_some() {
         return Err(Reply::error(

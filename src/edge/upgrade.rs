@@ -18,11 +18,12 @@ use crate::delivery::channel;
 use crate::delivery::filter::{parse_list, text_match, Filter};
 use crate::delivery::limits::Refused;
 use crate::delivery::sequencer::Resume;
+use crate::delivery::sse::SseStream;
 use crate::proto::http::{self, Request};
 use crate::proto::msg::{Control, Encoding, Format};
 use crate::proto::ws::deflate;
 use crate::runtime::audit::AUDIT_CHANNEL;
-use crate::runtime::conn::{self, Conn, SseStream};
+use crate::runtime::conn::{self, Conn};
 use crate::runtime::core::Core;
 
 use super::http::{bearer, Edge, Reply};
@@ -80,13 +81,17 @@ pub async fn serve(
         }
     };
     // permessage-deflate, if offered and on: frames past the threshold go compressed.
+    let extensions = core
+        .shared
+        .settings
+        .compress_over
+        .and_then(|_| deflate::negotiate(req.tokens("sec-websocket-extensions")));
     let compress_over = core
         .shared
         .settings
         .compress_over
-        .filter(|_| deflate::accepts(req.tokens("sec-websocket-extensions")));
-    let extensions = compress_over.map(|_| deflate::RESPONSE);
-    let accept = http::accept_response(&upgrade.key, opening.protocol, extensions);
+        .filter(|_| extensions.is_some());
+    let accept = http::accept_response(&upgrade.key, opening.protocol, extensions.as_deref());
     // The request lives no longer than the handshake: a connection lasts hours.
     drop((req, upgrade));
     let (res, _) = stream.write_all(accept).await;

@@ -24,6 +24,7 @@ use crate::delivery::filter::{parse_list, text_match, Filter, FilterError, TextM
 use crate::delivery::heartbeat::{Beat, Heartbeat};
 use crate::delivery::queue::{Bucket, Next, Pushed, SendQueue};
 use crate::delivery::sequencer::Resume;
+use crate::delivery::sse::SseStream;
 use crate::delivery::{terminal, Delivery, Priority};
 use crate::proto::msg::{self, ClientMessage, Control, Encoding, ErrorCode, Format};
 use crate::proto::ws::codec::{self, Decoder, Event};
@@ -128,78 +129,6 @@ impl Skipped {
             self.bytes += terminal::chunk_len(msg::event_data(&d.frame));
         }
         true
-    }
-}
-
-/// The position of a Server-Sent Events stream: per channel (in the order the URL names them)
-/// the last seq written, as the `id:` of every message, so that `Last-Event-ID` resumes
-/// every channel exactly. Format: `{epoch}:{seq},{seq},…`; an empty slot means "nothing yet:
-/// live".
-pub struct SseStream {
-    epoch: Arc<str>,
-    channels: Vec<Arc<str>>,
-    positions: RefCell<Vec<Option<u64>>>,
-}
-
-impl SseStream {
-    pub fn new(epoch: &str, channels: &[String], resume: &[Option<u64>]) -> SseStream {
-        SseStream {
-            epoch: epoch.into(),
-            channels: channels.iter().map(|c| Arc::from(c.as_str())).collect(),
-            positions: RefCell::new(
-                (0..channels.len())
-                    .map(|i| resume.get(i).copied().flatten())
-                    .collect(),
-            ),
-        }
-    }
-
-    /// `seq` of `channel` is out (or, at subscribe, everything up to it is accounted for).
-    pub fn advance(&self, channel: &str, seq: u64) {
-        if let Some(i) = self.channels.iter().position(|c| &**c == channel) {
-            let mut p = self.positions.borrow_mut();
-            p[i] = Some(p[i].map_or(seq, |old| old.max(seq)));
-        }
-    }
-
-    /// `id: …` followed by its newline.
-    pub fn id_line(&self) -> Bytes {
-        let mut line = format!("id: {}:", self.epoch);
-        for (i, p) in self.positions.borrow().iter().enumerate() {
-            if i > 0 {
-                line.push(',');
-            }
-            if let Some(seq) = p {
-                line.push_str(itoa::Buffer::new().format(*seq));
-            }
-        }
-        line.push('\n');
-        Bytes::from(line)
-    }
-
-    /// Reads a `Last-Event-ID` for `channels`: per channel, where to resume. An id from
-    /// another epoch, or for another channel list, resumes nothing (`OtherEpoch`: the client
-    /// is told `recovered:false`).
-    pub fn parse_id(id: &str, epoch: &str, channels: usize) -> Vec<Resume> {
-        let parsed: Option<Vec<Option<u64>>> = id
-            .rsplit_once(':')
-            .filter(|(e, _)| *e == epoch)
-            .and_then(|(_, list)| {
-                list.split(',')
-                    .map(|slot| match slot {
-                        "" => Some(None),
-                        n => n.parse().ok().map(Some),
-                    })
-                    .collect()
-            })
-            .filter(|v: &Vec<Option<u64>>| v.len() == channels);
-        match parsed {
-            Some(slots) => slots
-                .into_iter()
-                .map(|s| s.map_or(Resume::Live, Resume::After))
-                .collect(),
-            None => vec![Resume::OtherEpoch; channels],
-        }
     }
 }
 
@@ -323,10 +252,24 @@ impl Conn {
         self.wake_writer();
     }
 
-    /// Queues a replayed event (never dropped) unless the connection is closing.
+    /// An SSE stream's position of `channel` moves to `seq` once what is queued now is written.
+    pub fn settle_after_queued(&self, channel: Arc<str>, seq: u64) {
+        if self.sse.is_some() && matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
+            self.queue.borrow_mut().push_mark(channel, seq);
+            self.wake_writer();
+        }
+    }
+
+    /// Queues a replayed event (never dropped) unless the connection is closing; a paused
+    /// connection skips it like a live one.
     pub fn push_replay(&self, d: &Arc<Delivery>) {
         if !matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
             return;
+        }
+        if let Some(skipped) = self.paused.borrow_mut().as_mut() {
+            if skipped.skips(d) {
+                return;
+            }
         }
         if self.over_byte_bound(d.frame_in(self.format()).len()) {
             return;
@@ -416,6 +359,9 @@ impl Conn {
 
     /// Re-sends critical events not acknowledged within `timeout`, at most `max_sends` times.
     fn resend_unacked(&self, now: Instant, timeout: Duration, max_sends: u32) {
+        if self.paused.borrow().is_some() {
+            return; // a paused client gets nothing; the clock restarts at resume
+        }
         let due: Vec<Bytes> = {
             let mut unacked = self.unacked.borrow_mut();
             unacked.retain(|(_, _, sends)| *sends < max_sends);
@@ -953,6 +899,11 @@ async fn write_loop(core: Rc<Core>, conn: Rc<Conn>, mut writer: OwnedWriteHalf<T
                                 out.add(sse.id_line(), &mut spare);
                             }
                             out.add(d.frame_in(format).clone(), &mut spare);
+                        }
+                        Next::Mark(channel, seq) => {
+                            if let Some(sse) = conn.sse.as_deref() {
+                                sse.advance(&channel, seq);
+                            }
                         }
                         Next::Blocked(wait) => {
                             blocked = Some(wait);

@@ -542,15 +542,9 @@ impl Core {
             }
             .frame_in(conn.encoding),
         );
-        // An SSE stream's position: everything up to the head is accounted for, except what an
-        // exact replay is about to send (its events advance the position as they go out).
-        let sse_at_head = |conn: &Conn| {
-            if let Some(sse) = conn.sse.as_deref() {
-                sse.advance(&channel, ack.last_seq);
-            }
-        };
-        if ack.replay.is_none() {
-            sse_at_head(&conn);
+        // An SSE stream starting live owes nothing before the head: its position is the head.
+        if let (None, Some(sse)) = (&ack.replay, conn.sse.as_deref()) {
+            sse.advance(&channel, ack.last_seq);
         }
         if let Some(mut replay) = ack.replay {
             // A replay that would overflow the send queue is not sent: the client reloads
@@ -564,9 +558,6 @@ impl Core {
             if bytes > self.shared.settings.max_queue_bytes / 2 {
                 replay.deliveries.clear();
                 replay.recovered = false;
-            }
-            if !replay.recovered {
-                sse_at_head(&conn);
             }
             let mut count = 0;
             for d in &replay.deliveries {
@@ -583,6 +574,11 @@ impl Core {
                 }
                 .frame_in(conn.encoding),
             );
+            if !replay.recovered {
+                // Told to reload: from here the stream's position is the head, but only once
+                // that notice is written (a reconnect before it must hear it again).
+                conn.settle_after_queued(channel.clone(), ack.last_seq);
+            }
         }
         self.rooms
             .borrow_mut()
@@ -662,15 +658,15 @@ impl Core {
         }
     }
 
-    /// Tells every connection to go elsewhere and closes it with 1012.
     /// Drain, first step: tell every connection to go elsewhere (`shutdown`); clients leave on
     /// their own while the node waits.
     fn drain(&self) {
         let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
-        let notice = [Encoding::Json, Encoding::MessagePack].map(shutdown_frame);
+        let encodings = [Encoding::Json, Encoding::MessagePack, Encoding::Sse];
+        let notice = encodings.map(shutdown_frame);
         for conn in conns {
-            let frame = &notice[usize::from(conn.encoding == Encoding::MessagePack)];
-            conn.push(frame.clone());
+            let at = encodings.iter().position(|e| *e == conn.encoding);
+            conn.push(notice[at.expect("every encoding has its notice")].clone());
         }
     }
 

@@ -30,22 +30,29 @@ pub fn compressed_total() -> u64 {
     COMPRESSED.load(Ordering::Relaxed)
 }
 
-/// Whether any of the `Sec-WebSocket-Extensions` offers (comma-separated lists, as sent) is a
-/// `permessage-deflate` offer this server accepts.
-pub fn accepts<'a>(offers: impl IntoIterator<Item = &'a str>) -> bool {
+/// The `Sec-WebSocket-Extensions` answer to the first of the offers (comma-separated lists,
+/// as sent) that is a `permessage-deflate` offer this server accepts; `None`: none is.
+pub fn negotiate<'a>(offers: impl IntoIterator<Item = &'a str>) -> Option<String> {
     offers
         .into_iter()
         .flat_map(|header| header.split(','))
-        .any(acceptable)
+        .find_map(answer)
 }
 
-fn acceptable(offer: &str) -> bool {
+/// Whether any offer is accepted.
+pub fn accepts<'a>(offers: impl IntoIterator<Item = &'a str>) -> bool {
+    negotiate(offers).is_some()
+}
+
+/// The answer to one offer: [`RESPONSE`], plus `server_max_window_bits=15` when the offer
+/// named it (RFC 7692 §7.1.2.1: an accepted server_max_window_bits is echoed).
+fn answer(offer: &str) -> Option<String> {
     let mut parts = offer.split(';').map(str::trim);
     if !parts
         .next()
         .is_some_and(|name| name.eq_ignore_ascii_case("permessage-deflate"))
     {
-        return false;
+        return None;
     }
     let mut seen: Vec<String> = Vec::new();
     for param in parts.filter(|p| !p.is_empty()) {
@@ -55,7 +62,7 @@ fn acceptable(offer: &str) -> bool {
         };
         let name = name.to_ascii_lowercase();
         if seen.contains(&name) {
-            return false;
+            return None;
         }
         let ok = match (name.as_str(), value) {
             ("server_no_context_takeover" | "client_no_context_takeover", None) => true,
@@ -66,11 +73,15 @@ fn acceptable(offer: &str) -> bool {
             _ => false,
         };
         if !ok {
-            return false;
+            return None;
         }
         seen.push(name);
     }
-    true
+    Some(if seen.iter().any(|n| n == "server_max_window_bits") {
+        format!("{RESPONSE}; server_max_window_bits=15")
+    } else {
+        RESPONSE.to_owned()
+    })
 }
 
 fn window_bits(v: &str) -> Option<u8> {
@@ -197,6 +208,11 @@ mod tests {
         ]));
         assert!(!accepts(["deflate-frame"]));
         assert!(!accepts(Vec::<&str>::new()));
+        assert_eq!(negotiate(["permessage-deflate"]).as_deref(), Some(RESPONSE));
+        assert_eq!(
+            negotiate(["permessage-deflate; server_max_window_bits=15"]).unwrap(),
+            format!("{RESPONSE}; server_max_window_bits=15")
+        );
     }
 
     #[test]
