@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 /// One SSE message (or comment) as a browser would parse it.
@@ -40,28 +40,12 @@ impl Sse {
         path_and_query: &str,
         extra: &str,
     ) -> (u16, String, Option<Sse>) {
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
         let req = format!(
             "GET {path_and_query} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{extra}\r\n",
             server.addr
         );
-        stream.write_all(req.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "closed before the head");
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        let (stream, head, buf) = request_head(server.addr, &req).await;
         let status: u16 = head[9..12].parse().unwrap();
-        buf.drain(..end);
         let sse = (status == 200).then_some(Sse { stream, buf });
         (status, head, sse)
     }

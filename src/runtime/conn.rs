@@ -252,6 +252,20 @@ impl Conn {
         self.wake_writer();
     }
 
+    /// Whether an event may be queued: the connection is not closing, not paused (a pause
+    /// counts it instead) and has room for it (else it is closed as too slow).
+    fn takes(&self, d: &Delivery) -> bool {
+        if !matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
+            return false;
+        }
+        if let Some(skipped) = self.paused.borrow_mut().as_mut() {
+            if skipped.skips(d) {
+                return false;
+            }
+        }
+        !self.over_byte_bound(d.frame_in(self.format()).len())
+    }
+
     /// An SSE stream's position of `channel` moves to `seq` once what is queued now is written.
     pub fn settle_after_queued(&self, channel: Arc<str>, seq: u64) {
         if self.sse.is_some() && matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
@@ -263,15 +277,7 @@ impl Conn {
     /// Queues a replayed event (never dropped) unless the connection is closing; a paused
     /// connection skips it like a live one.
     pub fn push_replay(&self, d: &Arc<Delivery>) {
-        if !matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
-            return;
-        }
-        if let Some(skipped) = self.paused.borrow_mut().as_mut() {
-            if skipped.skips(d) {
-                return;
-            }
-        }
-        if self.over_byte_bound(d.frame_in(self.format()).len()) {
+        if !self.takes(d) {
             return;
         }
         self.queue.borrow_mut().push_replay(d.clone());
@@ -281,15 +287,7 @@ impl Conn {
     /// Offers a live event: a client that is behind may have it dropped or conflated by its
     /// priority and `coalesce_key` (see `delivery::queue`).
     pub fn push_event(&self, d: &Arc<Delivery>) {
-        if !matches!(self.phase.get(), Phase::Greeting | Phase::Open) {
-            return;
-        }
-        if let Some(skipped) = self.paused.borrow_mut().as_mut() {
-            if skipped.skips(d) {
-                return;
-            }
-        }
-        if self.over_byte_bound(d.frame.len()) {
+        if !self.takes(d) {
             return;
         }
         let (pushed, behind) = {

@@ -308,32 +308,16 @@ impl RawWs {
         path_and_query: &str,
         extra_headers: &str,
     ) -> (RawWs, String) {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
         let req = format!(
             "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
         );
-        stream.write_all(req.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        let head_end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "closed during handshake");
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let (stream, head, buf) = request_head(addr, &req).await;
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         assert!(
             head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
             "{head}"
         );
-        buf.drain(..head_end);
         (RawWs { stream, buf }, head)
     }
 
@@ -403,6 +387,29 @@ impl RawWs {
             }
         }
     }
+}
+
+/// Sends `request` on a new connection and reads the answer's head: the socket, the head, and
+/// the bytes read after it.
+pub async fn request_head(addr: SocketAddr, request: &str) -> (TcpStream, String, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before the end of the answer's head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    buf.drain(..end);
+    (stream, head, buf)
 }
 
 fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
