@@ -9,10 +9,9 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 use support::*;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Error as WsError;
 
 /// One published message, as every subscriber allowed to see it should receive it.
 #[derive(Debug, Clone)]
@@ -112,26 +111,6 @@ async fn publish_batch(server: &Server, channel: &str, msgs: &[(&str, Value, Val
             data_text: data.to_string(),
         })
         .collect()
-}
-
-/// The next text frame, as sent and parsed (pings are answered by tungstenite on read).
-async fn recv_text(ws: &mut Ws) -> (String, Value) {
-    loop {
-        let msg = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a frame within the wait bound")
-            .expect("stream open")
-            .expect("valid frame");
-        match msg {
-            Message::Text(t) => {
-                let text = t.as_str().to_owned();
-                let v = serde_json::from_str(&text).unwrap();
-                return (text, v);
-            }
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
 }
 
 /// The next frame, which must be an event frame (an `event` key and no `type`).

@@ -228,6 +228,11 @@ pub async fn connect(server: &Server, query: &str) -> (Ws, Value) {
 
 /// The next text frame as JSON (pings are answered by tungstenite on read).
 pub async fn recv_json(ws: &mut Ws) -> Value {
+    recv_text(ws).await.1
+}
+
+/// The next text frame, as sent and parsed.
+pub async fn recv_text(ws: &mut Ws) -> (String, Value) {
     loop {
         let msg = tokio::time::timeout(WAIT, ws.next())
             .await
@@ -235,7 +240,11 @@ pub async fn recv_json(ws: &mut Ws) -> Value {
             .expect("stream open")
             .expect("valid frame");
         match msg {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Text(t) => {
+                let text = t.as_str().to_owned();
+                let v = serde_json::from_str(&text).unwrap();
+                return (text, v);
+            }
             Message::Ping(_) | Message::Pong(_) => continue,
             other => panic!("expected a text frame, got {other:?}"),
         }
