@@ -642,6 +642,12 @@ enum Flow {
 }
 
 fn handle_event(core: &Core, conn: &Rc<Conn>, event: Event) -> Flow {
+    // Our close frame is out: only the peer's close matters now. Reading on until it comes
+    // (or the close grace cuts the socket) lets the TCP connection end with a FIN; closing with
+    // unread bytes would reset it, and the peer could lose our close frame.
+    if matches!(conn.phase.get(), Phase::Closing { .. }) && !matches!(event, Event::Close { .. }) {
+        return Flow::Continue;
+    }
     if matches!(event, Event::Text(_) | Event::Binary(_)) {
         match conn.count_message(
             Instant::now(),
@@ -661,7 +667,7 @@ fn handle_event(core: &Core, conn: &Rc<Conn>, event: Event) -> Flow {
                         "connection_id": format!("{:x}", conn.id), "reason": "message flood"}),
                 );
                 conn.close(1008, "flooding");
-                return Flow::Stop;
+                return Flow::Continue;
             }
         }
     }
