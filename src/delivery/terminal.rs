@@ -1,5 +1,5 @@
 //! Terminal-output streaming: cutting a producer's byte stream into chunks, pacing them, and
-//! counting what a paused subscriber missed.
+//! the wire form of the chunks (what a paused subscriber's skipped bytes are counted from).
 //!
 //! Invariant (`Chunker`): bytes are never altered, reordered or lost — the chunks, concatenated,
 //! are the input, byte for byte — and every chunk holds 1..=`MAX_CHUNK` bytes. A cut never falls
@@ -318,45 +318,6 @@ impl Pacer {
         }
         let nanos = (u128::from(n) * 1_000_000_000).div_ceil(u128::from(self.bytes_per_sec));
         Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
-    }
-}
-
-/// One subscriber's pause state: while paused, offered chunks are skipped and counted.
-///
-/// Invariant: `skipped` is the number of bytes offered since the last `pause` that went
-/// undelivered; `resume` reports it once and starts over. A resumed subscriber picks up at the
-/// next chunk, which (see `Chunker`) starts on a character and escape-sequence boundary.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Pause {
-    paused: bool,
-    skipped: u64,
-}
-
-impl Pause {
-    /// Stops delivery (pausing twice keeps counting).
-    pub fn pause(&mut self) {
-        self.paused = true;
-    }
-
-    pub fn is_paused(&self) -> bool {
-        self.paused
-    }
-
-    /// Whether a chunk of `n` bytes should be delivered; if not, it is counted as skipped.
-    pub fn offer(&mut self, n: usize) -> bool {
-        if self.paused {
-            self.skipped = self.skipped.saturating_add(n as u64);
-        }
-        !self.paused
-    }
-
-    /// Resumes delivery: the bytes skipped while paused (possibly 0), or None if not paused.
-    pub fn resume(&mut self) -> Option<u64> {
-        if !self.paused {
-            return None;
-        }
-        self.paused = false;
-        Some(std::mem::take(&mut self.skipped))
     }
 }
 
@@ -739,24 +700,6 @@ mod tests {
         for _ in 0..1000 {
             assert!(p.try_take(t0, usize::MAX).is_ok());
         }
-    }
-
-    #[test]
-    fn pause_counts_skipped_bytes_and_reports_once() {
-        let mut p = Pause::default();
-        assert!(p.offer(10));
-        assert_eq!(p.resume(), None, "not paused");
-        p.pause();
-        assert!(p.is_paused());
-        assert!(!p.offer(100));
-        p.pause();
-        assert!(!p.offer(23));
-        assert_eq!(p.resume(), Some(123));
-        assert!(!p.is_paused());
-        assert!(p.offer(5));
-        assert_eq!(p.resume(), None);
-        p.pause();
-        assert_eq!(p.resume(), Some(0));
     }
 
     // ---- property test: a reference tokenizer built from the generated pieces ----

@@ -215,11 +215,9 @@ struct Output<'a> {
 impl Output<'_> {
     async fn send(&mut self, pieces: &mut Vec<Bytes>) -> Result<(), &'static str> {
         for piece in pieces.drain(..) {
-            let wait = self.pacer.wait(Instant::now(), piece.len());
-            if !wait.is_zero() {
+            while let Err(wait) = self.pacer.try_take(Instant::now(), piece.len()) {
                 monoio::time::sleep(wait).await;
             }
-            self.pacer.take(Instant::now(), piece.len());
             let data = terminal::chunk_data(self.offset, &piece);
             self.publish(self.producer.stream, data).await?;
             self.offset += piece.len() as u64;

@@ -260,22 +260,12 @@ pub fn sse_message(json: &[u8]) -> Bytes {
 
 /// The SSE message of an event: the same JSON object as its WebSocket frame.
 pub fn event_sse(json_frame: &[u8]) -> Bytes {
-    let header = match json_frame.get(1).map(|b| b & 0x7f) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    };
-    sse_message(json_frame.get(header..).unwrap_or_default())
+    sse_message(codec::server_frame_payload(json_frame))
 }
 
 /// The `data` of an event frame, as the JSON text the publisher sent.
 pub fn event_data(frame: &[u8]) -> &str {
-    let header = match frame.get(1).map(|b| b & 0x7f) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    };
-    let payload = frame.get(header..).unwrap_or_default();
+    let payload = codec::server_frame_payload(frame);
     // Channel and event names are JSON strings, so `,"data":` cannot occur inside them.
     let start = payload
         .windows(8)
@@ -298,20 +288,16 @@ pub fn event_frame_msgpack(json_frame: &[u8]) -> Bytes {
         ts: u64,
         data: serde_json::Value,
     }
-    let header = match json_frame.get(1).map(|b| b & 0x7f) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    };
+    let payload = codec::server_frame_payload(json_frame);
     let mut buf = vec![0; HEADER_ROOM];
-    match serde_json::from_slice::<Event>(&json_frame[header..]) {
+    match serde_json::from_slice::<Event>(payload) {
         Ok(event) => {
             rmp_serde::encode::write_named(&mut buf, &event).expect("a parsed event serializes")
         }
         // Publish checks `data`; should anything still not parse, send it as its JSON text
         // rather than take the core down.
         Err(_) => {
-            let text = String::from_utf8_lossy(&json_frame[header..]);
+            let text = String::from_utf8_lossy(payload);
             rmp_serde::encode::write_named(&mut buf, &serde_json::json!({ "raw": text }))
                 .expect("a string serializes")
         }
@@ -420,13 +406,8 @@ mod tests {
     use super::*;
 
     fn payload(frame: &Bytes) -> serde_json::Value {
-        let hl = match frame[1] & 0x7f {
-            126 => 4,
-            127 => 10,
-            _ => 2,
-        };
         assert_eq!(frame[0], 0x81, "FIN + text");
-        serde_json::from_slice(&frame[hl..]).unwrap()
+        serde_json::from_slice(codec::server_frame_payload(frame)).unwrap()
     }
 
     #[test]

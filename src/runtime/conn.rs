@@ -528,7 +528,7 @@ impl Conn {
 /// only watches for the client going away (whatever it sends is dropped).
 pub async fn run_sse(core: Rc<Core>, stream: TcpStream, conn: Rc<Conn>) {
     let (reader, writer) = monoio::io::Splitable::into_split(stream);
-    let mut write_task = monoio::spawn({
+    let write_task = monoio::spawn({
         let (core, conn) = (core.clone(), conn.clone());
         async move {
             write_loop(core, conn.clone(), writer).await;
@@ -547,16 +547,7 @@ pub async fn run_sse(core: Rc<Core>, stream: TcpStream, conn: Rc<Conn>) {
             Received::Data | Received::NotReady => sink = BytesMut::new(),
         }
     }
-    core.deregister(&conn);
-    conn.phase.set(Phase::Finished);
-    conn.wake_writer();
-    if monoio::time::timeout(CLOSE_GRACE, &mut write_task)
-        .await
-        .is_err()
-    {
-        conn.abort();
-        write_task.await;
-    }
+    finish(&core, &conn, write_task).await;
 }
 
 /// Runs an upgraded connection until it ends. `leftover` holds bytes read after the handshake.
@@ -565,12 +556,16 @@ pub async fn run(core: Rc<Core>, stream: TcpStream, conn: Rc<Conn>, leftover: By
     let write_task = monoio::spawn(write_loop(core.clone(), conn.clone(), writer));
 
     read_loop(&core, &conn, reader, leftover).await;
-    core.deregister(&conn);
+    finish(&core, &conn, write_task).await;
+}
+
+/// The reader is done: forget the connection, let the writer flush what is queued (a close
+/// frame, at least), but a peer that stopped reading does not get to hold the socket: after
+/// the grace it is cut and the writer fails out.
+async fn finish(core: &Core, conn: &Conn, mut write_task: monoio::task::JoinHandle<()>) {
+    core.deregister(conn);
     conn.phase.set(Phase::Finished);
     conn.wake_writer();
-    // Flush what is queued (a close frame, at least), but a peer that stopped reading does not
-    // get to hold the socket: after the grace it is cut and the writer fails out.
-    let mut write_task = write_task;
     if monoio::time::timeout(CLOSE_GRACE, &mut write_task)
         .await
         .is_err()

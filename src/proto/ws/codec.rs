@@ -414,6 +414,17 @@ fn unmask(data: &mut [u8], mask: [u8; 4]) {
     }
 }
 
+/// The payload of a complete, unmasked server frame (as built by this module): what follows its
+/// 2-, 4- or 10-byte header.
+pub fn server_frame_payload(frame: &[u8]) -> &[u8] {
+    let header = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.get(header..).unwrap_or_default()
+}
+
 /// A final, unmasked text frame. `payload` must be valid UTF-8.
 pub fn text_frame(payload: &[u8]) -> Bytes {
     frame(opcode::TEXT, payload)

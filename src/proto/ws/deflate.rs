@@ -39,11 +39,6 @@ pub fn negotiate<'a>(offers: impl IntoIterator<Item = &'a str>) -> Option<String
         .find_map(answer)
 }
 
-/// Whether any offer is accepted.
-pub fn accepts<'a>(offers: impl IntoIterator<Item = &'a str>) -> bool {
-    negotiate(offers).is_some()
-}
-
 /// The answer to one offer: [`RESPONSE`], plus `server_max_window_bits=15` when the offer
 /// named it (RFC 7692 §7.1.2.1: an accepted server_max_window_bits is echoed).
 fn answer(offer: &str) -> Option<String> {
@@ -122,14 +117,10 @@ pub fn compress(data: &[u8]) -> Vec<u8> {
 /// The compressed twin of a complete, final, unmasked server frame (same opcode, RSV1 set),
 /// or `None` when compressing does not make it smaller.
 pub fn compress_frame(frame: &[u8]) -> Option<bytes::Bytes> {
-    let header_len = match frame.get(1)? & 0x7f {
-        126 => 4,
-        127 => 10,
-        _ => 2,
-    };
-    let payload = compress(frame.get(header_len..)?);
+    let opcode = frame.first()? & 0x0f;
+    let payload = compress(super::codec::server_frame_payload(frame));
     let mut out = Vec::with_capacity(10 + payload.len());
-    super::codec::write_frame_header(&mut out, frame[0] & 0x0f, payload.len());
+    super::codec::write_frame_header(&mut out, opcode, payload.len());
     out[0] |= 0x40;
     out.extend_from_slice(&payload);
     (out.len() < frame.len()).then(|| bytes::Bytes::from(out))
@@ -185,6 +176,10 @@ pub fn inflate(data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn accepts<'a>(offers: impl IntoIterator<Item = &'a str>) -> bool {
+        negotiate(offers).is_some()
+    }
 
     #[test]
     fn negotiation_accepts_what_it_can_honour() {
