@@ -46,8 +46,9 @@ fn log_level() -> tracing::Level {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let config = Config::load(Flags::parse())?;
-    raise_open_file_limit();
+    let mut config = Config::load(Flags::parse())?;
+    let open_files = raise_open_file_limit();
+    fit_to_open_files(&mut config, open_files);
     let dev_mode = config.is_dev_mode();
     // Development mode signs with a random secret; otherwise the configured keys decide.
     let jwt_secret = config.jwt_secret.clone().unwrap_or_else(random_secret);
@@ -107,9 +108,37 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Descriptors kept back from client sockets: listeners, io_uring and mesh descriptors of every
+/// worker, the audit log, and room to accept a socket at the bound in order to answer it.
+fn reserved_files(workers: usize) -> usize {
+    64 + 8 * workers
+}
+
+/// Client sockets stay below the open-file limit, and WebSocket/SSE connections leave room
+/// below that for health checks, admin calls and publishers.
+fn fit_to_open_files(config: &mut Config, open_files: u64) {
+    let sockets = (open_files as usize).saturating_sub(reserved_files(config.workers));
+    config.edge.max_sockets = sockets.max(1);
+    let headroom = HTTP_HEADROOM.min(sockets / 2);
+    let connections = u32::try_from(sockets - headroom).unwrap_or(u32::MAX);
+    let limits = &mut config.limits;
+    if limits.total == 0 || limits.total > connections {
+        limits.total = connections;
+    }
+    tracing::info!(
+        open_files,
+        max_sockets = config.edge.max_sockets,
+        max_connections = limits.total,
+        "client sockets fit below the open-file limit"
+    );
+}
+
+/// Sockets kept for HTTP when WebSocket/SSE connections are at their bound.
+const HTTP_HEADROOM: usize = 64;
+
 /// One socket is one open file: lift the soft limit to the hard one (systemd and shells often
-/// start services at 1024 soft).
-fn raise_open_file_limit() {
+/// start services at 1024 soft). Returns the limit in force.
+fn raise_open_file_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -125,8 +154,10 @@ fn raise_open_file_limit() {
                 open_files = lim.rlim_cur,
                 "open-file limit (one per connection)"
             );
+            return lim.rlim_cur;
         }
     }
+    1024
 }
 
 /// Every configured token key: the HS256 secret and the RS256/ES256 public keys.
@@ -170,6 +201,7 @@ fn settings(config: &Config) -> Settings {
         compress_over: config.compress_over,
         terminal_max_bytes_per_sec: config.terminal_max_bytes_per_sec,
         ack_max_sends: config.ack_max_sends,
+        edge: config.edge,
     }
 }
 

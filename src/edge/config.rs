@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::delivery::heartbeat::HeartbeatConfig;
 use crate::delivery::limits::LimitConfig;
 use crate::delivery::ring::RingBounds;
+use crate::runtime::pending::EdgeLimits;
 
 /// Which io driver the workers run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -145,6 +146,29 @@ pub struct Flags {
     /// Event frames larger than this many bytes go compressed (default 1024).
     #[arg(long, env = "RINGCAST_COMPRESSION_THRESHOLD")]
     pub compression_threshold: Option<u32>,
+    /// Time a new socket (or a keep-alive request's first byte) has for its whole request head
+    /// (default 10000 ms); then 408 and close.
+    #[arg(long, env = "RINGCAST_HEADER_TIMEOUT_MS")]
+    pub header_timeout_ms: Option<u64>,
+    /// Time an idle keep-alive HTTP socket is kept between requests (default 60000 ms).
+    #[arg(long, env = "RINGCAST_KEEPALIVE_TIMEOUT_MS")]
+    pub keepalive_timeout_ms: Option<u64>,
+    /// Time a request body has to arrive after its head (default 30000 ms); then 408 and close.
+    #[arg(long, env = "RINGCAST_BODY_TIMEOUT_MS")]
+    pub body_timeout_ms: Option<u64>,
+    /// Sockets the node holds that are not WebSocket/SSE connections: requests on their way,
+    /// idle keep-alive sockets, terminal producers (default 4096). At the bound the oldest one
+    /// that has not sent a complete request is closed to make room.
+    #[arg(long, env = "RINGCAST_MAX_PENDING_SOCKETS")]
+    pub max_pending_sockets: Option<usize>,
+    /// Such sockets per client IP (default 64; 0: no limit; loopback only with
+    /// RINGCAST_LIMIT_LOOPBACK). Past it new sockets from that IP get 429.
+    #[arg(long, env = "RINGCAST_MAX_PENDING_PER_IP")]
+    pub max_pending_per_ip: Option<u32>,
+    /// Bytes of request bodies one worker buffers at once (default 64 MiB); past it publishes
+    /// get 503 with Retry-After.
+    #[arg(long, env = "RINGCAST_MAX_BODY_BUFFER_BYTES")]
+    pub max_body_buffer_bytes: Option<usize>,
 }
 
 /// The same settings as the file holds them (all optional).
@@ -190,6 +214,12 @@ struct FileSettings {
     compression: Option<bool>,
     compression_threshold: Option<u32>,
     terminal_max_bytes_per_sec: Option<u64>,
+    header_timeout_ms: Option<u64>,
+    keepalive_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<u64>,
+    max_pending_sockets: Option<usize>,
+    max_pending_per_ip: Option<u32>,
+    max_body_buffer_bytes: Option<usize>,
 }
 
 /// The settings in force.
@@ -229,6 +259,9 @@ pub struct Config {
     pub compress_over: Option<u32>,
     /// Bytes per second per terminal output stream (0: no cap).
     pub terminal_max_bytes_per_sec: u64,
+    /// Deadlines and bounds of the HTTP edge (`max_sockets` is set by `main` from the
+    /// open-file limit).
+    pub edge: EdgeLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -384,6 +417,40 @@ impl Config {
                 flags.slow_client_timeout_ms.or(file.slow_client_timeout_ms),
                 30_000,
             ),
+            edge: {
+                let d = EdgeLimits::default();
+                EdgeLimits {
+                    header_timeout: ms(
+                        flags.header_timeout_ms.or(file.header_timeout_ms),
+                        d.header_timeout.as_millis() as u64,
+                    ),
+                    keepalive_timeout: ms(
+                        flags.keepalive_timeout_ms.or(file.keepalive_timeout_ms),
+                        d.keepalive_timeout.as_millis() as u64,
+                    ),
+                    body_timeout: ms(
+                        flags.body_timeout_ms.or(file.body_timeout_ms),
+                        d.body_timeout.as_millis() as u64,
+                    ),
+                    max_pending: flags
+                        .max_pending_sockets
+                        .or(file.max_pending_sockets)
+                        .unwrap_or(d.max_pending),
+                    max_pending_per_ip: flags
+                        .max_pending_per_ip
+                        .or(file.max_pending_per_ip)
+                        .unwrap_or(d.max_pending_per_ip),
+                    limit_loopback: flags
+                        .limit_loopback
+                        .or(file.limit_loopback)
+                        .unwrap_or(LimitConfig::default().limit_loopback),
+                    max_sockets: d.max_sockets,
+                    body_buffer_bytes: flags
+                        .max_body_buffer_bytes
+                        .or(file.max_body_buffer_bytes)
+                        .unwrap_or(d.body_buffer_bytes),
+                }
+            },
             allowed_origins: flags.allowed_origins.or(file.allowed_origins).map(|list| {
                 list.split(',')
                     .map(|o| o.trim().trim_end_matches('/').to_string())
@@ -416,6 +483,17 @@ impl Config {
         // its envelope) into its queue.
         if self.max_queue_bytes < (2 << 20) {
             return fail("max_queue_bytes must be at least 2 MiB (the largest event frame)");
+        }
+        let e = &self.edge;
+        if e.header_timeout.is_zero() || e.keepalive_timeout.is_zero() || e.body_timeout.is_zero()
+        {
+            return fail("header_timeout_ms, keepalive_timeout_ms and body_timeout_ms must be above 0");
+        }
+        if e.max_pending == 0 {
+            return fail("max_pending_sockets must be at least 1");
+        }
+        if e.body_buffer_bytes < (64 << 10) {
+            return fail("max_body_buffer_bytes must be at least 64 KiB");
         }
         if self.max_channels_per_connection == 0 {
             return fail("max_channels_per_connection must be at least 1");

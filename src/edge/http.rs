@@ -8,23 +8,21 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use crate::proto::http::{self, HeadError, Parse, Request};
-use crate::runtime::core::Core;
+use crate::runtime::core::{Core, Received};
+use crate::runtime::pending::{Expired, Full, Stage, Ticket};
 
 use super::jwt::Verifier;
 use super::{admin, publish, sse, terminal, upgrade};
 
 /// Largest request body accepted (a publish batch).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
-/// First read of a request: a WebSocket handshake fits, and thousands of sockets connecting at
-/// once do not each pin a large buffer. Reads that fill it get bigger ones (bodies).
-const FIRST_READ_CHUNK: usize = 1024;
-const MAX_READ_CHUNK: usize = 64 * 1024;
 
 /// What the HTTP edge needs besides the core.
 pub struct Edge {
@@ -101,72 +99,143 @@ impl Reply {
 }
 
 /// Serves one accepted socket until it closes or becomes a WebSocket.
+///
+/// The socket is registered with its core's pending sockets from the start: it has a deadline
+/// for its head, then (authenticated) for its body, then for idling between keep-alive
+/// requests, and may be evicted while it has sent no complete head when the node needs room.
 pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer: SocketAddr) {
-    let mut buf = BytesMut::new();
-    let mut chunk: Vec<u8> = Vec::new();
+    let admitted = core.pending.admit(
+        peer.ip(),
+        Instant::now(),
+        &core.shared.pending_sockets,
+        core.shared.stats.connections.load(Ordering::Relaxed),
+    );
+    let mut ticket = match admitted {
+        Ok(t) => t,
+        Err(full) => return refuse_full(&core, stream, full).await,
+    };
+    // What came from the socket and is not consumed yet: a head arriving, a body, or the start
+    // of the next pipelined request. Grown in small exact steps, freed while idle.
+    let mut buf: Vec<u8> = Vec::new();
     loop {
         let (request, head_len) = loop {
-            match http::parse_request(&buf) {
-                Ok(Parse::Complete { request, head_len }) => break (request, head_len),
-                Ok(Parse::Partial) => {}
-                Err(e) => return refuse_head(&mut stream, &e).await,
+            if let Some(parsed) = parse_if_complete(&buf) {
+                match parsed {
+                    Ok(Parse::Complete { request, head_len }) => break (request, head_len),
+                    Ok(Parse::Partial) => {}
+                    Err(e) => {
+                        refuse_head(&mut stream, &e).await;
+                        return linger_close(stream, LINGER).await;
+                    }
+                }
             }
-            if !read_more(&mut stream, &mut buf, &mut chunk).await {
-                return;
+            let had_bytes = !buf.is_empty();
+            match read_some(&core, &stream, &ticket, &mut buf, HEAD_GROWTH).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(Expired::Evicted) => return,
+                Err(Expired::Deadline) if had_bytes => {
+                    let reply = Reply::error(408, "request head not received in time");
+                    let _ = stream.write_all(reply.encode(false)).await;
+                    return linger_close(stream, SHORT_LINGER).await;
+                }
+                Err(Expired::Deadline) => return, // idle or silent: nothing to answer
+            }
+            if !had_bytes {
+                ticket.stage(Stage::Head, Instant::now());
             }
         };
-        let _ = buf.split_to(head_len);
+        buf.drain(..head_len);
         if !edge.origin_allowed(&request) {
             let reply = Reply::error(403, "origin not allowed");
             let _ = stream.write_all(reply.encode(false)).await;
-            return;
+            return linger_close(stream, LINGER).await;
         }
         if let (Some(channels), "GET") = (sse::route(&request.path), request.method.as_str()) {
-            // An event stream lives for hours inside this future too.
-            drop((chunk, buf));
+            // An event stream lives for hours inside this future too; from here it counts as
+            // a connection, not a pending socket.
+            drop((ticket, buf));
             return sse::serve(&edge, core, stream, peer.ip(), request, channels).await;
         }
         if let (Some(_), "POST") = (terminal::route(&request.path), request.method.as_str()) {
-            // A producer's body stays open while its task runs.
-            drop(chunk);
-            return terminal::produce(&edge, core, stream, request, buf).await;
+            // A producer's body stays open while its task runs: authenticated on its head by
+            // `produce`, it has no deadline.
+            ticket.stage(Stage::Stream, Instant::now());
+            return terminal::produce(&edge, core, stream, request, BytesMut::from(&buf[..]))
+                .await;
         }
         if request.path.starts_with("/ws") && request.method == "GET" {
-            // A WebSocket lives for hours inside this future: keep none of the HTTP buffers.
-            drop(chunk);
+            // A WebSocket lives for hours in a task of its own: keep none of the HTTP buffers.
             let leftover = BytesMut::from(&buf[..]);
-            drop(buf);
+            drop((ticket, buf));
             return upgrade::serve(&edge, core, stream, peer.ip(), request, leftover).await;
         }
         let body_len = match request.content_length() {
-            Ok(n) if n <= MAX_BODY_BYTES => n,
-            Ok(_) => {
-                let reply = Reply::error(413, "request body is larger than 8 MiB");
-                let _ = stream.write_all(reply.encode(false)).await;
-                return linger_close(stream).await;
+            Ok(n) => n,
+            Err(e) => {
+                refuse_head(&mut stream, &e).await;
+                return linger_close(stream, LINGER).await;
             }
-            Err(e) => return refuse_head(&mut stream, &e).await,
         };
-        if buf.len() < body_len && request.has_token("expect", "100-continue") {
-            let (res, _) = stream
-                .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
-                .await;
-            if res.is_err() {
-                return;
-            }
+        // A body is read only for a route that takes one, from a publisher holding the API
+        // key, and within the core's budget; anything else is answered on its head alone.
+        let read_body = body_len > 0 && takes_body(&request) && has_api_key(&edge, &request);
+        let refusal = if !read_body {
+            None
+        } else if body_len > max_body(&core) {
+            let message = match max_body(&core) {
+                MAX_BODY_BYTES => "request body is larger than 8 MiB".to_owned(),
+                n => format!("request body is larger than {n} bytes"),
+            };
+            Some(Reply::error(413, &message))
+        } else if !ticket.reserve_body(body_len) {
+            Some(
+                Reply::error(503, "request bodies buffered on this node are at their bound")
+                    .with_header("Retry-After", "1"),
+            )
+        } else {
+            None
+        };
+        if let Some(reply) = refusal {
+            let _ = stream.write_all(reply.encode(false)).await;
+            return linger_close(stream, LINGER).await;
         }
-        while buf.len() < body_len {
-            if !read_more(&mut stream, &mut buf, &mut chunk).await {
-                return;
+        let body = if read_body {
+            ticket.stage(Stage::Body, Instant::now());
+            if buf.len() < body_len && request.has_token("expect", "100-continue") {
+                let (res, _) = stream
+                    .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+                    .await;
+                if res.is_err() {
+                    return;
+                }
             }
-        }
-        let body = buf.split_to(body_len);
-        let keep_alive = request.keep_alive();
+            buf.reserve_exact(body_len.saturating_sub(buf.len()));
+            while buf.len() < body_len {
+                let left = body_len - buf.len();
+                match read_some(&core, &stream, &ticket, &mut buf, left).await {
+                    Ok(true) => {}
+                    Ok(false) | Err(Expired::Evicted) => return,
+                    Err(Expired::Deadline) => {
+                        let reply = Reply::error(408, "request body not received in time");
+                        let _ = stream.write_all(reply.encode(false)).await;
+                        return linger_close(stream, SHORT_LINGER).await;
+                    }
+                }
+            }
+            buf.drain(..body_len).collect::<Vec<u8>>()
+        } else {
+            Vec::new()
+        };
+        // An announced body we did not read cannot be skipped: answer, then close.
+        let keep_alive = request.keep_alive() && (read_body || body_len == 0);
         let mut reply = if request.method == "OPTIONS" {
             preflight()
         } else {
             route(&edge, &core, &request, &body).await
         };
+        drop(body);
+        ticket.release_body();
         if let Some(origin) = request.header("origin") {
             // Allowed (checked above): let the browser page read the answer.
             reply = reply
@@ -178,9 +247,107 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
             bytes.truncate(bytes.len() - reply.body.len()); // headers only, length kept
         }
         let (res, _) = stream.write_all(bytes).await;
-        if res.is_err() || !keep_alive {
+        if res.is_err() {
             return;
         }
+        if !keep_alive {
+            return linger_close(stream, LINGER).await;
+        }
+        if buf.is_empty() {
+            buf = Vec::new(); // an idle keep-alive socket holds no buffer
+        }
+        ticket.stage(
+            if buf.is_empty() {
+                Stage::Idle
+            } else {
+                Stage::Head
+            },
+            Instant::now(),
+        );
+    }
+}
+
+/// How long a refused socket is drained before it is closed (see `linger_close`).
+const LINGER: Duration = Duration::from_secs(2);
+/// The same for sockets closed by a deadline, which have proven to be slow already.
+const SHORT_LINGER: Duration = Duration::from_millis(200);
+/// Smallest step a request head's buffer grows by: its cost stays within this of its size.
+const HEAD_GROWTH: usize = 1024;
+/// Refused sockets one core drains at once; past it they are closed at once.
+const MAX_LINGERING: usize = 64;
+
+/// Largest body this node reads: the fixed bound, or the core's whole budget if smaller.
+fn max_body(core: &Core) -> usize {
+    MAX_BODY_BYTES.min(core.pending.limits().body_buffer_bytes)
+}
+
+/// Whether a request's route reads a body (everything else is answered on its head).
+fn takes_body(req: &Request) -> bool {
+    req.method == "POST" && (req.path == "/api/v1/publish" || req.path.starts_with("/api/v1/admin/"))
+}
+
+fn has_api_key(edge: &Edge, req: &Request) -> bool {
+    bearer(req).is_some_and(|key| same_secret(key, &edge.api_key))
+}
+
+/// Parses `buf` once it holds the end of a head (or too much to be one): re-parsing a head
+/// that arrives a byte at a time would cost its length squared.
+fn parse_if_complete(buf: &[u8]) -> Option<Result<Parse, HeadError>> {
+    if buf.is_empty() {
+        return None;
+    }
+    let window = &buf[..buf.len().min(http::MAX_HEAD_BYTES)];
+    let ended = window.windows(2).any(|w| w == b"\n\n")
+        || window.windows(4).any(|w| w == b"\r\n\r\n");
+    (ended || buf.len() >= http::MAX_HEAD_BYTES).then(|| http::parse_request(buf))
+}
+
+/// Waits (within the socket's deadline) for bytes and appends what one receive brings,
+/// growing `buf` by at least `step` at a time. Ok(false) at the end of the stream.
+async fn read_some(
+    core: &Core,
+    stream: &TcpStream,
+    ticket: &Ticket,
+    buf: &mut Vec<u8>,
+    step: usize,
+) -> Result<bool, Expired> {
+    loop {
+        if ticket.guard(stream.readable(false)).await?.is_err() {
+            return Ok(false);
+        }
+        let received = core.recv_with(std::os::fd::AsRawFd::as_raw_fd(stream), |bytes| {
+            if buf.capacity() - buf.len() < bytes.len() {
+                buf.reserve_exact(bytes.len().max(step.min(MAX_READ_STEP)));
+            }
+            buf.extend_from_slice(bytes);
+        });
+        match received {
+            Received::Data => return Ok(true),
+            Received::NotReady => continue,
+            Received::Closed => return Ok(false),
+        }
+    }
+}
+
+/// Largest step a buffer grows by ahead of its data.
+const MAX_READ_STEP: usize = 64 * 1024;
+
+/// A socket refused at accept (its IP or the node holds too many): a short answer, no read.
+async fn refuse_full(core: &Core, mut stream: TcpStream, full: Full) {
+    let reply = match full {
+        Full::PerIp => Reply::error(
+            429,
+            "too many connections from this address are still sending their request",
+        )
+        .with_header("Retry-After", "1"),
+        Full::Node => Reply::error(503, "the node is at its connection limit")
+            .with_header("Retry-After", "1"),
+    };
+    let _ = stream.write_all(reply.encode(false)).await;
+    if core.lingering.get() < MAX_LINGERING {
+        core.lingering.set(core.lingering.get() + 1);
+        linger_close(stream, SHORT_LINGER).await;
+        core.lingering.set(core.lingering.get() - 1);
     }
 }
 
@@ -201,37 +368,20 @@ fn preflight() -> Reply {
     }
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut, chunk: &mut Vec<u8>) -> bool {
-    let mut owned = std::mem::take(chunk);
-    let want = if buf.is_empty() {
-        FIRST_READ_CHUNK
-    } else {
-        (buf.len() * 2).clamp(FIRST_READ_CHUNK, MAX_READ_CHUNK)
-    };
-    owned.reserve(want);
-    let (res, mut owned) = stream.read(owned).await;
-    let ok = match res {
-        Ok(n) if n > 0 => {
-            buf.extend_from_slice(&owned[..n]);
-            true
-        }
-        _ => false,
-    };
-    owned.clear();
-    *chunk = owned;
-    ok
-}
-
-/// Closes after a refusal without resetting the connection: stop sending, then read and drop
-/// what the client is still sending for a moment, so it reads our answer instead of an RST.
-async fn linger_close(mut stream: TcpStream) {
+/// Closes after an answer without resetting the connection: stop sending, then read and drop
+/// what the client is still sending for at most `within`, so it reads our answer instead of
+/// an RST (closing a socket with unread input resets it).
+async fn linger_close(mut stream: TcpStream, within: Duration) {
     // SAFETY: shutdown of the write side of a socket we own.
     unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&stream), libc::SHUT_WR) };
-    let mut sink = vec![0u8; 16 * 1024];
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while std::time::Instant::now() < deadline {
-        let read = monoio::time::timeout(std::time::Duration::from_millis(500), stream.read(sink));
-        match read.await {
+    let mut sink = vec![0u8; 4 * 1024];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        match monoio::time::timeout(left, stream.read(sink)).await {
             Ok((Ok(n), buf)) if n > 0 => sink = buf,
             _ => return,
         }

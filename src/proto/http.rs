@@ -160,6 +160,15 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, HeadError> {
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
         return Err(HeadError::Malformed("incomplete request line"));
     };
+    if req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"))
+        .count()
+        > 1
+    {
+        return Err(HeadError::Malformed("more than one Host header"));
+    }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let headers = req
         .headers
@@ -252,6 +261,14 @@ pub fn websocket_upgrade(req: &Request) -> Result<Upgrade, Refusal> {
     }
     if !req.has_token("connection", "upgrade") {
         return Err(refuse(400, "missing Connection: upgrade"));
+    }
+    for (name, what) in [
+        ("sec-websocket-key", "more than one Sec-WebSocket-Key"),
+        ("sec-websocket-version", "more than one Sec-WebSocket-Version"),
+    ] {
+        if req.headers.iter().filter(|(n, _)| n == name).count() > 1 {
+            return Err(refuse(400, what));
+        }
     }
     match req.header("sec-websocket-version") {
         Some("13") => {}
@@ -562,6 +579,24 @@ mod tests {
             ("Sec-WebSocket-Version", "13"),
             ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
         ]
+    }
+
+    #[test]
+    fn a_duplicate_host_key_or_version_is_refused() {
+        let twice_host = b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n";
+        assert_eq!(
+            parse_request(twice_host),
+            Err(HeadError::Malformed("more than one Host header"))
+        );
+        for name in ["Sec-WebSocket-Key", "Sec-WebSocket-Version"] {
+            let mut headers = good_headers();
+            let value = headers.iter().find(|(n, _)| *n == name).unwrap().1;
+            headers.push((name, value)); // the same value twice is still ambiguous
+            let refusal = websocket_upgrade(&get(&headers)).unwrap_err();
+            assert_eq!(refusal.status, 400, "{name}");
+            assert!(refusal.reason.contains(name), "{name}: {}", refusal.reason);
+        }
+        assert!(websocket_upgrade(&get(&good_headers())).is_ok());
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::proto::msg::{Control, Encoding, ErrorCode};
 use super::audit::Audit;
 use super::conn::{Conn, SubState};
 use super::mesh::{Mesh, MeshMsg};
+use super::pending::{EdgeLimits, NodeCount, Pending};
 
 /// What the runtime needs from the configuration.
 #[derive(Debug, Clone)]
@@ -55,6 +56,8 @@ pub struct Settings {
     pub terminal_max_bytes_per_sec: u64,
     /// How long an event may wait in a connection's queue (unless its `ttl_ms` says otherwise).
     pub queue_ttl: Duration,
+    /// Bounds of the HTTP edge: deadlines and counts of sockets that are not connections.
+    pub edge: EdgeLimits,
     /// `ack=critical`: re-send an unacknowledged critical event after this long...
     pub ack_timeout: Duration,
     /// ...until it has been sent this many times.
@@ -83,6 +86,8 @@ pub struct Shared {
     /// Connection limits of the whole node (locked once per connect and per disconnect).
     pub limits: Mutex<Limits>,
     pub audit_trail: Audit,
+    /// Sockets of the whole node that are not connections (see `runtime::pending`).
+    pub pending_sockets: Arc<NodeCount>,
 }
 
 impl Shared {
@@ -102,6 +107,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             stats: Stats::default(),
             auth,
+            pending_sockets: Arc::new(NodeCount::default()),
         }
     }
 
@@ -197,6 +203,10 @@ pub struct Core {
     overrides: RefCell<HashMap<String, Overrides>>,
     /// Every connection's reads pass through here, so none holds a read buffer of its own.
     scratch: RefCell<Box<[u8]>>,
+    /// Sockets of this core that are not a connection (yet): counted, bounded, timed out.
+    pub pending: Rc<Pending>,
+    /// Refused sockets being drained before they close (bounded by the edge).
+    pub lingering: Cell<usize>,
 }
 
 impl Core {
@@ -209,7 +219,6 @@ impl Core {
         let bounds = shared.settings.ring;
         Core {
             id,
-            shared,
             sequencer: RefCell::new(Sequencer::new(cores, bounds)),
             rooms: RefCell::new(Rooms::default()),
             conns: RefCell::new(HashMap::new()),
@@ -218,11 +227,19 @@ impl Core {
             bucket: RefCell::new(Bucket::new(node_share)),
             overrides: RefCell::new(HashMap::new()),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
+            pending: Rc::new(Pending::new(shared.settings.edge, cores)),
+            lingering: Cell::new(0),
+            shared,
         }
     }
 
     /// Moves what the socket holds into `acc` without blocking (after a readiness wake-up).
     pub fn recv_into(&self, fd: std::os::fd::RawFd, acc: &mut bytes::BytesMut) -> Received {
+        self.recv_with(fd, |bytes| acc.extend_from_slice(bytes))
+    }
+
+    /// One non-blocking receive through the core's scratch buffer; `take` gets what came.
+    pub fn recv_with(&self, fd: std::os::fd::RawFd, take: impl FnOnce(&[u8])) -> Received {
         let mut scratch = self.scratch.borrow_mut();
         loop {
             // SAFETY: recv into a buffer we own, of its length; MSG_DONTWAIT never blocks.
@@ -239,7 +256,7 @@ impl Core {
                 n if n > 0 => {
                     // One read per wake-up: the decoder sees these bytes before more are read,
                     // so a fast sender can neither grow `acc` past one frame nor hog the core.
-                    acc.extend_from_slice(&scratch[..n as usize]);
+                    take(&scratch[..n as usize]);
                     return Received::Data;
                 }
                 _ => {

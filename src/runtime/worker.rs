@@ -153,16 +153,102 @@ async fn serve(core: Rc<Core>, listener: StdListener, inbox: Inbox, handler: Han
     };
     monoio::spawn(mesh_loop(core.clone(), inbox));
     monoio::spawn(sweep_loop(core.clone()));
+    let mut emfile = RateLimitedLog::new(Duration::from_secs(10));
+    let mut spare = SpareFile::open();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 monoio::spawn(handler(core.clone(), stream, peer));
             }
+            Err(e) if is_out_of_files(&e) => {
+                if let Some(suppressed) = emfile.ready(Instant::now()) {
+                    tracing::warn!(
+                        worker = core.id,
+                        suppressed,
+                        "accept failed: {e}: the open-file limit is reached; closing idle \
+                         sockets and refusing new ones with 503 (raise LimitNOFILE, see tuning/)"
+                    );
+                }
+                // Room first from a socket that has sent nothing useful; failing that, the
+                // spare descriptor lets one waiting client be accepted and told 503.
+                if core.pending.evict_oldest_idle() {
+                    yield_now().await;
+                } else if spare.release() {
+                    if let Ok((stream, _)) = listener.accept().await {
+                        refuse_at_file_limit(stream).await;
+                    }
+                    spare = SpareFile::open();
+                } else {
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
             Err(e) => {
-                // EMFILE/ENFILE at the open-file limit: keep serving those we have, retry soon.
                 tracing::warn!("worker {}: accept failed: {e}", core.id);
                 monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn is_out_of_files(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// A descriptor held back so that, at the open-file limit, one socket can still be accepted
+/// and answered instead of waiting in the backlog.
+struct SpareFile(Option<std::fs::File>);
+
+impl SpareFile {
+    fn open() -> SpareFile {
+        SpareFile(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Closes the spare; false if there was none.
+    fn release(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+}
+
+async fn refuse_at_file_limit(mut stream: TcpStream) {
+    use monoio::io::AsyncWriteRentExt;
+    let body = "{\"error\":\"the node is at its open-file limit\"}";
+    let reply = crate::proto::http::response(
+        503,
+        "application/json",
+        &[("Retry-After", "1")],
+        body.as_bytes(),
+        false,
+    );
+    let _ = stream.write_all(reply).await;
+}
+
+/// Lets a line through at most once per `every`, counting the ones held back.
+pub struct RateLimitedLog {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    pub fn new(every: Duration) -> RateLimitedLog {
+        RateLimitedLog {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may go out now.
+    pub fn ready(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(at) if now.duration_since(at) < self.every => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
             }
         }
     }
@@ -192,6 +278,7 @@ async fn sweep_loop(core: Rc<Core>) {
         for conn in conns {
             conn.tick(now, unix_secs, &core);
         }
+        core.pending.sweep(now);
         if now.duration_since(last_evict) >= Duration::from_secs(1) {
             core.sequencer.borrow_mut().evict(now_ms());
             last_evict = now;
@@ -212,4 +299,21 @@ async fn yield_now() {
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limited_line_goes_out_once_per_period_and_counts_the_rest() {
+        let mut log = RateLimitedLog::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(log.ready(t0), Some(0));
+        for ms in [50, 100, 9_999] {
+            assert_eq!(log.ready(t0 + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(log.ready(t0 + Duration::from_secs(10)), Some(3));
+        assert_eq!(log.ready(t0 + Duration::from_secs(11)), None);
+    }
 }
