@@ -485,9 +485,10 @@ impl Config {
             return fail("max_queue_bytes must be at least 2 MiB (the largest event frame)");
         }
         let e = &self.edge;
-        if e.header_timeout.is_zero() || e.keepalive_timeout.is_zero() || e.body_timeout.is_zero()
-        {
-            return fail("header_timeout_ms, keepalive_timeout_ms and body_timeout_ms must be above 0");
+        if e.header_timeout.is_zero() || e.keepalive_timeout.is_zero() || e.body_timeout.is_zero() {
+            return fail(
+                "header_timeout_ms, keepalive_timeout_ms and body_timeout_ms must be above 0",
+            );
         }
         if e.max_pending == 0 {
             return fail("max_pending_sockets must be at least 1");

@@ -125,6 +125,7 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
                     Ok(Parse::Partial) => {}
                     Err(e) => {
                         refuse_head(&mut stream, &e).await;
+                        drop(buf);
                         return linger_close(stream, LINGER).await;
                     }
                 }
@@ -137,6 +138,7 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
                 Err(Expired::Deadline) if had_bytes => {
                     let reply = Reply::error(408, "request head not received in time");
                     let _ = stream.write_all(reply.encode(false)).await;
+                    drop(buf);
                     return linger_close(stream, SHORT_LINGER).await;
                 }
                 Err(Expired::Deadline) => return, // idle or silent: nothing to answer
@@ -149,31 +151,50 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
         if !edge.origin_allowed(&request) {
             let reply = Reply::error(403, "origin not allowed");
             let _ = stream.write_all(reply.encode(false)).await;
+            drop(buf);
             return linger_close(stream, LINGER).await;
         }
         if let (Some(channels), "GET") = (sse::route(&request.path), request.method.as_str()) {
             // An event stream lives for hours inside this future too; from here it counts as
             // a connection, not a pending socket.
             drop((ticket, buf));
-            return sse::serve(&edge, core, stream, peer.ip(), request, channels).await;
+            // Boxed: a socket still sending its head holds none of the stream's state.
+            return Box::pin(sse::serve(
+                &edge,
+                core,
+                stream,
+                peer.ip(),
+                request,
+                channels,
+            ))
+            .await;
         }
         if let (Some(_), "POST") = (terminal::route(&request.path), request.method.as_str()) {
             // A producer's body stays open while its task runs: authenticated on its head by
             // `produce`, it has no deadline.
             ticket.stage(Stage::Stream, Instant::now());
-            return terminal::produce(&edge, core, stream, request, BytesMut::from(&buf[..]))
-                .await;
+            let leftover = BytesMut::from(&buf[..]);
+            return Box::pin(terminal::produce(&edge, core, stream, request, leftover)).await;
         }
         if request.path.starts_with("/ws") && request.method == "GET" {
             // A WebSocket lives for hours in a task of its own: keep none of the HTTP buffers.
             let leftover = BytesMut::from(&buf[..]);
             drop((ticket, buf));
-            return upgrade::serve(&edge, core, stream, peer.ip(), request, leftover).await;
+            return Box::pin(upgrade::serve(
+                &edge,
+                core,
+                stream,
+                peer.ip(),
+                request,
+                leftover,
+            ))
+            .await;
         }
         let body_len = match request.content_length() {
             Ok(n) => n,
             Err(e) => {
                 refuse_head(&mut stream, &e).await;
+                drop(buf);
                 return linger_close(stream, LINGER).await;
             }
         };
@@ -188,16 +209,20 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
                 n => format!("request body is larger than {n} bytes"),
             };
             Some(Reply::error(413, &message))
-        } else if !ticket.reserve_body(body_len) {
+        } else if body_len > SMALL_BODY_BYTES && !ticket.reserve_body(body_len) {
             Some(
-                Reply::error(503, "request bodies buffered on this node are at their bound")
-                    .with_header("Retry-After", "1"),
+                Reply::error(
+                    503,
+                    "request bodies buffered on this node are at their bound",
+                )
+                .with_header("Retry-After", "1"),
             )
         } else {
             None
         };
         if let Some(reply) = refusal {
             let _ = stream.write_all(reply.encode(false)).await;
+            drop(buf);
             return linger_close(stream, LINGER).await;
         }
         let body = if read_body {
@@ -219,6 +244,7 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
                     Err(Expired::Deadline) => {
                         let reply = Reply::error(408, "request body not received in time");
                         let _ = stream.write_all(reply.encode(false)).await;
+                        drop(buf);
                         return linger_close(stream, SHORT_LINGER).await;
                     }
                 }
@@ -251,6 +277,7 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
             return;
         }
         if !keep_alive {
+            drop(buf);
             return linger_close(stream, LINGER).await;
         }
         if buf.is_empty() {
@@ -267,10 +294,14 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
     }
 }
 
-/// How long a refused socket is drained before it is closed (see `linger_close`).
+/// How long a refused socket is drained before it is closed (see `linger_close`); a
+/// lingering socket holds no request bytes (they are dropped first).
 const LINGER: Duration = Duration::from_secs(2);
 /// The same for sockets closed by a deadline, which have proven to be slow already.
 const SHORT_LINGER: Duration = Duration::from_millis(200);
+/// Bodies up to this size are read without touching the core's body budget, so that ordinary
+/// publishes never wait on large ones; what they hold is bounded by the pending sockets.
+const SMALL_BODY_BYTES: usize = 16 * 1024;
 /// Smallest step a request head's buffer grows by: its cost stays within this of its size.
 const HEAD_GROWTH: usize = 1024;
 /// Refused sockets one core drains at once; past it they are closed at once.
@@ -283,7 +314,8 @@ fn max_body(core: &Core) -> usize {
 
 /// Whether a request's route reads a body (everything else is answered on its head).
 fn takes_body(req: &Request) -> bool {
-    req.method == "POST" && (req.path == "/api/v1/publish" || req.path.starts_with("/api/v1/admin/"))
+    req.method == "POST"
+        && (req.path == "/api/v1/publish" || req.path.starts_with("/api/v1/admin/"))
 }
 
 fn has_api_key(edge: &Edge, req: &Request) -> bool {
@@ -297,8 +329,8 @@ fn parse_if_complete(buf: &[u8]) -> Option<Result<Parse, HeadError>> {
         return None;
     }
     let window = &buf[..buf.len().min(http::MAX_HEAD_BYTES)];
-    let ended = window.windows(2).any(|w| w == b"\n\n")
-        || window.windows(4).any(|w| w == b"\r\n\r\n");
+    let ended =
+        window.windows(2).any(|w| w == b"\n\n") || window.windows(4).any(|w| w == b"\r\n\r\n");
     (ended || buf.len() >= http::MAX_HEAD_BYTES).then(|| http::parse_request(buf))
 }
 
@@ -340,8 +372,9 @@ async fn refuse_full(core: &Core, mut stream: TcpStream, full: Full) {
             "too many connections from this address are still sending their request",
         )
         .with_header("Retry-After", "1"),
-        Full::Node => Reply::error(503, "the node is at its connection limit")
-            .with_header("Retry-After", "1"),
+        Full::Node => {
+            Reply::error(503, "the node is at its connection limit").with_header("Retry-After", "1")
+        }
     };
     let _ = stream.write_all(reply.encode(false)).await;
     if core.lingering.get() < MAX_LINGERING {

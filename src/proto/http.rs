@@ -264,7 +264,10 @@ pub fn websocket_upgrade(req: &Request) -> Result<Upgrade, Refusal> {
     }
     for (name, what) in [
         ("sec-websocket-key", "more than one Sec-WebSocket-Key"),
-        ("sec-websocket-version", "more than one Sec-WebSocket-Version"),
+        (
+            "sec-websocket-version",
+            "more than one Sec-WebSocket-Version",
+        ),
     ] {
         if req.headers.iter().filter(|(n, _)| n == name).count() > 1 {
             return Err(refuse(400, what));

@@ -444,7 +444,10 @@ mod tests {
         p.sweep(t0 + Duration::from_secs(1));
         assert_eq!(head.expired(), Some(Expired::Deadline));
         p.sweep(t0 + Duration::from_secs(4));
-        assert_eq!((idle.expired(), body.expired()), (None, Some(Expired::Deadline)));
+        assert_eq!(
+            (idle.expired(), body.expired()),
+            (None, Some(Expired::Deadline))
+        );
         p.sweep(t0 + Duration::from_secs(3600));
         assert_eq!(idle.expired(), Some(Expired::Deadline));
         assert_eq!(stream.expired(), None);

@@ -33,6 +33,30 @@ impl Server {
     }
 
     pub fn start_with(env: &[(&str, &str)]) -> Server {
+        Server::start_configured(env, |_| {})
+    }
+
+    /// As `start_with`, with the process's open-file limit (soft and hard) set to `limit`.
+    pub fn start_with_open_files(env: &[(&str, &str)], limit: u64) -> Server {
+        Server::start_configured(env, |cmd| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        })
+    }
+
+    fn start_configured(env: &[(&str, &str)], configure: impl FnOnce(&mut Command)) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringcast"));
         cmd.env_clear()
             .env("RINGCAST_LISTEN", "127.0.0.1:0")
@@ -53,6 +77,7 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        configure(&mut cmd);
         let mut child = cmd.spawn().expect("start ringcast");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
