@@ -72,7 +72,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         })?,
     ));
     let listeners = worker::bind_listeners(config.listen, config.workers)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        .map_err(|e| listen_error(config.listen, &e))?;
     let addr = listeners[0].local_addr()?;
 
     let edge = Arc::new(Edge {
@@ -105,6 +105,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     drain_on_signal(signals, &shared, config.drain_timeout);
     Ok(())
+}
+
+fn listen_error(addr: std::net::SocketAddr, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        format!(
+            "cannot listen on {addr}: the address is already in use (by another ringcast or \
+             another program); stop that one or choose another address with --listen or \
+             RINGCAST_LISTEN"
+        )
+    } else {
+        format!("cannot listen on {addr}: {e}")
+    }
 }
 
 /// One socket is one open file: lift the soft limit to the hard one (systemd and shells often

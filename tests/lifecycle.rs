@@ -216,3 +216,71 @@ fn development_mode_prints_a_working_admin_token_and_api_key() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Runs the binary with `env` (and nothing else) until it exits: (exit code, stderr).
+fn run_to_exit(env: &[(&str, &str)], within: Duration) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringcast"));
+    cmd.env_clear().stdout(Stdio::null()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ringcast with {env:?} still running after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_second_ringcast_on_a_busy_address_exits_2_and_the_first_keeps_serving() {
+    let server = Server::start();
+    let addr = server.addr.to_string();
+    let (code, err) = run_to_exit(
+        &[
+            ("RINGCAST_LISTEN", &addr),
+            ("RINGCAST_WORKERS", "2"),
+            ("RINGCAST_JWT_SECRET", "another-secret-0123456789"),
+            ("RINGCAST_API_KEY", API_KEY),
+        ],
+        Duration::from_secs(5),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot listen on {addr}: the address is already in use"
+        )),
+        "{err}"
+    );
+    // Every new connection still lands on the first node: its secret, its seqs.
+    let t = admin_token();
+    for seq in 1..=8 {
+        let (mut ws, _) = connect(&server, &format!("channels=dashboard&token={t}")).await;
+        recv_until_type(&mut ws, "subscribed").await;
+        assert_eq!(server.publish_one("dashboard", "e", json!(seq)).await, seq);
+        assert_eq!(recv_json(&mut ws).await["seq"], seq);
+    }
+}
+
+#[test]
+fn a_port_held_by_another_program_exits_2_naming_the_address() {
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = other.local_addr().unwrap().to_string();
+    let (code, err) = run_to_exit(&[("RINGCAST_LISTEN", &addr)], Duration::from_secs(5));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot listen on {addr}: the address is already in use"
+        )),
+        "{err}"
+    );
+}
