@@ -6,12 +6,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use ringcast::edge::config::{Config, Flags, IoDriver};
+use ringcast::edge::config::{Command, Config, Flags, IoDriver, TokenSettings};
 use ringcast::edge::http::{self, Edge};
 use ringcast::edge::jwt::{self, Key, Rules, Verifier};
+use ringcast::edge::token;
 use ringcast::runtime::audit::Audit;
 use ringcast::runtime::core::{Settings, Shared};
 use ringcast::runtime::mesh::{self, MeshMsg};
@@ -21,10 +21,17 @@ use ringcast::runtime::worker::{self, Driver, Handler};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    let level = match log_level(std::env::var("RINGCAST_LOG").ok().as_deref()) {
+        Ok(level) => level,
+        Err(e) => {
+            eprintln!("ringcast: {e}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_max_level(log_level())
+        .with_max_level(level)
         .init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -35,18 +42,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn log_level() -> tracing::Level {
-    match std::env::var("RINGCAST_LOG").as_deref() {
-        Ok("debug") => tracing::Level::DEBUG,
-        Ok("warn") => tracing::Level::WARN,
-        Ok("error") => tracing::Level::ERROR,
-        Ok("trace") => tracing::Level::TRACE,
-        _ => tracing::Level::INFO,
+/// `RINGCAST_LOG`: unset or empty means `info`; anything but a level refuses to start.
+fn log_level(value: Option<&str>) -> Result<tracing::Level, String> {
+    match value.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("") | Some("info") => Ok(tracing::Level::INFO),
+        Some("error") => Ok(tracing::Level::ERROR),
+        Some("warn") => Ok(tracing::Level::WARN),
+        Some("debug") => Ok(tracing::Level::DEBUG),
+        Some("trace") => Ok(tracing::Level::TRACE),
+        Some(_) => Err(format!(
+            "invalid value '{}' in RINGCAST_LOG: expected one of error, warn, info, debug, trace",
+            value.unwrap_or_default()
+        )),
     }
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let config = Config::load(Flags::parse())?;
+    let flags = Flags::from_args()?;
+    if let Some(Command::Token(args)) = &flags.command {
+        let settings = TokenSettings::load(&flags)?;
+        println!("{}", token::mint(&settings, args, unix_secs())?);
+        return Ok(());
+    }
+    let config = Config::load(flags)?;
     raise_open_file_limit();
     let dev_mode = config.is_dev_mode();
     // Development mode signs with a random secret; otherwise the configured keys decide.
@@ -189,11 +207,14 @@ fn random_secret() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-fn announce_dev_mode(addr: std::net::SocketAddr, secret: &str, api_key: &str, key_given: bool) {
-    let exp = std::time::SystemTime::now()
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-        + 24 * 3600;
+}
+
+fn announce_dev_mode(addr: std::net::SocketAddr, secret: &str, api_key: &str, key_given: bool) {
+    let exp = unix_secs() + 24 * 3600;
     let token = jwt::sign_hs256(
         secret.as_bytes(),
         &serde_json::json!({
