@@ -6,12 +6,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use ringcast::edge::config::{Config, Flags, IoDriver};
+use ringcast::edge::config::{Command, Config, Flags, IoDriver, TokenSettings};
 use ringcast::edge::http::{self, Edge};
 use ringcast::edge::jwt::{self, Key, Rules, Verifier};
+use ringcast::edge::token;
 use ringcast::runtime::audit::Audit;
 use ringcast::runtime::core::{Settings, Shared};
 use ringcast::runtime::mesh::{self, MeshMsg};
@@ -21,10 +21,17 @@ use ringcast::runtime::worker::{self, Driver, Handler};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    let level = match log_level(std::env::var("RINGCAST_LOG").ok().as_deref()) {
+        Ok(level) => level,
+        Err(e) => {
+            eprintln!("ringcast: {e}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_max_level(log_level())
+        .with_max_level(level)
         .init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -35,18 +42,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn log_level() -> tracing::Level {
-    match std::env::var("RINGCAST_LOG").as_deref() {
-        Ok("debug") => tracing::Level::DEBUG,
-        Ok("warn") => tracing::Level::WARN,
-        Ok("error") => tracing::Level::ERROR,
-        Ok("trace") => tracing::Level::TRACE,
-        _ => tracing::Level::INFO,
+/// `RINGCAST_LOG`: unset or empty means `info`; anything but a level refuses to start.
+fn log_level(value: Option<&str>) -> Result<tracing::Level, String> {
+    match value.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("") | Some("info") => Ok(tracing::Level::INFO),
+        Some("error") => Ok(tracing::Level::ERROR),
+        Some("warn") => Ok(tracing::Level::WARN),
+        Some("debug") => Ok(tracing::Level::DEBUG),
+        Some("trace") => Ok(tracing::Level::TRACE),
+        Some(_) => Err(format!(
+            "invalid value '{}' in RINGCAST_LOG: expected one of error, warn, info, debug, trace",
+            value.unwrap_or_default()
+        )),
     }
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = Config::load(Flags::parse())?;
+    let flags = Flags::from_args()?;
+    if let Some(Command::Token(args)) = &flags.command {
+        let settings = TokenSettings::load(&flags)?;
+        println!("{}", token::mint(&settings, args, unix_secs())?);
+        return Ok(());
+    }
+    let mut config = Config::load(flags)?;
     let open_files = raise_open_file_limit();
     fit_to_open_files(&mut config, open_files);
     let dev_mode = config.is_dev_mode();
@@ -73,7 +91,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         })?,
     ));
     let listeners = worker::bind_listeners(config.listen, config.workers)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        .map_err(|e| listen_error(config.listen, &e))?;
     let addr = listeners[0].local_addr()?;
 
     let edge = Arc::new(Edge {
@@ -135,6 +153,18 @@ fn fit_to_open_files(config: &mut Config, open_files: u64) {
 
 /// Sockets kept for HTTP when WebSocket/SSE connections are at their bound.
 const HTTP_HEADROOM: usize = 64;
+
+fn listen_error(addr: std::net::SocketAddr, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        format!(
+            "cannot listen on {addr}: the address is already in use (by another ringcast or \
+             another program); stop that one or choose another address with --listen or \
+             RINGCAST_LISTEN"
+        )
+    } else {
+        format!("cannot listen on {addr}: {e}")
+    }
+}
 
 /// One socket is one open file: lift the soft limit to the hard one (systemd and shells often
 /// start services at 1024 soft). Returns the limit in force.
@@ -209,11 +239,14 @@ fn random_secret() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-fn announce_dev_mode(addr: std::net::SocketAddr, secret: &str, api_key: &str, key_given: bool) {
-    let exp = std::time::SystemTime::now()
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-        + 24 * 3600;
+}
+
+fn announce_dev_mode(addr: std::net::SocketAddr, secret: &str, api_key: &str, key_given: bool) {
+    let exp = unix_secs() + 24 * 3600;
     let token = jwt::sign_hs256(
         secret.as_bytes(),
         &serde_json::json!({

@@ -28,154 +28,257 @@ pub enum IoDriver {
 }
 
 /// Command-line flags; each also reads its `RINGCAST_*` variable. Unset ones fall back to the
-/// file, then to the defaults.
+/// file, then to the defaults, which the help text states (the fields stay `Option`s so that a
+/// flag left out does not hide the file's value).
 #[derive(Debug, Default, Parser)]
 #[command(
     name = "ringcast",
     version,
-    about = "Real-time push server (WebSocket fan-out on io_uring)"
+    about = "Real-time push server (WebSocket fan-out on io_uring)",
+    after_help = "With no command, ringcast serves. Settings: a TOML file (--config), then \
+                  RINGCAST_* variables, then flags; docs/ringcast.example.toml lists them all."
 )]
 pub struct Flags {
-    /// TOML settings file.
-    #[arg(long, env = "RINGCAST_CONFIG")]
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// TOML settings file [default: none]
+    #[arg(long, env = "RINGCAST_CONFIG", global = true)]
     pub config: Option<PathBuf>,
-    /// Address to listen on, e.g. 127.0.0.1:8080.
-    #[arg(long, env = "RINGCAST_LISTEN")]
+    /// Address to listen on, IP or host name with a port [default: 127.0.0.1:8080]
+    #[arg(long, env = "RINGCAST_LISTEN", value_parser = parse_listen)]
     pub listen: Option<SocketAddr>,
-    /// Worker threads, one per core by default.
+    /// Worker threads, each pinned to a core [default: one per core]
     #[arg(long, env = "RINGCAST_WORKERS")]
     pub workers: Option<usize>,
-    /// HS256 secret for client tokens.
-    #[arg(long, env = "RINGCAST_JWT_SECRET", hide_env_values = true)]
+    /// HS256 secret for client tokens, at least 16 bytes [default: none; on loopback a random one (development mode)]
+    #[arg(
+        long,
+        env = "RINGCAST_JWT_SECRET",
+        hide_env_values = true,
+        global = true
+    )]
     pub jwt_secret: Option<String>,
-    /// Public keys for RS256/ES256 tokens: `[kid@]ALG:path.pem`, comma-separated.
+    /// Public keys for RS256/ES256 tokens: `[kid@]ALG:path.pem`, comma-separated [default: none]
     #[arg(long, env = "RINGCAST_JWT_PUBLIC_KEYS")]
     pub jwt_public_keys: Option<String>,
-    /// Required `aud` of every token (unset: not checked).
+    /// Required `aud` of every token [default: none, not checked]
     #[arg(long, env = "RINGCAST_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
-    /// Required `iss` of every token (unset: not checked).
+    /// Required `iss` of every token [default: none, not checked]
     #[arg(long, env = "RINGCAST_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
-    /// Key publishers send as `Authorization: Bearer <key>`.
+    /// Key publishers send as `Authorization: Bearer <key>`, at least 16 bytes [default: none; on loopback a random one (development mode)]
     #[arg(long, env = "RINGCAST_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Redis URL; turns cluster mode on.
+    /// Redis URL for cluster mode: not built yet, setting it refuses to start [default: none]
     #[arg(long, env = "RINGCAST_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// io driver: io_uring with an epoll fallback, io_uring or refuse, or epoll [default: auto]
     #[arg(long, env = "RINGCAST_IO_DRIVER", value_enum)]
     pub io_driver: Option<IoDriver>,
+    /// Replay: newest events kept per channel for resuming clients [default: 1000]
     #[arg(long, env = "RINGCAST_REPLAY_MAX_MESSAGES")]
     pub replay_max_messages: Option<usize>,
+    /// Replay: oldest event age kept per channel, in seconds [default: 300]
     #[arg(long, env = "RINGCAST_REPLAY_MAX_AGE_SECS")]
     pub replay_max_age_secs: Option<u64>,
+    /// WebSocket ping to every client this often [default: 30000]
     #[arg(long, env = "RINGCAST_PING_INTERVAL_MS")]
     pub ping_interval_ms: Option<u64>,
+    /// How long a ping waits for its pong before it counts as missed [default: 10000]
     #[arg(long, env = "RINGCAST_PONG_TIMEOUT_MS")]
     pub pong_timeout_ms: Option<u64>,
+    /// Missed pongs in a row that close a connection with 4002 [default: 3]
     #[arg(long, env = "RINGCAST_MAX_MISSED_PONGS")]
     pub max_missed_pongs: Option<u32>,
+    /// After SIGTERM, how long clients have to leave before the rest are closed with 1012 [default: 30000]
     #[arg(long, env = "RINGCAST_DRAIN_TIMEOUT_MS")]
     pub drain_timeout_ms: Option<u64>,
+    /// Largest client message in bytes; larger ones close with 1009 [default: 1048576]
     #[arg(long, env = "RINGCAST_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
+    /// Channels one connection may be subscribed to at once [default: 100]
     #[arg(long, env = "RINGCAST_MAX_CHANNELS_PER_CONNECTION")]
     pub max_channels_per_connection: Option<usize>,
+    /// Seconds of clock drift allowed when checking a token's `exp` and `nbf` [default: 5]
     #[arg(long, env = "RINGCAST_JWT_LEEWAY_SECS")]
     pub jwt_leeway_secs: Option<u64>,
-    /// Bytes waiting to be written to one client before it is closed as too slow (1008).
+    /// Bytes waiting to be written to one client before it is closed as too slow (1008) [default: 8388608]
     #[arg(long, env = "RINGCAST_MAX_QUEUE_BYTES")]
     pub max_queue_bytes: Option<usize>,
-    /// Messages queued for one client past which it counts as behind (low, then normal yield).
+    /// Messages queued for one client past which it counts as behind (low, then normal yield) [default: 100]
     #[arg(long, env = "RINGCAST_QUEUE_THRESHOLD")]
     pub queue_threshold: Option<usize>,
-    /// How long a client may stay behind before it is closed with 1008 "too slow".
+    /// How long a client may stay behind before it is closed with 1008 "too slow" [default: 30000]
     #[arg(long, env = "RINGCAST_SLOW_CLIENT_TIMEOUT_MS")]
     pub slow_client_timeout_ms: Option<u64>,
-    /// Event frames per second to one connection (0: no limit); critical events are not counted.
+    /// Event frames per second to one connection (0: no limit); critical events are not counted [default: 100]
     #[arg(long, env = "RINGCAST_CONNECTION_RATE_LIMIT")]
     pub connection_rate_limit: Option<u32>,
-    /// Event frames per second on the whole node (0: no limit).
+    /// Event frames per second on the whole node (0: no limit) [default: 10000]
     #[arg(long, env = "RINGCAST_NODE_RATE_LIMIT")]
     pub node_rate_limit: Option<u32>,
-    /// Least time between two events of one coalesce_key to one client (0: no pacing).
+    /// Least time between two events of one coalesce_key to one client (0: no pacing) [default: 100]
     #[arg(long, env = "RINGCAST_KEY_INTERVAL_MS")]
     pub key_interval_ms: Option<u64>,
-    /// How long an event may wait in a connection's queue before it is dropped.
+    /// How long an event may wait in a connection's queue before it is dropped [default: 5000]
     #[arg(long, env = "RINGCAST_QUEUE_TTL_MS")]
     pub queue_ttl_ms: Option<u64>,
-    /// `ack=critical`: re-send an unacknowledged critical event after this many ms.
+    /// `ack=critical`: re-send an unacknowledged critical event after this many ms [default: 5000]
     #[arg(long, env = "RINGCAST_ACK_TIMEOUT_MS")]
     pub ack_timeout_ms: Option<u64>,
-    /// `ack=critical`: send an unacknowledged critical event at most this many times.
+    /// `ack=critical`: send an unacknowledged critical event at most this many times [default: 5]
     #[arg(long, env = "RINGCAST_ACK_MAX_SENDS")]
     pub ack_max_sends: Option<u32>,
-    /// Append audit events (JSON lines) to this file.
+    /// Append audit events (JSON lines) to this file [default: none]
     #[arg(long, env = "RINGCAST_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
-    /// Browser origins allowed (comma-separated; unset: every origin). Others get 403.
+    /// Browser origins allowed (comma-separated); others get 403 [default: every origin]
     #[arg(long, env = "RINGCAST_ALLOWED_ORIGINS")]
     pub allowed_origins: Option<String>,
-    /// New connections per minute from one IP (0: no limit).
+    /// New connections per minute from one IP (0: no limit) [default: 10]
     #[arg(long, env = "RINGCAST_CONNECTIONS_PER_IP_PER_MINUTE")]
     pub connections_per_ip_per_minute: Option<u32>,
-    /// Count loopback peers against the per-IP rate too.
+    /// Count loopback peers against the per-IP rate too [default: false]
     #[arg(long, env = "RINGCAST_LIMIT_LOOPBACK")]
     pub limit_loopback: Option<bool>,
-    /// Concurrent connections per user (0: no limit).
+    /// Concurrent connections per user (0: no limit) [default: 5]
     #[arg(long, env = "RINGCAST_MAX_CONNECTIONS_PER_USER")]
     pub max_connections_per_user: Option<u32>,
-    /// `reject` (429) or `close-oldest` (close 4008) past the per-user limit.
+    /// `reject` (429) or `close-oldest` (close 4008) past the per-user limit [default: reject]
     #[arg(long, env = "RINGCAST_USER_LIMIT_POLICY")]
     pub user_limit_policy: Option<String>,
-    /// Concurrent connections naming one project at the handshake (0: no limit).
+    /// Concurrent connections naming one project at the handshake (0: no limit) [default: 50]
     #[arg(long, env = "RINGCAST_MAX_CONNECTIONS_PER_PROJECT")]
     pub max_connections_per_project: Option<u32>,
-    /// Connections the node holds in all (0: no limit).
+    /// WebSocket/SSE connections the node holds in all (0: as many as the open-file limit
+    /// allows; never more than that, less 64 sockets kept for HTTP) [default: 100000]
     #[arg(long, env = "RINGCAST_MAX_CONNECTIONS")]
     pub max_connections: Option<u32>,
-    /// Client messages per second per connection before `rate_limited`; twice that closes 1008.
+    /// Client messages per second per connection before `rate_limited`; twice that closes 1008 [default: 50]
     #[arg(long, env = "RINGCAST_MAX_CLIENT_MESSAGES_PER_SEC")]
     pub max_client_messages_per_sec: Option<u32>,
-    /// Bytes per second one terminal output stream may publish (0: no cap).
+    /// Bytes per second one terminal output stream may publish (0: no cap) [default: 1000000]
     #[arg(long, env = "RINGCAST_TERMINAL_MAX_BYTES_PER_SEC")]
     pub terminal_max_bytes_per_sec: Option<u64>,
-    /// Offer permessage-deflate to clients that ask for it (default true).
+    /// Offer permessage-deflate to clients that ask for it [default: true]
     #[arg(long, env = "RINGCAST_COMPRESSION")]
     pub compression: Option<bool>,
-    /// Event frames larger than this many bytes go compressed (default 1024).
+    /// Event frames larger than this many bytes go compressed [default: 1024]
     #[arg(long, env = "RINGCAST_COMPRESSION_THRESHOLD")]
     pub compression_threshold: Option<u32>,
-    /// Time a new socket (or a keep-alive request's first byte) has for its whole request head
-    /// (default 10000 ms); then 408 and close.
+    /// Time a new socket (or a keep-alive request's first byte) has for its whole request
+    /// head, then 408 and close [default: 10000]
     #[arg(long, env = "RINGCAST_HEADER_TIMEOUT_MS")]
     pub header_timeout_ms: Option<u64>,
-    /// Time an idle keep-alive HTTP socket is kept between requests (default 60000 ms).
+    /// Time an idle keep-alive HTTP socket is kept between requests [default: 60000]
     #[arg(long, env = "RINGCAST_KEEPALIVE_TIMEOUT_MS")]
     pub keepalive_timeout_ms: Option<u64>,
-    /// Time a request body has to arrive after its head (default 30000 ms); then 408 and close.
+    /// Time a request body has to arrive after its head, then 408 and close [default: 30000]
     #[arg(long, env = "RINGCAST_BODY_TIMEOUT_MS")]
     pub body_timeout_ms: Option<u64>,
-    /// Sockets the node holds that are not WebSocket/SSE connections: requests on their way,
-    /// idle keep-alive sockets, terminal producers (default 4096). At the bound the oldest one
-    /// that has not sent a complete request is closed to make room.
+    /// Sockets the node holds that are not WebSocket/SSE connections (requests on their way,
+    /// idle keep-alive, terminal producers); at the bound the oldest that has not sent a
+    /// complete request is closed to make room [default: 4096]
     #[arg(long, env = "RINGCAST_MAX_PENDING_SOCKETS")]
     pub max_pending_sockets: Option<usize>,
-    /// Such sockets per client IP (default 64; 0: no limit; loopback only with
-    /// RINGCAST_LIMIT_LOOPBACK). Past it new sockets from that IP get 429.
+    /// Such sockets per client IP (0: no limit; loopback only with RINGCAST_LIMIT_LOOPBACK);
+    /// past it new sockets from that IP get 429 [default: 64]
     #[arg(long, env = "RINGCAST_MAX_PENDING_PER_IP")]
     pub max_pending_per_ip: Option<u32>,
-    /// Bytes of request bodies one worker buffers at once (default 64 MiB); past it publishes
-    /// get 503 with Retry-After.
+    /// Bytes of request bodies over 16 KiB one worker buffers at once; past it such
+    /// publishes get 503 with Retry-After [default: 67108864]
     #[arg(long, env = "RINGCAST_MAX_BODY_BUFFER_BYTES")]
     pub max_body_buffer_bytes: Option<usize>,
+}
+
+/// What to do instead of serving.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print a client token signed with the configured HS256 secret
+    Token(crate::edge::token::TokenArgs),
+}
+
+impl Flags {
+    /// Parses the command line and the `RINGCAST_*` variables. `--help` and `--version` print
+    /// and exit; a bad value is an error that names where it came from: the flag, or the
+    /// variable when the flag was not given.
+    pub fn from_args() -> Result<Flags, ConfigError> {
+        Flags::try_parse().map_err(|e| match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                e.exit()
+            }
+            _ => ConfigError::Invalid(describe_parse_error(&e, std::env::args_os().skip(1))),
+        })
+    }
+}
+
+/// clap names the flag even when the value came from its variable; say which it was.
+fn describe_parse_error(e: &clap::Error, args: impl Iterator<Item = std::ffi::OsString>) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let rendered = || {
+        e.render()
+            .to_string()
+            .trim_end()
+            .trim_start_matches("error: ")
+            .to_string()
+    };
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return rendered();
+    };
+    let long = arg.split_whitespace().next().unwrap_or(arg);
+    let flag_given = args
+        .map(|a| a.to_string_lossy().into_owned())
+        .any(|a| a == long || a.starts_with(&format!("{long}=")));
+    let command = <Flags as clap::CommandFactory>::command();
+    let env = command
+        .get_arguments()
+        .find(|a| {
+            a.get_long()
+                .is_some_and(|l| long.strip_prefix("--") == Some(l))
+        })
+        .and_then(|a| a.get_env())
+        .map(|v| v.to_string_lossy().into_owned());
+    match env {
+        Some(var) if !flag_given && std::env::var_os(&var).is_some() => {
+            let value = match e.get(ContextKind::InvalidValue) {
+                Some(ContextValue::String(v)) => v.clone(),
+                _ => String::new(),
+            };
+            let why = match (std::error::Error::source(e), e.get(ContextKind::ValidValue)) {
+                (Some(source), _) => source.to_string(),
+                (None, Some(valid)) => format!("expected one of {valid}"),
+                (None, None) => "not a valid value".into(),
+            };
+            format!("invalid value '{value}' in {var}: {why}")
+        }
+        _ => rendered(),
+    }
+}
+
+/// `HOST:PORT` with an IP address or a host name; a name resolves to its first IPv4 address
+/// (so `localhost` means 127.0.0.1), else its first address.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let hint = "expected HOST:PORT such as 127.0.0.1:8080 or localhost:8080";
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(s)
+        .map_err(|e| format!("cannot resolve '{s}' ({e}); {hint}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("'{s}' resolves to no address; {hint}"))
 }
 
 /// The same settings as the file holds them (all optional).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileSettings {
-    listen: Option<SocketAddr>,
+    listen: Option<String>,
     workers: Option<usize>,
     jwt_secret: Option<String>,
     jwt_public_keys: Option<String>,
@@ -295,10 +398,16 @@ impl Config {
             ));
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let file_listen = match file.listen {
+            Some(s) => {
+                Some(parse_listen(&s).map_err(|e| ConfigError::Invalid(format!("listen: {e}")))?)
+            }
+            None => None,
+        };
         let config = Config {
             listen: flags
                 .listen
-                .or(file.listen)
+                .or(file_listen)
                 .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid literal")),
             workers: flags.workers.or(file.workers).unwrap_or(cores),
             jwt_secret: flags.jwt_secret.or(file.jwt_secret),
@@ -529,6 +638,37 @@ impl Config {
     }
 }
 
+/// What `ringcast token` signs with and what the server will require of the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSettings {
+    pub jwt_secret: Option<String>,
+    /// RS256/ES256 public keys are configured (the server holds no private key to sign with).
+    pub has_public_keys: bool,
+    pub jwt_audience: Option<String>,
+    pub jwt_issuer: Option<String>,
+}
+
+impl TokenSettings {
+    /// The token settings of the file, the variables and the flags, without the checks that
+    /// only serving needs (a script that mints tokens needs no API key).
+    pub fn load(flags: &Flags) -> Result<TokenSettings, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => read_file(path)?,
+            None => FileSettings::default(),
+        };
+        Ok(TokenSettings {
+            jwt_secret: flags.jwt_secret.clone().or(file.jwt_secret),
+            has_public_keys: flags
+                .jwt_public_keys
+                .clone()
+                .or(file.jwt_public_keys)
+                .is_some_and(|list| !list.trim().is_empty()),
+            jwt_audience: flags.jwt_audience.clone().or(file.jwt_audience),
+            jwt_issuer: flags.jwt_issuer.clone().or(file.jwt_issuer),
+        })
+    }
+}
+
 fn ms(value: Option<u64>, default_ms: u64) -> Duration {
     Duration::from_millis(value.unwrap_or(default_ms))
 }
@@ -590,6 +730,114 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("wokers"), "{err}");
+    }
+
+    const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/ringcast.example.toml");
+
+    /// The example file's keys, set (`key = v`) or shown commented out (`# key = v`).
+    fn example_keys() -> Vec<(String, Option<String>)> {
+        std::fs::read_to_string(EXAMPLE)
+            .unwrap()
+            .lines()
+            .filter_map(|line| {
+                let (set, rest) = match line.strip_prefix("# ") {
+                    Some(rest) => (false, rest),
+                    None => (true, line),
+                };
+                let (key, value) = rest.split_once(" = ")?;
+                key.chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_')
+                    .then(|| {
+                        (
+                            key.to_owned(),
+                            set.then(|| value.trim_matches('"').to_owned()),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    /// Every key the file accepts, as the file parser itself lists them.
+    fn accepted_keys() -> Vec<String> {
+        let err = toml::from_str::<FileSettings>("no_such_key = 1")
+            .unwrap_err()
+            .to_string();
+        let list = err
+            .split("expected one of")
+            .nth(1)
+            .expect("serde lists the fields");
+        list.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn the_example_file_names_every_setting_at_its_default() {
+        let mut in_file: Vec<String> = example_keys().into_iter().map(|(k, _)| k).collect();
+        let mut accepted = accepted_keys();
+        in_file.sort();
+        accepted.sort();
+        assert_eq!(
+            in_file, accepted,
+            "docs/ringcast.example.toml vs the keys the file takes"
+        );
+        // Every flag but --config is a file key too.
+        let mut flags: Vec<String> = <Flags as clap::CommandFactory>::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| *l != "config")
+            .map(|l| l.replace('-', "_"))
+            .collect();
+        flags.sort();
+        assert_eq!(flags, accepted);
+        // Loading it changes nothing: its values are the defaults.
+        let example = Config::load(Flags {
+            config: Some(EXAMPLE.into()),
+            ..Flags::default()
+        })
+        .unwrap();
+        let defaults = Config::load(Flags::default()).unwrap();
+        assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn help_states_the_defaults_the_example_file_sets() {
+        let set: std::collections::HashMap<String, String> = example_keys()
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect();
+        for arg in <Flags as clap::CommandFactory>::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let default = help
+                .split("[default: ")
+                .nth(1)
+                .and_then(|d| d.split(']').next())
+                .unwrap_or_else(|| panic!("--{long}: no [default: ...] in {help:?}"));
+            if let Some(value) = set.get(&long.replace('-', "_")) {
+                assert_eq!(default, value, "--{long}");
+            }
+        }
+    }
+
+    #[test]
+    fn host_names_resolve_and_bad_addresses_say_what_to_write() {
+        assert_eq!(
+            parse_listen("127.0.0.1:9000"),
+            Ok("127.0.0.1:9000".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen("[::1]:9000"),
+            Ok("[::1]:9000".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen("localhost:9000"),
+            Ok("127.0.0.1:9000".parse().unwrap())
+        );
+        let err = parse_listen("localhost").unwrap_err();
+        assert!(err.contains("such as 127.0.0.1:8080"), "{err}");
     }
 
     #[test]

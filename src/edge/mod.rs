@@ -7,4 +7,5 @@ pub mod jwt;
 pub mod publish;
 pub mod sse;
 pub mod terminal;
+pub mod token;
 pub mod upgrade;

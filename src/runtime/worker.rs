@@ -40,21 +40,35 @@ const MESH_BATCH: usize = 256;
 const BACKLOG: i32 = 4096;
 
 /// Binds one `SO_REUSEPORT` listener per worker on `addr` (port 0: one free port for all).
+///
+/// Fails with `AddrInUse` when anything else listens on `addr`, another ringcast included: the
+/// first listener is bound and put to listening *without* `SO_REUSEPORT`, and only then opened
+/// to the others. A second ringcast does the same, so its first listener meets ours at `bind`
+/// or, if both bound at the same instant, at `listen` (the kernel checks the port again there),
+/// and exactly one of them starts. `SO_REUSEADDR` keeps the previous run's `TIME_WAIT` sockets
+/// from blocking a restart; it never lets two listeners share a port.
 pub fn bind_listeners(addr: SocketAddr, workers: usize) -> io::Result<Vec<StdListener>> {
+    let first = listener(addr, false)?;
+    // From here on only sockets that set SO_REUSEPORT themselves (our other workers) can join.
+    first.set_reuse_port(true)?;
+    let first: StdListener = first.into();
+    let addr = first.local_addr()?;
     let mut listeners = Vec::with_capacity(workers);
-    let mut addr = addr;
-    for _ in 0..workers {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(BACKLOG)?;
-        let listener: StdListener = socket.into();
-        addr = listener.local_addr()?;
-        listeners.push(listener);
+    listeners.push(first);
+    for _ in 1..workers {
+        listeners.push(listener(addr, true)?.into());
     }
     Ok(listeners)
+}
+
+fn listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(reuse_port)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket)
 }
 
 /// The driver a worker ended up on.
@@ -315,5 +329,39 @@ mod tests {
         }
         assert_eq!(log.ready(t0 + Duration::from_secs(10)), Some(3));
         assert_eq!(log.ready(t0 + Duration::from_secs(11)), None);
+    }
+
+    #[test]
+    fn one_ringcast_per_address() {
+        let ours = bind_listeners("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let addr = ours[0].local_addr().unwrap();
+        assert!(ours.iter().all(|l| l.local_addr().unwrap() == addr));
+        let second = bind_listeners(addr, 2).unwrap_err();
+        assert_eq!(second.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn a_port_held_by_another_program_is_refused() {
+        let other = StdListener::bind("127.0.0.1:0").unwrap();
+        let err = bind_listeners(other.local_addr().unwrap(), 1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn two_bound_at_once_only_one_listens() {
+        // Both first sockets got past bind before either listened: the kernel's check at
+        // listen lets exactly one through.
+        let a = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        a.set_reuse_address(true).unwrap();
+        a.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let addr = a.local_addr().unwrap();
+        let b = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        b.set_reuse_address(true).unwrap();
+        b.bind(&addr).unwrap();
+        a.listen(8).unwrap();
+        a.set_reuse_port(true).unwrap();
+        let err = b.listen(8).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
     }
 }
