@@ -1,12 +1,15 @@
 //! Connection limits, node-wide: connection rate per IP, concurrent connections per user, per
-//! project and in all. Pure bookkeeping; the runtime holds one `Limits` behind a mutex shared
-//! by every core (taken once per connect and once per disconnect, never per message).
+//! project and in all. Pure bookkeeping, shared by every core: checked once per connect and
+//! once per disconnect, never per message, with no lock that every handshake takes.
 //!
 //! Invariant: every admitted connection is counted exactly once in `total`, under its user and
 //! under each project it named at the handshake, until `release`.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 /// What to do with a user's connection beyond `per_user`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,18 +72,45 @@ pub struct Admitted {
     pub evict: Option<u64>,
 }
 
+/// The node's connection counts, shared by every core. No lock is shared by all handshakes:
+/// the total is an atomic and the per-IP, per-user and per-project counts are split over
+/// `SHARDS` locks by key, each taken alone and briefly.
 #[derive(Debug, Default)]
 pub struct Limits {
     cfg: LimitConfig,
     /// Per IP: the minute (since the epoch) of the window and how many connects came in it.
-    ip_windows: HashMap<IpAddr, (u64, u32)>,
+    ip_windows: Shards<HashMap<IpAddr, (u64, u32)>>,
+    users: Shards<UserShard>,
+    projects: Shards<HashMap<String, u32>>,
+    total: AtomicU32,
+}
+
+#[derive(Debug, Default)]
+struct UserShard {
     /// Per user: connection ids, oldest first.
     users: HashMap<String, Vec<u64>>,
     /// Connections told to close for a newer one, not yet released: not counted, not chosen.
     evicting: Vec<u64>,
-    projects: HashMap<String, u32>,
-    total: u32,
 }
+
+/// Locks by a key's hash.
+const SHARDS: usize = 16;
+
+#[derive(Debug, Default)]
+struct Shards<T>([Mutex<T>; SHARDS]);
+
+impl<T> Shards<T> {
+    fn of(&self, key: &(impl Hash + ?Sized)) -> MutexGuard<'_, T> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        let shard = &self.0[h.finish() as usize % SHARDS];
+        // A panic while a count was held leaves the counts as they were: keep going.
+        shard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Per-IP windows a shard keeps before it forgets those of earlier minutes.
+const MAX_WINDOWS_PER_SHARD: usize = 1024;
 
 impl Limits {
     pub fn new(cfg: LimitConfig) -> Limits {
@@ -91,8 +121,10 @@ impl Limits {
     }
 
     /// Decides on a connection attempt from `ip` by `user` naming `projects`, at `now_secs`.
+    /// An admitted connection is counted until `release`; a refused one is not counted (its
+    /// attempt still counts against the per-IP rate).
     pub fn admit(
-        &mut self,
+        &self,
         conn: u64,
         ip: IpAddr,
         user: &str,
@@ -102,7 +134,11 @@ impl Limits {
         let c = self.cfg;
         if c.per_ip_per_minute > 0 && (c.limit_loopback || !ip.is_loopback()) {
             let minute = now_secs / 60;
-            let window = self.ip_windows.entry(ip).or_insert((minute, 0));
+            let mut windows = self.ip_windows.of(&ip);
+            if windows.len() > MAX_WINDOWS_PER_SHARD {
+                windows.retain(|_, w| w.0 == minute);
+            }
+            let window = windows.entry(ip).or_insert((minute, 0));
             if window.0 != minute {
                 *window = (minute, 0);
             }
@@ -118,18 +154,28 @@ impl Limits {
             }
             window.1 += 1;
         }
-        if c.total > 0 && self.total >= c.total {
+        let counted_in_total = self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (c.total == 0 || n < c.total).then_some(n + 1)
+            })
+            .is_ok();
+        if !counted_in_total {
             return Err(Refused {
                 status: 503,
                 retry_after_secs: Some(5),
                 reason: format!("the node holds its maximum of {} connections", c.total),
             });
         }
-        if c.per_project > 0 {
-            if let Some(p) = projects
-                .iter()
-                .find(|p| self.projects.get(*p).copied().unwrap_or(0) >= c.per_project)
-            {
+        for (i, p) in projects.iter().enumerate() {
+            let mut counts = self.projects.of(p.as_str());
+            let n = counts.entry(p.clone()).or_default();
+            if c.per_project > 0 && *n >= c.per_project {
+                if *n == 0 {
+                    counts.remove(p);
+                }
+                drop(counts);
+                self.uncount(&projects[..i]);
                 return Err(Refused {
                     status: 503,
                     retry_after_secs: Some(5),
@@ -139,64 +185,68 @@ impl Limits {
                     ),
                 });
             }
+            *n += 1;
         }
+        let mut shard = self.users.of(user);
+        let UserShard { users, evicting } = &mut *shard;
         let mut evict = None;
-        let live = |ids: &Vec<u64>| ids.iter().filter(|id| !self.evicting.contains(id)).count();
-        let held = self.users.get(user).map_or(0, live);
+        let held = users.get(user).map_or(0, |ids| {
+            ids.iter().filter(|id| !evicting.contains(id)).count()
+        });
         if c.per_user > 0 && held >= c.per_user as usize {
             match c.user_policy {
                 UserPolicy::Reject => {
+                    drop(shard);
+                    self.uncount(projects);
                     return Err(Refused {
                         status: 429,
                         retry_after_secs: Some(5),
                         reason: format!("user {user} already has {} connections", c.per_user),
-                    })
+                    });
                 }
                 UserPolicy::CloseOldest => {
-                    evict = self
-                        .users
+                    evict = users
                         .get(user)
-                        .and_then(|ids| ids.iter().copied().find(|id| !self.evicting.contains(id)));
-                    self.evicting.extend(evict);
+                        .and_then(|ids| ids.iter().copied().find(|id| !evicting.contains(id)));
+                    evicting.extend(evict);
                 }
             }
         }
-        self.users.entry(user.to_string()).or_default().push(conn);
-        for p in projects {
-            *self.projects.entry(p.clone()).or_default() += 1;
-        }
-        self.total += 1;
+        users.entry(user.to_string()).or_default().push(conn);
         Ok(Admitted { evict })
     }
 
-    /// Forgets an admitted connection (call exactly once, when it ends).
-    pub fn release(&mut self, conn: u64, user: &str, projects: &[String]) {
-        self.evicting.retain(|&id| id != conn);
-        if let Some(ids) = self.users.get_mut(user) {
-            ids.retain(|&id| id != conn);
-            if ids.is_empty() {
-                self.users.remove(user);
-            }
-        }
+    /// Takes back the total and the project counts of an attempt that was refused after them.
+    fn uncount(&self, projects: &[String]) {
         for p in projects {
-            if let Some(n) = self.projects.get_mut(p) {
+            let mut counts = self.projects.of(p.as_str());
+            if let Some(n) = counts.get_mut(p) {
                 *n -= 1;
                 if *n == 0 {
-                    self.projects.remove(p);
+                    counts.remove(p);
                 }
             }
         }
-        self.total = self.total.saturating_sub(1);
+        self.total.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Old per-IP windows: drop them now and then.
-    pub fn forget_old_windows(&mut self, now_secs: u64) {
-        let minute = now_secs / 60;
-        self.ip_windows.retain(|_, w| w.0 == minute);
+    /// Forgets an admitted connection (call exactly once, when it ends).
+    pub fn release(&self, conn: u64, user: &str, projects: &[String]) {
+        {
+            let mut shard = self.users.of(user);
+            shard.evicting.retain(|&id| id != conn);
+            if let Some(ids) = shard.users.get_mut(user) {
+                ids.retain(|&id| id != conn);
+                if ids.is_empty() {
+                    shard.users.remove(user);
+                }
+            }
+        }
+        self.uncount(projects);
     }
 
     pub fn total(&self) -> u32 {
-        self.total
+        self.total.load(Ordering::Acquire)
     }
 }
 
@@ -223,7 +273,7 @@ mod tests {
 
     #[test]
     fn per_ip_rate_per_minute_with_retry_after() {
-        let mut l = limits(|c| c.per_ip_per_minute = 2);
+        let l = limits(|c| c.per_ip_per_minute = 2);
         let a = ip("10.0.0.1");
         assert!(l.admit(1, a, "u", &[], 120).is_ok());
         assert!(l.admit(2, a, "u", &[], 130).is_ok());
@@ -238,7 +288,7 @@ mod tests {
 
     #[test]
     fn loopback_is_exempt_unless_asked() {
-        let mut l = limits(|c| {
+        let l = limits(|c| {
             c.per_ip_per_minute = 1;
             c.limit_loopback = false;
         });
@@ -249,7 +299,7 @@ mod tests {
 
     #[test]
     fn per_user_reject_or_close_oldest() {
-        let mut l = limits(|c| c.per_user = 2);
+        let l = limits(|c| c.per_user = 2);
         assert!(l.admit(1, ip("10.0.0.1"), "u", &[], 0).is_ok());
         assert!(l.admit(2, ip("10.0.0.1"), "u", &[], 0).is_ok());
         assert_eq!(
@@ -260,7 +310,7 @@ mod tests {
         l.release(1, "u", &[]);
         assert!(l.admit(4, ip("10.0.0.1"), "u", &[], 0).is_ok());
 
-        let mut l = limits(|c| {
+        let l = limits(|c| {
             c.per_user = 2;
             c.user_policy = UserPolicy::CloseOldest;
         });
@@ -285,7 +335,7 @@ mod tests {
 
     #[test]
     fn per_project_and_total() {
-        let mut l = limits(|c| {
+        let l = limits(|c| {
             c.per_project = 1;
             c.total = 3;
         });
@@ -304,5 +354,56 @@ mod tests {
         l.release(1, "u", &p);
         assert_eq!(l.total(), 2);
         l.admit(5, ip("10.0.0.1"), "y", &p, 0).unwrap();
+    }
+
+    #[test]
+    fn cores_admitting_at_once_never_pass_a_limit() {
+        let l = std::sync::Arc::new(limits(|c| {
+            c.per_user = 3;
+            c.per_project = 5;
+            c.total = 7;
+        }));
+        let peak = std::sync::Arc::new(AtomicU32::new(0));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (l, peak) = (l.clone(), peak.clone());
+                std::thread::spawn(move || {
+                    let p = vec!["p".to_string()];
+                    for i in 0..2_000u64 {
+                        let id = t << 32 | i;
+                        let user = if i % 2 == 0 { "u" } else { "v" };
+                        if l.admit(id, ip("10.0.0.1"), user, &p, 0).is_ok() {
+                            peak.fetch_max(l.total(), Ordering::Relaxed);
+                            l.release(id, user, &p);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(peak.load(Ordering::Relaxed) <= 7);
+        assert_eq!(l.total(), 0, "every admit released");
+        assert!(l.projects.of("p").is_empty() && l.users.of("u").users.is_empty());
+    }
+
+    #[test]
+    fn old_per_ip_windows_are_forgotten() {
+        // A window is needed for its minute only: addresses seen in earlier minutes go once a
+        // shard has more than MAX_WINDOWS_PER_SHARD.
+        let l = limits(|c| c.per_ip_per_minute = 5);
+        let addr = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        for i in 0..20_000u32 {
+            l.admit(i as u64, addr(i), "u", &[], 0).unwrap();
+        }
+        for i in 20_000..40_000u32 {
+            l.admit(i as u64, addr(i), "u", &[], 600).unwrap();
+        }
+        let kept: usize = l.ip_windows.0.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(
+            kept <= 20_000 + SHARDS * (MAX_WINDOWS_PER_SHARD + 1),
+            "{kept}"
+        );
     }
 }

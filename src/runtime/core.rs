@@ -9,7 +9,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::delivery::access::{Authenticator, Claims, Overrides};
@@ -83,8 +83,8 @@ pub struct Shared {
     pub stats: Stats,
     /// Checks the tokens of in-band `refresh` messages.
     pub auth: Arc<dyn Authenticator>,
-    /// Connection limits of the whole node (locked once per connect and per disconnect).
-    pub limits: Mutex<Limits>,
+    /// Connection limits of the whole node (counted once per connect and per disconnect).
+    pub limits: Limits,
     pub audit_trail: Audit,
     /// Sockets of the whole node that are not connections (see `runtime::pending`).
     pub pending_sockets: Arc<NodeCount>,
@@ -100,7 +100,7 @@ impl Shared {
     ) -> Shared {
         Shared {
             audit_trail,
-            limits: Mutex::new(Limits::new(limits)),
+            limits: Limits::new(limits),
             settings,
             epoch: new_epoch(),
             mesh,
@@ -290,8 +290,6 @@ impl Core {
         let admitted = self
             .shared
             .limits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .admit(conn, ip, user, projects, now_ms() / 1000)?;
         if let Some(old) = admitted.evict {
             let msg = MeshMsg::Close {
@@ -305,11 +303,7 @@ impl Core {
     }
 
     pub fn release(&self, conn: u64, user: &str, projects: &[String]) {
-        self.shared
-            .limits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .release(conn, user, projects);
+        self.shared.limits.release(conn, user, projects);
     }
 
     /// Ends the subscriptions the connection's (changed) claims no longer allow, telling the
