@@ -133,6 +133,9 @@ async fn a_client_that_stays_behind_is_closed_too_slow() {
         }
     };
     assert_eq!(code, Some(1008));
+    // Answered, the connection ends with a FIN.
+    stuck.answer_close(1008).await;
+    stuck.expect_eof().await;
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
