@@ -80,9 +80,7 @@ fn terminal_output(len: usize) -> Vec<u8> {
 }
 
 async fn reader(server: &Server, path_and_query: &str) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.url(path_and_query))
-        .await
-        .unwrap();
+    let (mut ws, _) = ws_connect(server.url(path_and_query)).await.unwrap();
     assert_eq!(recv_json(&mut ws).await["type"], "welcome");
     assert_eq!(recv_json(&mut ws).await["type"], "subscribed");
     ws
@@ -205,9 +203,7 @@ async fn five_megabytes_of_coloured_utf8_reach_two_readers_byte_identical() {
 }
 
 async fn reader_msgpack(server: &Server, path_and_query: &str) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.url(path_and_query))
-        .await
-        .unwrap();
+    let (mut ws, _) = ws_connect(server.url(path_and_query)).await.unwrap();
     assert_eq!(recv_any(&mut ws).await["type"], "welcome");
     assert_eq!(recv_any(&mut ws).await["type"], "subscribed");
     ws
@@ -292,14 +288,14 @@ async fn output_reaches_only_readers_of_its_project() {
     let server = Server::start();
     let outsider = token(json!({"sub": "o", "projects": ["other"]}));
     // Naming the project up front: refused at once.
-    let refused = tokio_tungstenite::connect_async(server.url(&format!(
+    let (status, body) = refused_handshake(server.url(&format!(
         "/ws/terminal/tg?token={outsider}&project_id=secret"
     )))
     .await;
-    match refused {
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
-        other => panic!("expected 403, got {other:?}"),
-    }
+    assert_eq!(
+        (status, body.as_str()),
+        (403, r#"{"error":"not allowed to see project secret"}"#)
+    );
     // Without naming it: subscribed, but the output never arrives.
     let mut ws = reader(&server, &format!("/ws/terminal/tg?token={outsider}")).await;
     let mut producer = Producer::open(&server, "/api/v1/terminal/tg?project_id=secret").await;
@@ -373,7 +369,10 @@ async fn producers_are_checked_and_a_dropped_producer_ends_the_stream() {
     producer.send(b"hello").await;
     producer.stream.write_all(b"zz\r\n").await.unwrap();
     let mut answer = String::new();
-    producer.stream.read_to_string(&mut answer).await.unwrap();
+    tokio::time::timeout(WAIT, producer.stream.read_to_string(&mut answer))
+        .await
+        .expect("the producer is answered and closed")
+        .unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert_eq!(recv_json(&mut ws).await["data"]["text"], "hello");
     let end = recv_json(&mut ws).await;

@@ -201,6 +201,34 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (u16, String, Str
     (status, head.to_string(), body.to_string())
 }
 
+/// The lines of a child's output, read on a thread so that waiting for one is bounded.
+pub struct TimedLines(std::sync::mpsc::Receiver<String>);
+
+impl TimedLines {
+    pub fn new(out: impl Read + Send + 'static) -> TimedLines {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        TimedLines(rx)
+    }
+
+    /// The next line; None at the end of the output; panics after WAIT without one.
+    pub fn next_line(&self) -> Option<String> {
+        match self.0.recv_timeout(WAIT) {
+            Ok(line) => Some(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("no output line within {WAIT:?}")
+            }
+        }
+    }
+}
+
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
