@@ -292,7 +292,10 @@ async fn the_throughput_cap_slows_the_producer_and_loses_nothing() {
     assert!(took >= Duration::from_millis(1950), "took {took:?}");
     assert!(took < Duration::from_millis(3500), "took {took:?}");
     // 200 kB + one chunk, 1 ms of timestamp granularity at each end, 50 ms of jitter.
-    assert!(burst <= 200_000 + 4096 + 400 + 10_000, "burst of {burst} bytes");
+    assert!(
+        burst <= 200_000 + 4096 + 400 + 10_000,
+        "burst of {burst} bytes"
+    );
 }
 
 /// The most bytes published in any window of chunks beyond what the rate allows for the

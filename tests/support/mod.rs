@@ -104,6 +104,23 @@ impl Server {
             .expect("VmRSS in /proc/<pid>/status")
     }
 
+    /// The server's peak resident memory (VmHWM), KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
+    }
+
+    /// Resets the peak (VmHWM) to the current RSS; returns that RSS, KiB.
+    pub fn reset_peak_rss(&self) -> u64 {
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5")
+            .expect("write 5 to /proc/<pid>/clear_refs");
+        self.rss_kib()
+    }
+
     pub fn url(&self, path_and_query: &str) -> String {
         format!("ws://{}{}", self.addr, path_and_query)
     }
