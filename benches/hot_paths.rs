@@ -10,10 +10,13 @@
 //! - `codec/decode_masked_text`: `Decoder::decode` of one masked 256-byte client text frame
 //!   (header, unmasking, UTF-8 check). Runs for every frame a client sends; the input
 //!   `BytesMut` is cloned outside the timer.
-//! - `fanout/shared_frame_to_10k_queues`: one shared frame cloned (refcount only) into 10,000
-//!   per-subscriber queues, then every queue drained, push + drain timed together. This is
-//!   the per-core cost of one message to a hot channel. The `_via_rooms` variant reaches the
-//!   queues through `Rooms::members`, i.e. includes the real room index walk.
+//! - `fanout/send_queues_10k`: one message (a real `Delivery`: shared frame, project, normal
+//!   priority) offered to 10,000 subscribers the way the runtime does per member (the
+//!   permission check `Claims::can_see`, then `SendQueue::push_event`), then every queue
+//!   drained as the writer does (`SendQueue::next` with the rate-limit buckets off, the
+//!   event's frame taken); push + drain timed together. This is the user-space, per-core cost
+//!   of one message to a hot channel, without the write syscall. The `_via_rooms` variant
+//!   reaches the subscribers through `Rooms::members`, i.e. includes the room index walk.
 //! - `ring/append`: `Ring::push` into a full 1000-entry ring (steady state: every push
 //!   evicts the oldest). Runs once per durable message on the owner core.
 //! - `ring/replay_last_50`: `Ring::replay` of the last 50 of 1000 entries; the cost of a
@@ -25,13 +28,15 @@
 //!   WebSocket upgrade, so it bounds the connection-storm rate after a deploy or outage.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::hint::black_box;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use ringcast::delivery::access::Claims;
+use ringcast::delivery::queue::{Bucket, Next, SendQueue};
 use ringcast::delivery::ring::{Ring, RingBounds};
 use ringcast::delivery::rooms::Rooms;
 use ringcast::delivery::sequencer::{Resume, Sequencer};
@@ -218,47 +223,95 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
+/// One subscriber as the publish path sees it: its permissions and its send queue (the
+/// runtime's `Conn` holds exactly these, next to socket state a bench has no use for).
+struct Subscriber {
+    claims: Claims,
+    queue: RefCell<SendQueue>,
+}
+
+impl Subscriber {
+    fn new() -> Rc<Subscriber> {
+        let claims = Claims {
+            sub: "u".into(),
+            projects: vec!["42".into()],
+            ..Claims::default()
+        };
+        // The server's defaults: threshold 100 events, key interval 100 ms.
+        let queue = SendQueue::new(100, Duration::from_millis(100));
+        Rc::new(Subscriber {
+            claims,
+            queue: RefCell::new(queue),
+        })
+    }
+
+    /// What `Core::deliver` and `Conn::push_event` do per member: the permission check, then
+    /// `SendQueue::push_event` (priority, conflation and drop rules, the byte count).
+    fn offer(&self, d: &Arc<Delivery>) {
+        if self
+            .claims
+            .can_see(d.project_id.as_deref(), d.user_id.as_deref())
+        {
+            let mut q = self.queue.borrow_mut();
+            black_box(q.push_event(d));
+            black_box(q.is_behind());
+        }
+    }
+
+    /// What the connection's writer does: `SendQueue::next` (TTL, key pacing and the token
+    /// buckets, here unlimited: the rate limits off) until empty, taking each event's frame.
+    fn drain(&self, buckets: &mut [Bucket; 2]) {
+        let mut q = self.queue.borrow_mut();
+        let now = Instant::now();
+        let [mine, core] = buckets;
+        loop {
+            match q.next(now, Duration::from_secs(5), &mut [mine, core]) {
+                Next::Event(d) => {
+                    black_box(d.frame_in(Format::default()).clone());
+                }
+                Next::Empty => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}
+
 fn fanout(c: &mut Criterion) {
     let frame = shared_frame();
+    // A real delivery of the sequencer: the shared frame, project 42, normal priority.
+    let d = delivery(1017, &frame);
+    let mut buckets = [Bucket::new(0), Bucket::new(0)];
     let mut g = c.benchmark_group("fanout");
     g.throughput(Throughput::Elements(SUBSCRIBERS as u64));
 
-    let mut queues: Vec<VecDeque<Bytes>> = (0..SUBSCRIBERS).map(|_| VecDeque::new()).collect();
-    g.bench_function("shared_frame_to_10k_queues", |b| {
+    let subscribers: Vec<Rc<Subscriber>> = (0..SUBSCRIBERS).map(|_| Subscriber::new()).collect();
+    g.bench_function("send_queues_10k", |b| {
         b.iter(|| {
-            let f = black_box(&frame);
-            for q in &mut queues {
-                q.push_back(f.clone());
+            let d = black_box(&d);
+            for s in &subscribers {
+                s.offer(d);
             }
-            for q in &mut queues {
-                while let Some(out) = q.pop_front() {
-                    black_box(out);
-                }
+            for s in &subscribers {
+                s.drain(&mut buckets);
             }
         })
     });
 
-    // Each subscriber's connection task holds its own queue handle and drains it; the room
-    // index holds another handle and is what the publish path walks.
-    type Queue = Rc<RefCell<VecDeque<Bytes>>>;
+    // The same, reaching the subscribers through the room index as the publish path does.
     let channel: Arc<str> = CHANNEL.into();
-    let mut rooms: Rooms<Queue> = Rooms::default();
-    let handles: Vec<Queue> = (0..SUBSCRIBERS).map(|_| Queue::default()).collect();
-    for (id, h) in handles.iter().enumerate() {
-        rooms.join(&channel, id as u64, h.clone());
+    let mut rooms: Rooms<Rc<Subscriber>> = Rooms::default();
+    for (id, s) in subscribers.iter().enumerate() {
+        rooms.join(&channel, id as u64, s.clone());
     }
     assert_eq!(rooms.len(CHANNEL), SUBSCRIBERS);
-    g.bench_function("shared_frame_to_10k_queues_via_rooms", |b| {
+    g.bench_function("send_queues_10k_via_rooms", |b| {
         b.iter(|| {
-            let f = black_box(&frame);
-            for q in rooms.members(black_box(CHANNEL)) {
-                q.borrow_mut().push_back(f.clone());
+            let d = black_box(&d);
+            for s in rooms.members(black_box(CHANNEL)) {
+                s.offer(d);
             }
-            for h in &handles {
-                let mut q = h.borrow_mut();
-                while let Some(out) = q.pop_front() {
-                    black_box(out);
-                }
+            for s in &subscribers {
+                s.drain(&mut buckets);
             }
         })
     });

@@ -7,22 +7,10 @@ use serde_json::json;
 use support::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::Error as WsError;
 
 /// The HTTP status of a refused handshake.
 async fn refused(server: &Server, query: &str) -> (u16, String) {
-    match tokio_tungstenite::connect_async(server.url(&format!("/ws?{query}"))).await {
-        Ok(_) => panic!("handshake with {query} was accepted"),
-        Err(WsError::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).to_string())
-                .unwrap_or_default();
-            (resp.status().as_u16(), body)
-        }
-        Err(e) => panic!("unexpected error {e}"),
-    }
+    refused_handshake(server.url(&format!("/ws?{query}"))).await
 }
 
 #[tokio::test]
@@ -65,7 +53,7 @@ async fn token_is_accepted_from_header_and_subprotocol() {
         "Authorization",
         HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
     );
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let (mut ws, _) = ws_connect(req).await.unwrap();
     assert_eq!(recv_json(&mut ws).await["type"], "welcome");
 
     // Browsers: offer "ringcast" and "bearer.<token>"; the server selects "ringcast".
@@ -74,7 +62,7 @@ async fn token_is_accepted_from_header_and_subprotocol() {
         "Sec-WebSocket-Protocol",
         HeaderValue::from_str(&format!("ringcast, bearer.{t}")).unwrap(),
     );
-    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let (mut ws, resp) = ws_connect(req).await.unwrap();
     assert_eq!(resp.headers()["sec-websocket-protocol"], "ringcast");
     let welcome = recv_json(&mut ws).await;
     assert_eq!(welcome["channels"], json!(["project:p1"]));
@@ -285,7 +273,10 @@ async fn origins_outside_the_allowlist_get_403_and_allowed_ones_get_cors() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         s.write_all(upgrade(ok).as_bytes()).await.unwrap();
         let mut head = [0u8; 12];
-        s.read_exact(&mut head).await.unwrap();
+        tokio::time::timeout(WAIT, s.read_exact(&mut head))
+            .await
+            .expect("an answer within the wait bound")
+            .unwrap();
         assert_eq!(&head, b"HTTP/1.1 101", "{ok}");
     }
     let (status, head, _) = raw_exchange(

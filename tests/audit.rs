@@ -4,7 +4,6 @@ mod support;
 
 use serde_json::{json, Value};
 use support::*;
-use tokio_tungstenite::tungstenite::Error as WsError;
 
 async fn next_audit(ws: &mut Ws, kind: &str) -> Value {
     loop {
@@ -30,10 +29,11 @@ async fn admins_watch_security_events_live_and_the_log_file_has_them_without_tok
 
     // A non-admin is refused the stream.
     let user = token(json!({"sub": "u1", "projects": ["p1"]}));
-    match tokio_tungstenite::connect_async(server.url(&format!("/ws/audit?token={user}"))).await {
-        Err(WsError::Http(r)) => assert_eq!(r.status().as_u16(), 403),
-        other => panic!("{other:?}"),
-    }
+    let (status, body) = refused_handshake(server.url(&format!("/ws/audit?token={user}"))).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (403, r#"{"error":"the audit stream is for admins"}"#)
+    );
     let denied = next_audit(&mut audit, "subscribe_denied").await;
     assert_eq!(
         (denied["user_id"].as_str(), denied["channel"].as_str()),
@@ -48,7 +48,11 @@ async fn admins_watch_security_events_live_and_the_log_file_has_them_without_tok
     assert_eq!(connected["ip"], "127.0.0.1");
 
     let bad = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
-    let _ = tokio_tungstenite::connect_async(server.url(&format!("/ws?token={bad}"))).await;
+    let (status, body) = refused_handshake(server.url(&format!("/ws?token={bad}"))).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (401, r#"{"error":"token signature is invalid"}"#)
+    );
     let failure = next_audit(&mut audit, "auth_failure").await;
     assert!(
         failure["reason"].as_str().unwrap().contains("signature"),
@@ -64,8 +68,12 @@ async fn admins_watch_security_events_live_and_the_log_file_has_them_without_tok
     let denied = next_audit(&mut audit, "subscribe_denied").await;
     assert_eq!(denied["channel"], "project:p2");
 
-    let second = tokio_tungstenite::connect_async(server.url(&format!("/ws?token={user}"))).await;
-    assert!(second.is_err(), "u1 may hold one connection");
+    let (status, body) = refused_handshake(server.url(&format!("/ws?token={user}"))).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (429, r#"{"error":"user u1 already has 1 connections"}"#),
+        "u1 may hold one connection"
+    );
     let limit = next_audit(&mut audit, "limit_hit").await;
     assert!(
         limit["reason"].as_str().unwrap().contains("already has 1"),
@@ -126,9 +134,7 @@ async fn admins_watch_security_events_live_and_the_log_file_has_them_without_tok
 }
 
 async fn connect_path(server: &Server, path_and_query: &str) -> (Ws, Value) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.url(path_and_query))
-        .await
-        .unwrap();
+    let (mut ws, _) = ws_connect(server.url(path_and_query)).await.unwrap();
     let welcome = recv_json(&mut ws).await;
     assert_eq!(welcome["type"], "welcome");
     (ws, welcome)

@@ -62,9 +62,7 @@ impl Browser {
             url
         });
         let url = tokio::time::timeout(WAIT * 3, url).await.unwrap().unwrap();
-        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .unwrap();
+        let (ws, _) = ws_connect(url.as_str()).await.unwrap();
         let mut b = Browser {
             child,
             _profile: profile,

@@ -86,7 +86,7 @@ async fn thousand_connections_on_all_workers_get_every_broadcast_once_in_order()
         let ready = ready_tx.clone();
         let mut go = go_tx.subscribe();
         tasks.push(tokio::spawn(async move {
-            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            let (mut ws, _) = ws_connect(url).await.unwrap();
             let welcome = recv_json(&mut ws).await;
             let id = u64::from_str_radix(welcome["connection_id"].as_str().unwrap(), 16).unwrap();
             assert_eq!(recv_json(&mut ws).await["type"], "subscribed");
@@ -103,7 +103,11 @@ async fn thousand_connections_on_all_workers_get_every_broadcast_once_in_order()
     }
     let mut per_core = [0usize; 2];
     for _ in 0..CLIENTS {
-        per_core[ready_rx.recv().await.unwrap() as usize] += 1;
+        let core = tokio::time::timeout(WAIT, ready_rx.recv())
+            .await
+            .expect("every client connected within the wait bound")
+            .unwrap();
+        per_core[core as usize] += 1;
     }
     assert!(
         per_core.iter().all(|&n| n > 0),

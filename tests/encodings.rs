@@ -28,7 +28,7 @@ async fn messagepack_clients_get_the_same_events_as_json_clients() {
     let t = admin_token();
     let (mut json_ws, _) = connect(&server, &format!("channels=task:m&token={t}")).await;
     recv_json(&mut json_ws).await;
-    let (mut mp, _) = tokio_tungstenite::connect_async(server.url(&format!(
+    let (mut mp, _) = ws_connect(server.url(&format!(
         "/ws?channels=task:m&token={t}&encoding=messagepack"
     )))
     .await

@@ -184,11 +184,10 @@ fn development_mode_prints_a_working_admin_token_and_api_key() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    use std::io::BufRead;
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let lines = TimedLines::new(child.stdout.take().unwrap());
     let (mut token, mut key, mut addr) = (None, None, None);
     while addr.is_none() {
-        let line = lines.next().expect("output before exit").unwrap();
+        let line = lines.next_line().expect("output before exit");
         if let Some(t) = line.strip_prefix("admin token (24 h): ") {
             token = Some(t.to_string());
         } else if let Some(k) = line.strip_prefix("api key: ") {
@@ -201,7 +200,7 @@ fn development_mode_prints_a_working_admin_token_and_api_key() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let url = format!("ws://{addr}/ws?channels=system,project:any&token={token}");
-        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let (mut ws, _) = ws_connect(url).await.unwrap();
         assert_eq!(recv_json(&mut ws).await["type"], "welcome");
         let body = r#"{"channel":"system","event":"hello","data":{}}"#;
         let req = format!(

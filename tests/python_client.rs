@@ -69,6 +69,13 @@ fn run_script(name: &str) {
     let server = Server::start();
     let t = token(json!({"sub": "py", "projects": ["py"]}));
     let script = format!("{}/tests/python/{name}", env!("CARGO_MANIFEST_DIR"));
+    // `assert` statements vanish under `python -O` / PYTHONOPTIMIZE: the scripts use `check`.
+    let text = std::fs::read_to_string(&script).unwrap();
+    let asserts: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("assert "))
+        .collect();
+    assert!(asserts.is_empty(), "{name} uses assert: {asserts:?}");
     let out = Command::new(python)
         .arg(script)
         .arg(server.addr.to_string())

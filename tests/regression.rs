@@ -289,7 +289,7 @@ async fn an_oversize_publish_gets_its_413_and_expect_continue_is_honoured() {
 #[tokio::test]
 async fn data_that_only_looks_like_json_is_refused_at_publish() {
     let server = Server::start();
-    let (mut mp, _) = tokio_tungstenite::connect_async(server.url(&format!(
+    let (mut mp, _) = ws_connect(server.url(&format!(
         "/ws?channels=task:x&token={}&encoding=messagepack",
         admin_token()
     )))

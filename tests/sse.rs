@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
@@ -379,9 +378,9 @@ fn curl_follows_a_stream() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("curl is needed for this test");
-    let mut lines = BufReader::new(curl.stdout.take().unwrap()).lines();
-    let mut next_data = || loop {
-        let line = lines.next().expect("curl output").unwrap();
+    let lines = TimedLines::new(curl.stdout.take().unwrap());
+    let next_data = || loop {
+        let line = lines.next_line().expect("curl output");
         if let Some(d) = line.strip_prefix("data: ") {
             return serde_json::from_str::<Value>(d).unwrap();
         }

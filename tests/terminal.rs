@@ -80,9 +80,7 @@ fn terminal_output(len: usize) -> Vec<u8> {
 }
 
 async fn reader(server: &Server, path_and_query: &str) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.url(path_and_query))
-        .await
-        .unwrap();
+    let (mut ws, _) = ws_connect(server.url(path_and_query)).await.unwrap();
     assert_eq!(recv_json(&mut ws).await["type"], "welcome");
     assert_eq!(recv_json(&mut ws).await["type"], "subscribed");
     ws
@@ -105,8 +103,14 @@ async fn recv_any(ws: &mut Ws) -> Value {
 
 /// Reads one stream's output until its `end`: (bytes, chunks, end data).
 async fn reassemble(ws: &mut Ws, stream: &str) -> (Vec<u8>, usize, Value) {
+    let (bytes, sizes, end) = reassemble_timed(ws, stream).await;
+    (bytes, sizes.len(), end)
+}
+
+/// `reassemble`, with each chunk's `ts` (ms, stamped when the server published it) and size.
+async fn reassemble_timed(ws: &mut Ws, stream: &str) -> (Vec<u8>, Vec<(u64, usize)>, Value) {
     let mut bytes = Vec::new();
-    let mut chunks = 0;
+    let mut chunks = Vec::new();
     loop {
         let v = recv_any(ws).await;
         match v["event"].as_str() {
@@ -128,7 +132,7 @@ async fn reassemble(ws: &mut Ws, stream: &str) -> (Vec<u8>, usize, Value) {
                     "chunk ends inside an escape: {text:?}"
                 );
                 bytes.extend_from_slice(text.as_bytes());
-                chunks += 1;
+                chunks.push((v["ts"].as_u64().unwrap(), text.len()));
             }
             _ => panic!("unexpected frame {v}"),
         }
@@ -205,9 +209,7 @@ async fn five_megabytes_of_coloured_utf8_reach_two_readers_byte_identical() {
 }
 
 async fn reader_msgpack(server: &Server, path_and_query: &str) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.url(path_and_query))
-        .await
-        .unwrap();
+    let (mut ws, _) = ws_connect(server.url(path_and_query)).await.unwrap();
     assert_eq!(recv_any(&mut ws).await["type"], "welcome");
     assert_eq!(recv_any(&mut ws).await["type"], "subscribed");
     ws
@@ -281,10 +283,73 @@ async fn the_throughput_cap_slows_the_producer_and_loses_nothing() {
     let (status, answer) = producer.finish().await;
     let took = started.elapsed();
     assert_eq!(status, 200, "{answer}");
-    let (bytes, _, _) = reassemble(&mut ws, "stdout").await;
+    let (bytes, chunks, _) = reassemble_timed(&mut ws, "stdout").await;
     assert!(bytes == output);
-    // 600 kB at 200 kB/s with at most one second's worth at once: at least 2 s.
-    assert!(took >= Duration::from_millis(1900), "took {took:?}");
+    let burst = worst_burst(&chunks, 200_000);
+    eprintln!("200 kB/s: producer answered after {took:?}, worst burst {burst} bytes");
+    // Below 1 MB/s the 250 kB burst is clamped to one second's worth (200 kB): 600 kB take at
+    // least (600 - 200 - one 4 KiB chunk) / 200 s ≈ 1.98 s.
+    assert!(took >= Duration::from_millis(1950), "took {took:?}");
+    assert!(took < Duration::from_millis(3500), "took {took:?}");
+    // 200 kB + one chunk, 1 ms of timestamp granularity at each end, 50 ms of jitter.
+    assert!(
+        burst <= 200_000 + 4096 + 400 + 10_000,
+        "burst of {burst} bytes"
+    );
+}
+
+/// The most bytes published in any window of chunks beyond what the rate allows for the
+/// window's length: `max over i <= j of sum(bytes i..=j) - rate × (ts_j - ts_i)`. A pacer that
+/// holds bursts to B keeps this at most B plus one chunk (plus clock granularity and jitter).
+fn worst_burst(chunks: &[(u64, usize)], bytes_per_sec: u64) -> u64 {
+    let mut worst = 0i64;
+    for i in 0..chunks.len() {
+        let mut sum = 0i64;
+        for &(ts, n) in &chunks[i..] {
+            sum += n as i64;
+            let allowed = (ts - chunks[i].0) as i64 * bytes_per_sec as i64 / 1000;
+            worst = worst.max(sum - allowed);
+        }
+    }
+    worst as u64
+}
+
+#[tokio::test]
+async fn the_default_cap_allows_a_quarter_second_burst_then_1_mb_per_second() {
+    // The default cap: 1,000,000 bytes/s, bursts up to 250 kB (a quarter second's worth).
+    let server = Server::start();
+    let t = token(json!({"sub": "dev", "projects": ["p"]}));
+    let mut ws = reader(&server, &format!("/ws/terminal/td?token={t}")).await;
+    let output = terminal_output(2_000_000);
+    let started = Instant::now();
+    let mut producer = Producer::open(&server, "/api/v1/terminal/td?project_id=p").await;
+    producer.send(&output).await;
+    let (status, answer) = producer.finish().await;
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{answer}");
+    let (bytes, chunks, _) = reassemble_timed(&mut ws, "stdout").await;
+    assert!(bytes == output);
+    let burst = worst_burst(&chunks, 1_000_000);
+    let spread_ms = chunks.last().unwrap().0 - chunks[0].0;
+    eprintln!(
+        "{} bytes in {} chunks: producer answered after {took:?}, chunks published over \
+         {spread_ms} ms, worst burst {burst} bytes",
+        output.len(),
+        chunks.len()
+    );
+    // The rate: everything past the burst at 1 MB/s, so at least (2.0 - 0.25 - one chunk) s.
+    // A one-second burst would be done in 1 s, no pacing in a few ms.
+    assert!(took >= Duration::from_millis(1700), "took {took:?}");
+    assert!(spread_ms >= 1700, "published over {spread_ms} ms");
+    // Not slower than the cap by more than a loaded machine's scheduling can explain.
+    assert!(took < Duration::from_millis(3000), "took {took:?}");
+    // The burst, seen in the server's own publish times: 250 kB + one 4 KiB chunk, plus 1 ms
+    // of timestamp granularity at each end (2 kB) and 50 ms of scheduling jitter (50 kB). A
+    // one-second burst would show about 1 MB here.
+    assert!(
+        burst <= 250_000 + 4096 + 2_000 + 50_000,
+        "burst of {burst} bytes"
+    );
 }
 
 #[tokio::test]
@@ -292,14 +357,14 @@ async fn output_reaches_only_readers_of_its_project() {
     let server = Server::start();
     let outsider = token(json!({"sub": "o", "projects": ["other"]}));
     // Naming the project up front: refused at once.
-    let refused = tokio_tungstenite::connect_async(server.url(&format!(
+    let (status, body) = refused_handshake(server.url(&format!(
         "/ws/terminal/tg?token={outsider}&project_id=secret"
     )))
     .await;
-    match refused {
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
-        other => panic!("expected 403, got {other:?}"),
-    }
+    assert_eq!(
+        (status, body.as_str()),
+        (403, r#"{"error":"not allowed to see project secret"}"#)
+    );
     // Without naming it: subscribed, but the output never arrives.
     let mut ws = reader(&server, &format!("/ws/terminal/tg?token={outsider}")).await;
     let mut producer = Producer::open(&server, "/api/v1/terminal/tg?project_id=secret").await;
@@ -373,7 +438,10 @@ async fn producers_are_checked_and_a_dropped_producer_ends_the_stream() {
     producer.send(b"hello").await;
     producer.stream.write_all(b"zz\r\n").await.unwrap();
     let mut answer = String::new();
-    producer.stream.read_to_string(&mut answer).await.unwrap();
+    tokio::time::timeout(WAIT, producer.stream.read_to_string(&mut answer))
+        .await
+        .expect("the producer is answered and closed")
+        .unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert_eq!(recv_json(&mut ws).await["data"]["text"], "hello");
     let end = recv_json(&mut ws).await;

@@ -27,7 +27,7 @@ fn signed(alg: Algorithm, kid: Option<&str>, private: &str, claims: Value) -> St
 
 async fn status_of(server: &Server, token: &str) -> (u16, String) {
     let url = server.url(&format!("/ws?channels=project:p1&token={token}"));
-    match tokio_tungstenite::connect_async(url).await {
+    match ws_connect(url).await {
         Ok(_) => (101, String::new()),
         Err(WsError::Http(resp)) => (
             resp.status().as_u16(),

@@ -10,6 +10,13 @@ import urllib.request
 import msgpack
 import websockets
 
+
+def check(ok, *what):
+    """An explicit check: unlike `assert`, it holds under `python -O` / PYTHONOPTIMIZE."""
+    if not ok:
+        raise SystemExit("check failed: " + " ".join(repr(w) for w in what))
+
+
 ADDR, TOKEN, API_KEY = sys.argv[1], sys.argv[2], sys.argv[3]
 
 
@@ -29,18 +36,19 @@ async def main():
     for _ in range(2):
         json.loads(await asyncio.wait_for(j.recv(), 10))
     welcome = msgpack.unpackb(await asyncio.wait_for(m.recv(), 10))
-    assert welcome["type"] == "welcome" and welcome["encoding"] == "messagepack", welcome
-    assert msgpack.unpackb(await asyncio.wait_for(m.recv(), 10))["type"] == "subscribed"
+    check(welcome["type"] == "welcome" and welcome["encoding"] == "messagepack", welcome)
+    sub = msgpack.unpackb(await asyncio.wait_for(m.recv(), 10))
+    check(sub["type"] == "subscribed", sub)
     publish([{"channel": "project:py", "event": "agent:status",
               "data": {"agent_id": "a1", "old_status": "idle", "new_status": "working", "n": i}}
              for i in range(20)])
     for i in range(20):
         a = json.loads(await asyncio.wait_for(j.recv(), 10))
         raw = await asyncio.wait_for(m.recv(), 10)
-        assert isinstance(raw, bytes), "MessagePack comes in binary frames"
+        check(isinstance(raw, bytes), "MessagePack comes in binary frames")
         b = msgpack.unpackb(raw)
-        assert a == b, (a, b)
-        assert b["data"]["n"] == i
+        check(a == b, (a, b))
+        check(b["data"]["n"] == i, i, b)
     await j.close()
     await m.close()
     print("python msgpack client: all checks passed")

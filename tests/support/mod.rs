@@ -11,7 +11,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::client::Response as HandshakeResponse;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const SECRET: &str = "test-secret-0123456789abcdef";
@@ -79,26 +80,30 @@ impl Server {
         }
         configure(&mut cmd);
         let mut child = cmd.spawn().expect("start ringcast");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        let addr = loop {
-            line.clear();
-            if stdout.read_line(&mut line).unwrap() == 0 {
+        // Read stdout on a thread so that a server that never says where it listens fails the
+        // test after WAIT instead of hanging it; the thread keeps draining stdout afterwards so
+        // the server never blocks on a full pipe.
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if let Some(addr) = line.trim().strip_prefix("listening on ") {
+                    let _ = addr_tx.send(addr.parse().unwrap());
+                }
+            }
+        });
+        let addr = match addr_rx.recv_timeout(WAIT) {
+            Ok(addr) => addr,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
                 panic!("ringcast exited before listening: {err}");
             }
-            if let Some(addr) = line.trim().strip_prefix("listening on ") {
-                break addr.parse().unwrap();
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("ringcast did not say where it listens within {WAIT:?}");
             }
         };
-        // Keep draining stdout/stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in stdout.lines() {});
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -122,6 +127,23 @@ impl Server {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .expect("VmRSS in /proc/<pid>/status")
+    }
+
+    /// The server's peak resident memory (VmHWM), KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
+    }
+
+    /// Resets the peak (VmHWM) to the current RSS; returns that RSS, KiB.
+    pub fn reset_peak_rss(&self) -> u64 {
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5")
+            .expect("write 5 to /proc/<pid>/clear_refs");
+        self.rss_kib()
     }
 
     pub fn url(&self, path_and_query: &str) -> String {
@@ -221,6 +243,34 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (u16, String, Str
     (status, head.to_string(), body.to_string())
 }
 
+/// The lines of a child's output, read on a thread so that waiting for one is bounded.
+pub struct TimedLines(std::sync::mpsc::Receiver<String>);
+
+impl TimedLines {
+    pub fn new(out: impl Read + Send + 'static) -> TimedLines {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        TimedLines(rx)
+    }
+
+    /// The next line; None at the end of the output; panics after WAIT without one.
+    pub fn next_line(&self) -> Option<String> {
+        match self.0.recv_timeout(WAIT) {
+            Ok(line) => Some(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("no output line within {WAIT:?}")
+            }
+        }
+    }
+}
+
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -243,12 +293,46 @@ pub fn admin_token() -> String {
 /// Connects and returns the socket and its `welcome` frame (after which every channel of the
 /// query is subscribed).
 pub async fn connect(server: &Server, query: &str) -> (Ws, Value) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.url(&format!("/ws?{query}")))
+    let (mut ws, _) = ws_connect(server.url(&format!("/ws?{query}")))
         .await
         .unwrap_or_else(|e| panic!("connect {query}: {e}"));
     let welcome = recv_json(&mut ws).await;
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     (ws, welcome)
+}
+
+/// A WebSocket handshake (tokio-tungstenite's `connect_async`) that must be answered within
+/// WAIT: a server that accepts and then says nothing fails the test instead of hanging it.
+pub async fn ws_connect<R>(request: R) -> Result<(Ws, HandshakeResponse), WsError>
+where
+    R: tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+{
+    tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("the handshake answered within the wait bound")
+}
+
+/// A handshake that must be refused with an HTTP status: (status, body). Panics if it is
+/// accepted or fails any other way (a reset, a timeout, a bad answer).
+pub async fn refused_handshake<R>(request: R) -> (u16, String)
+where
+    R: tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+{
+    match ws_connect(request).await {
+        Ok((_, resp)) => panic!(
+            "handshake accepted ({}), a refusal was expected",
+            resp.status()
+        ),
+        Err(WsError::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).to_string())
+                .unwrap_or_default();
+            (resp.status().as_u16(), body)
+        }
+        Err(e) => panic!("handshake failed without an HTTP status: {e}"),
+    }
 }
 
 /// The next text frame as JSON (pings are answered by tungstenite on read).
@@ -376,7 +460,8 @@ impl RawWs {
             let mut chunk = [0u8; 65536];
             let n = match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
                 Ok(Ok(n)) => n,
-                Ok(Err(_)) => 0,
+                // A reset is not a close: it may have eaten frames the server sent.
+                Ok(Err(e)) => panic!("the server reset the connection ({e}) instead of closing it"),
                 Err(_) => panic!("no frame within the wait bound"),
             };
             if n == 0 {
@@ -398,8 +483,13 @@ impl RawWs {
         }
     }
 
-    /// Reads until the server's close frame and returns its code; asserts the server then
-    /// closes the TCP connection too.
+    /// Reads until the server's close frame and returns its code, then asserts the server ends
+    /// the TCP connection cleanly: EOF (a FIN) within WAIT, nothing after the close frame, and
+    /// no reset. It does not answer the close: after a protocol error (what the callers test)
+    /// the server fails the connection at once, and an answer racing its close would be
+    /// unread input there (a reset that is the test's doing, not the server's). A server that
+    /// waits for the answer instead cuts the socket after its 2 s grace, which passes too; to
+    /// answer, use `answer_close` and `expect_eof`.
     pub async fn recv_close_code(&mut self) -> u16 {
         loop {
             let f = self
@@ -407,17 +497,86 @@ impl RawWs {
                 .await
                 .expect("a close frame before the TCP close");
             if f.opcode == 0x8 {
-                let code = f.close_code().unwrap_or(1005);
-                // Answer like a client would, then expect EOF.
-                let echo = ringcast::proto::ws::codec::testing::client_frame(
-                    true,
-                    0x8,
-                    &code.to_be_bytes(),
-                    [1, 2, 3, 4],
-                );
-                // The server may already have closed the socket after a protocol error.
-                let _ = self.stream.write_all(&echo).await;
-                return code;
+                self.expect_eof().await;
+                return f.close_code().unwrap_or(1005);
+            }
+        }
+    }
+
+    /// Sends the client's close frame with `code`, as a client answers the server's.
+    pub async fn answer_close(&mut self, code: u16) {
+        let echo = ringcast::proto::ws::codec::testing::client_frame(
+            true,
+            0x8,
+            &code.to_be_bytes(),
+            [1, 2, 3, 4],
+        );
+        // If the server has already closed, the write may fail; `expect_eof`'s read then says
+        // whether the connection ended with a FIN or a reset.
+        let _ = self.stream.write_all(&echo).await;
+    }
+
+    /// Asserts the server ends the TCP connection with a FIN within WAIT: reading gives EOF,
+    /// not a reset (ECONNRESET) and not more bytes.
+    pub async fn expect_eof(&mut self) {
+        assert!(
+            self.buf.is_empty(),
+            "bytes after the close frame: {:?}",
+            self.buf
+        );
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => panic!("{n} bytes after the close frame: {:?}", &chunk[..n]),
+            Ok(Err(e)) => panic!("the TCP connection ended with a reset ({e}), not a FIN"),
+            Err(_) => panic!("the server did not close the TCP connection within {WAIT:?}"),
+        }
+    }
+
+    /// Keeps writing `frame` (whole frames, as fast as the socket takes them) while reading
+    /// server frames, until the server's close frame; returns the frames before it and the
+    /// close frame. Panics if a write or read fails on the way (the server reset the socket
+    /// while the client was still sending).
+    pub async fn recv_close_while_sending(&mut self, frame: &[u8]) -> (Vec<RawFrame>, RawFrame) {
+        let block: Vec<u8> = frame.repeat((16384 / frame.len()).max(1));
+        let mut at = 0;
+        let mut before = Vec::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            while let Some((f, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                if f.opcode == 0x8 {
+                    // Finish the frame being written so the server can parse what follows.
+                    self.stream
+                        .write_all(&block[at..])
+                        .await
+                        .unwrap_or_else(|e| {
+                            panic!("writing after the close frame failed ({e}): a reset, not a FIN")
+                        });
+                    return (before, f);
+                }
+                before.push(f);
+            }
+            tokio::select! {
+                r = self.stream.readable() => {
+                    r.unwrap();
+                    let mut chunk = [0u8; 65536];
+                    match self.stream.try_read(&mut chunk) {
+                        Ok(0) => panic!("the server closed the TCP connection before its close frame"),
+                        Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => panic!("the server reset the connection ({e}) while the client was sending"),
+                    }
+                }
+                w = self.stream.writable() => {
+                    w.unwrap();
+                    match self.stream.try_write(&block[at..]) {
+                        Ok(n) => at = (at + n) % block.len(),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => panic!("writing failed ({e}): the server reset the connection while the client was sending"),
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => panic!("no close frame within {WAIT:?}"),
             }
         }
     }
