@@ -21,6 +21,7 @@ use ringcast::runtime::worker::{self, Driver, Handler};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    disable_transparent_huge_pages();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -109,6 +110,17 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
 /// One socket is one open file: lift the soft limit to the hard one (systemd and shells often
 /// start services at 1024 soft).
+/// Freed memory must leave the process: with transparent huge pages the kernel folds the few
+/// pages still in use of each 2 MiB range back into a whole huge page (khugepaged, every 10 s),
+/// so RSS grew again after the state of a million channels had been freed. A failure (old
+/// kernel) only costs that.
+fn disable_transparent_huge_pages() {
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 fn raise_open_file_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -170,7 +182,18 @@ fn settings(config: &Config) -> Settings {
         compress_over: config.compress_over,
         terminal_max_bytes_per_sec: config.terminal_max_bytes_per_sec,
         ack_max_sends: config.ack_max_sends,
+        release_memory,
     }
+}
+
+/// `Settings::release_memory` for mimalloc, the global allocator above.
+fn release_memory(all: bool) {
+    extern "C" {
+        /// mimalloc's `void mi_collect(bool force)`, in the library `mimalloc` links.
+        fn mi_collect(force: bool);
+    }
+    // SAFETY: mi_collect takes a plain bool and acts on the calling thread's heap.
+    unsafe { mi_collect(all) }
 }
 
 fn random_secret() -> String {

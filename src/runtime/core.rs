@@ -59,6 +59,9 @@ pub struct Settings {
     pub ack_timeout: Duration,
     /// ...until it has been sent this many times.
     pub ack_max_sends: u32,
+    /// Asks the process's allocator to give this thread's free memory back to the OS
+    /// (`true`: all of it now, not only what has been free for a while).
+    pub release_memory: fn(bool),
 }
 
 /// Node-wide counters (relaxed atomics: for metrics, not for logic).
@@ -68,6 +71,8 @@ pub struct Stats {
     pub connections_total: AtomicU64,
     pub published: AtomicU64,
     pub frames_queued: AtomicU64,
+    /// Channel states the owner cores hold (each core adds its change once a second).
+    pub channels: AtomicUsize,
 }
 
 /// State shared by all cores.

@@ -10,6 +10,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -184,6 +185,7 @@ async fn sweep_loop(core: Rc<Core>) {
     let ping = core.shared.settings.heartbeat.ping_interval;
     let tick = (ping / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut last_evict = Instant::now();
+    let mut channels = ChannelSweep::default();
     loop {
         monoio::time::sleep(tick).await;
         let now = Instant::now();
@@ -193,8 +195,46 @@ async fn sweep_loop(core: Rc<Core>) {
             conn.tick(now, unix_secs, &core);
         }
         if now.duration_since(last_evict) >= Duration::from_secs(1) {
-            core.sequencer.borrow_mut().evict(now_ms());
+            channels.run(&core);
             last_evict = now;
+        }
+    }
+}
+
+/// The once-a-second part of the sweep: ages out replay history (freeing idle channels),
+/// reports this core's channel count, and gives freed memory back to the OS.
+#[derive(Default)]
+struct ChannelSweep {
+    /// This core's share of `stats.channels`.
+    reported: usize,
+    /// The node's channel count at this core's previous sweep.
+    node_before: usize,
+    /// Sweeps left that release memory.
+    releases: u8,
+}
+
+impl ChannelSweep {
+    fn run(&mut self, core: &Core) {
+        let count = {
+            let mut sequencer = core.sequencer.borrow_mut();
+            sequencer.evict(now_ms());
+            sequencer.channel_count()
+        };
+        let gauge = &core.shared.stats.channels;
+        gauge.fetch_add(count, Ordering::Relaxed);
+        gauge.fetch_sub(self.reported, Ordering::Relaxed);
+        self.reported = count;
+        // The allocator returns freed pages lazily, when its thread next asks it to, and a
+        // core that has gone quiet never does: while channels are freed anywhere on the node
+        // (their names and frames may come from any core), and once more after, thoroughly.
+        let node = gauge.load(Ordering::Relaxed);
+        if node < self.node_before {
+            self.releases = 2;
+        }
+        self.node_before = node;
+        if self.releases > 0 {
+            self.releases -= 1;
+            (core.shared.settings.release_memory)(self.releases == 0);
         }
     }
 }
