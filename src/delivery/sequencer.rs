@@ -66,15 +66,43 @@ impl ChannelState {
     }
 }
 
+/// When a queued channel's oldest ring entry ages out. Ordered by that time alone: names are
+/// never compared.
+#[derive(Debug)]
+struct Due {
+    at_ms: u64,
+    channel: Arc<str>,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        self.at_ms == other.at_ms
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.at_ms.cmp(&other.at_ms)
+    }
+}
+
 /// All channels one core owns.
 #[derive(Debug)]
 pub struct Sequencer {
     cores: usize,
     bounds: RingBounds,
     channels: HashMap<Arc<str>, ChannelState>,
-    /// (when the oldest ring entry ages out, channel): one entry per queued channel, so an
-    /// eviction pass touches only channels whose history is due, not every channel.
-    expiry: BinaryHeap<Reverse<(u64, Arc<str>)>>,
+    /// One entry per queued channel, soonest first, so an eviction pass touches only channels
+    /// whose history is due, not every channel.
+    expiry: BinaryHeap<Reverse<Due>>,
     /// Per slot of a channel name's hash: the highest last seq of a channel freed there.
     freed_seq: Box<[u64]>,
     slot_hasher: RandomState,
@@ -173,8 +201,8 @@ impl Sequencer {
             state.ring.push(delivery, now_ms);
             if !state.queued {
                 state.queued = true;
-                let due = state.ring.expires_at_ms().expect("just pushed");
-                self.expiry.push(Reverse((due, channel)));
+                let at_ms = state.ring.expires_at_ms().expect("just pushed");
+                self.expiry.push(Reverse(Due { at_ms, channel }));
             }
         }
         seq
@@ -221,24 +249,34 @@ impl Sequencer {
     }
 
     /// Ages out the replay entries that are due and frees the channels left idle (call now and
-    /// then, not per message). Touches only channels whose oldest entry is due.
-    pub fn evict(&mut self, now_ms: u64) {
-        while let Some(Reverse((due, _))) = self.expiry.peek() {
-            if *due > now_ms {
-                break;
+    /// then, not per message). Touches only channels whose oldest entry is due, at most
+    /// `budget` of them (a million names expiring together need not stall the core at once);
+    /// returns whether more are due.
+    pub fn evict(&mut self, now_ms: u64, budget: usize) -> bool {
+        for _ in 0..budget {
+            match self.expiry.peek() {
+                Some(Reverse(due)) if due.at_ms <= now_ms => {}
+                _ => break,
             }
-            let Reverse((_, channel)) = self.expiry.pop().expect("peeked");
+            let Reverse(Due { channel, .. }) = self.expiry.pop().expect("peeked");
             let Some(state) = self.channels.get_mut(&channel) else {
                 continue;
             };
             state.ring.evict(now_ms);
             match state.ring.expires_at_ms() {
-                Some(due) => self.expiry.push(Reverse((due, channel))),
+                Some(at_ms) => self.expiry.push(Reverse(Due { at_ms, channel })),
                 None => {
                     state.queued = false;
                     self.free_if_idle(&channel);
                 }
             }
+        }
+        if self
+            .expiry
+            .peek()
+            .is_some_and(|Reverse(due)| due.at_ms <= now_ms)
+        {
+            return true;
         }
         // Capacity never shrinks by itself: give back the space of a mostly empty map.
         if self.channels.capacity() > MIN_CAPACITY.max(4 * self.channels.len()) {
@@ -247,6 +285,7 @@ impl Sequencer {
         if self.expiry.capacity() > MIN_CAPACITY.max(4 * self.expiry.len()) {
             self.expiry.shrink_to(2 * self.expiry.len());
         }
+        false
     }
 }
 
@@ -354,11 +393,11 @@ mod tests {
         let mut s = Sequencer::new(2, bounds(1000));
         s.publish(publication("a", false), 0, |_, _| {});
         s.publish(publication("a", false), 400, |_, _| {});
-        s.evict(1000);
+        s.evict(1000, usize::MAX);
         assert_eq!(s.channel_count(), 1, "history left");
-        s.evict(1001);
+        s.evict(1001, usize::MAX);
         assert_eq!(s.channel_count(), 1, "seq 2 is still young");
-        s.evict(1401);
+        s.evict(1401, usize::MAX);
         assert_eq!(s.channel_count(), 0);
         assert_eq!(s.publish(publication("a", false), 2000, |_, _| {}), 3);
     }
@@ -384,7 +423,7 @@ mod tests {
         let mut hit = 0;
         s.publish(publication("terminal:t", true), 0, |_, _| hit += 1);
         s.publish(publication("terminal:t", false), 0, |_, _| hit += 1);
-        s.evict(10_000);
+        s.evict(10_000, usize::MAX);
         assert_eq!((s.channel_count(), hit), (1, 2));
         s.unsubscribe("terminal:t", 1);
         assert_eq!(s.channel_count(), 0);
@@ -398,7 +437,7 @@ mod tests {
         for _ in 0..3 {
             s.publish(publication("req:1", false), 0, |_, _| {});
         }
-        s.evict(5000);
+        s.evict(5000, usize::MAX);
         assert_eq!(s.channel_count(), 0);
         assert_eq!(s.publish(publication("req:1", false), 6000, |_, _| {}), 4);
         s.publish(publication("req:1", false), 6000, |_, _| {});
@@ -427,7 +466,7 @@ mod tests {
                 s.publish(Publication::new(name.clone(), "e", "1"), 0, |_, _| {});
             }
         }
-        s.evict(5000);
+        s.evict(5000, usize::MAX);
         assert_eq!(s.channel_count(), 0);
         let mut jumped = 0;
         for (i, name) in names.iter().enumerate() {
@@ -471,12 +510,25 @@ mod tests {
             s.unsubscribe(ch, 0);
         }
         let grown = s.channels.capacity();
-        s.evict(5000);
+        assert!(!s.evict(5000, usize::MAX));
         assert_eq!((s.channel_count(), s.expiry.len()), (0, 0));
         assert!(
             s.channels.capacity() < grown / 4,
             "{grown} → {}",
             s.channels.capacity()
         );
+    }
+
+    #[test]
+    fn an_eviction_pass_stops_at_its_budget() {
+        let mut s = Sequencer::new(1, bounds(1000));
+        for i in 0..5 {
+            s.publish(publication(&format!("c{i}"), false), 0, |_, _| {});
+        }
+        assert!(s.evict(5000, 3), "more are due");
+        assert_eq!(s.channel_count(), 2);
+        assert!(!s.evict(5000, 3));
+        assert_eq!(s.channel_count(), 0);
+        assert!(!s.evict(5000, 3), "nothing due");
     }
 }

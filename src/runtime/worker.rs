@@ -195,7 +195,7 @@ async fn sweep_loop(core: Rc<Core>) {
             conn.tick(now, unix_secs, &core);
         }
         if now.duration_since(last_evict) >= Duration::from_secs(1) {
-            channels.run(&core);
+            channels.run(&core).await;
             last_evict = now;
         }
     }
@@ -214,12 +214,15 @@ struct ChannelSweep {
 }
 
 impl ChannelSweep {
-    fn run(&mut self, core: &Core) {
-        let count = {
-            let mut sequencer = core.sequencer.borrow_mut();
-            sequencer.evict(now_ms());
-            sequencer.channel_count()
-        };
+    /// Channels freed per turn of the core: the rest of the core runs in between.
+    const BUDGET: usize = 20_000;
+
+    async fn run(&mut self, core: &Core) {
+        let now = now_ms();
+        while core.sequencer.borrow_mut().evict(now, Self::BUDGET) {
+            yield_now().await;
+        }
+        let count = core.sequencer.borrow().channel_count();
         let gauge = &core.shared.stats.channels;
         gauge.fetch_add(count, Ordering::Relaxed);
         gauge.fetch_sub(self.reported, Ordering::Relaxed);
