@@ -26,8 +26,7 @@ async fn channel_states(server: &Server) -> u64 {
         .unwrap_or_else(|| panic!("ringcast_channels in {metrics}"))
 }
 
-/// Waits (bounded) until the node has reported holding channel states and then none. The
-/// gauge is updated once a second, so a fresh state is not seen at once.
+/// Waits (bounded) until the node has reported holding channel states and then none.
 async fn await_all_freed(server: &Server, within: Duration) {
     let deadline = Instant::now() + within;
     let mut seen = false;

@@ -418,7 +418,7 @@ async fn last_event_id_resumes_exactly_across_a_forgotten_channel() {
     assert!(last_id.ends_with(":2"), "{last_id}");
     drop(sse);
 
-    // `ringcast_channels` is reported once a second: wait to see the channel, then none.
+    // History ages out (1 s) and nobody subscribes: the state is freed.
     let deadline = std::time::Instant::now() + WAIT;
     let mut seen = false;
     loop {

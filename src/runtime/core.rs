@@ -71,7 +71,7 @@ pub struct Stats {
     pub connections_total: AtomicU64,
     pub published: AtomicU64,
     pub frames_queued: AtomicU64,
-    /// Channel states the owner cores hold (each core adds its change once a second).
+    /// Channel states the owner cores hold (each core adds its changes as it makes them).
     pub channels: AtomicUsize,
 }
 
@@ -196,6 +196,8 @@ pub struct Core {
     pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
     next_conn: Cell<u64>,
     next_sub: Cell<u64>,
+    /// This core's share of `stats.channels`.
+    channels_reported: Cell<usize>,
     /// This core's share of the node-wide outbound rate limit.
     pub bucket: RefCell<Bucket>,
     /// Admin changes per user, the same on every core (each command reaches all of them).
@@ -220,6 +222,7 @@ impl Core {
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
             next_sub: Cell::new(0),
+            channels_reported: Cell::new(0),
             bucket: RefCell::new(Bucket::new(node_share)),
             overrides: RefCell::new(HashMap::new()),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
@@ -460,6 +463,8 @@ impl Core {
                         (index, seq)
                     })
                     .collect::<Vec<_>>();
+                drop(sequencer);
+                self.report_channels();
                 self.shared
                     .stats
                     .published
@@ -479,6 +484,7 @@ impl Core {
                     .sequencer
                     .borrow_mut()
                     .subscribe(&channel, core, resume, now_ms());
+                self.report_channels();
                 let ack = MeshMsg::SubscribeAck {
                     channel,
                     conn,
@@ -494,7 +500,8 @@ impl Core {
                 ack,
             } => self.activate(channel, conn, sub, ack),
             MeshMsg::Unsubscribe { channel, core } => {
-                self.sequencer.borrow_mut().unsubscribe(&channel, core)
+                self.sequencer.borrow_mut().unsubscribe(&channel, core);
+                self.report_channels();
             }
             MeshMsg::Admin { cmd, reply } => {
                 let _ = reply.send(self.admin(&cmd));
@@ -506,6 +513,19 @@ impl Core {
             }
             MeshMsg::Drain => self.drain(),
             MeshMsg::ForceClose => self.force_close(),
+        }
+    }
+
+    /// Brings this core's share of the node's channel gauge up to date (a write only when the
+    /// count changed).
+    pub fn report_channels(&self) {
+        let count = self.sequencer.borrow().channel_count();
+        let before = self.channels_reported.replace(count);
+        let gauge = &self.shared.stats.channels;
+        if count > before {
+            gauge.fetch_add(count - before, Ordering::Relaxed);
+        } else if count < before {
+            gauge.fetch_sub(before - count, Ordering::Relaxed);
         }
     }
 

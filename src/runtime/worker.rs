@@ -201,12 +201,10 @@ async fn sweep_loop(core: Rc<Core>) {
     }
 }
 
-/// The once-a-second part of the sweep: ages out replay history (freeing idle channels),
-/// reports this core's channel count, and gives freed memory back to the OS.
+/// The once-a-second part of the sweep: ages out replay history (freeing idle channels) and
+/// gives freed memory back to the OS.
 #[derive(Default)]
 struct ChannelSweep {
-    /// This core's share of `stats.channels`.
-    reported: usize,
     /// The node's channel count at this core's previous sweep.
     node_before: usize,
     /// Sweeps left that release memory.
@@ -222,11 +220,8 @@ impl ChannelSweep {
         while core.sequencer.borrow_mut().evict(now, Self::BUDGET) {
             yield_now().await;
         }
-        let count = core.sequencer.borrow().channel_count();
+        core.report_channels();
         let gauge = &core.shared.stats.channels;
-        gauge.fetch_add(count, Ordering::Relaxed);
-        gauge.fetch_sub(self.reported, Ordering::Relaxed);
-        self.reported = count;
         // The allocator returns freed pages lazily, when its thread next asks it to, and a
         // core that has gone quiet never does: while channels are freed anywhere on the node
         // (their names and frames may come from any core), and once more after, thoroughly.
