@@ -21,6 +21,7 @@ use ringcast::runtime::worker::{self, Driver, Handler};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    disable_transparent_huge_pages();
     let level = match log_level(std::env::var("RINGCAST_LOG").ok().as_deref()) {
         Ok(level) => level,
         Err(e) => {
@@ -166,6 +167,17 @@ fn listen_error(addr: std::net::SocketAddr, e: &std::io::Error) -> String {
     }
 }
 
+/// Freed memory must leave the process: with transparent huge pages the kernel folds the few
+/// pages still in use of each 2 MiB range back into a whole huge page (khugepaged, every 10 s),
+/// so RSS grew again after the state of a million channels had been freed. A failure (old
+/// kernel) only costs that.
+fn disable_transparent_huge_pages() {
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 /// One socket is one open file: lift the soft limit to the hard one (systemd and shells often
 /// start services at 1024 soft). Returns the limit in force.
 fn raise_open_file_limit() -> u64 {
@@ -232,7 +244,18 @@ fn settings(config: &Config) -> Settings {
         terminal_max_bytes_per_sec: config.terminal_max_bytes_per_sec,
         ack_max_sends: config.ack_max_sends,
         edge: config.edge,
+        release_memory,
     }
+}
+
+/// `Settings::release_memory` for mimalloc, the global allocator above.
+fn release_memory(all: bool) {
+    extern "C" {
+        /// mimalloc's `void mi_collect(bool force)`, in the library `mimalloc` links.
+        fn mi_collect(force: bool);
+    }
+    // SAFETY: mi_collect takes a plain bool and acts on the calling thread's heap.
+    unsafe { mi_collect(all) }
 }
 
 fn random_secret() -> String {

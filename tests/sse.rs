@@ -400,3 +400,44 @@ fn curl_follows_a_stream() {
     let _ = curl.kill();
     let _ = curl.wait();
 }
+
+/// A channel the server forgot while the stream was away (history aged out, nobody
+/// subscribed) and that was published to again: `Last-Event-ID` still resumes it exactly.
+#[tokio::test]
+async fn last_event_id_resumes_exactly_across_a_forgotten_channel() {
+    let server = Server::start_with(&[("RINGCAST_REPLAY_MAX_AGE_SECS", "1")]);
+    let t = token(json!({"sub": "u1", "channels": ["req:*"]}));
+    let q = format!("/events?channels=req:s1&token={t}");
+    let mut sse = Sse::connect(&server, &q, "").await;
+    sse.opened(1).await;
+    server.publish_one("req:s1", "e", json!(1)).await;
+    server.publish_one("req:s1", "e", json!(2)).await;
+    sse.data().await;
+    let last_id = sse.data().await.id.expect("an id");
+    assert!(last_id.ends_with(":2"), "{last_id}");
+    drop(sse);
+
+    // History ages out (1 s) and nobody subscribes: the state is freed.
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut seen = false;
+    loop {
+        let (_, _, metrics) = server.http("GET", "/metrics", &[], "").await;
+        let held = !metrics.contains("ringcast_channels 0\n");
+        seen |= held;
+        if seen && !held {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    assert_eq!(server.publish_one("req:s1", "e", json!(3)).await, 3);
+    let mut back = Sse::connect(&server, &q, &format!("Last-Event-ID: {last_id}\r\n")).await;
+    back.opened(1).await;
+    let third = back.data().await;
+    assert_eq!(third.json()["seq"], 3, "{:?}", third.data);
+    assert!(third.id.unwrap().ends_with(":3"));
+    let replayed = back.data().await.json();
+    assert_eq!(replayed["type"], "replayed");
+    assert_eq!(replayed["recovered"], true, "{replayed}");
+}

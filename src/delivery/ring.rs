@@ -3,7 +3,8 @@
 //! Invariant: entries are in strictly rising seq order, at most `max_messages` of them and none
 //! older than `max_age_ms` once `evict` has run; `evicted_upto` is the highest seq ever dropped,
 //! so a resume from seq N is exact iff N >= `evicted_upto` (ephemeral messages never enter the
-//! ring, so gaps of theirs are not losses).
+//! ring, so gaps of theirs are not losses). A ring that continues an earlier one starts with
+//! `evicted_upto` at that one's last seq: everything up to there counts as lost.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -50,10 +51,15 @@ pub struct Ring {
 
 impl Ring {
     pub fn new(bounds: RingBounds) -> Self {
+        Ring::continuing(bounds, 0)
+    }
+
+    /// A ring for a channel whose earlier messages, up to seq `after`, are all gone.
+    pub fn continuing(bounds: RingBounds, after: u64) -> Self {
         Ring {
             bounds,
             entries: VecDeque::new(),
-            evicted_upto: 0,
+            evicted_upto: after,
         }
     }
 
@@ -81,6 +87,20 @@ impl Ring {
             self.evicted_upto = front.delivery.seq;
             self.entries.pop_front();
         }
+        if self.entries.is_empty() && self.entries.capacity() > 0 {
+            // A quiet channel that is kept (it has subscribers) holds no space for old entries.
+            self.entries = VecDeque::new();
+        }
+    }
+
+    /// When the oldest kept message passes the age bound (`None`: nothing kept).
+    pub fn expires_at_ms(&self) -> Option<u64> {
+        let oldest = self.entries.front()?.at_ms;
+        Some(
+            oldest
+                .saturating_add(self.bounds.max_age_ms)
+                .saturating_add(1),
+        )
     }
 
     /// Every kept message after `since`, given that the channel's latest seq is `last_seq`.
@@ -192,6 +212,32 @@ mod tests {
         let out = r.replay(0, 4, 0); // seq 4 ephemeral too
         assert!(out.recovered);
         assert_eq!(seqs(&out), vec![1, 3]);
+    }
+
+    #[test]
+    fn a_continuing_ring_counts_the_earlier_seqs_as_lost() {
+        let mut r = Ring::continuing(RingBounds::default(), 5);
+        assert!(
+            !r.replay(4, 5, 0).recovered,
+            "6.. may follow, but 5 is gone"
+        );
+        assert!(r.replay(5, 5, 0).recovered);
+        r.push(delivery(6), 0);
+        assert_eq!(seqs(&r.replay(5, 6, 0)), vec![6]);
+        assert!(!r.replay(3, 6, 0).recovered);
+    }
+
+    #[test]
+    fn expiry_follows_the_oldest_entry_and_frees_the_space() {
+        let mut r = ring(100, 1000);
+        assert_eq!(r.expires_at_ms(), None);
+        r.push(delivery(1), 10);
+        r.push(delivery(2), 500);
+        assert_eq!(r.expires_at_ms(), Some(1011));
+        r.evict(1011);
+        assert_eq!(r.expires_at_ms(), Some(1501));
+        r.evict(1501);
+        assert!(r.is_empty() && r.entries.capacity() == 0);
     }
 
     #[test]

@@ -475,6 +475,9 @@ fn metrics(core: &Core) -> Reply {
          # HELP ringcast_compressed_messages_total Event frames compressed (permessage-deflate), once per message and encoding.\n\
          # TYPE ringcast_compressed_messages_total counter\n\
          ringcast_compressed_messages_total {}\n\
+         # HELP ringcast_channels Channel states held (channels with replay history or subscribers).\n\
+         # TYPE ringcast_channels gauge\n\
+         ringcast_channels {}\n\
          # HELP ringcast_draining 1 while the node drains.\n\
          # TYPE ringcast_draining gauge\n\
          ringcast_draining {}\n",
@@ -483,6 +486,7 @@ fn metrics(core: &Core) -> Reply {
         s.published.load(Ordering::Relaxed),
         s.frames_queued.load(Ordering::Relaxed),
         crate::proto::ws::deflate::compressed_total(),
+        s.channels.load(Ordering::Relaxed),
         u8::from(core.shared.is_draining()),
     );
     Reply {

@@ -62,6 +62,9 @@ pub struct Settings {
     pub ack_timeout: Duration,
     /// ...until it has been sent this many times.
     pub ack_max_sends: u32,
+    /// Asks the process's allocator to give this thread's free memory back to the OS
+    /// (`true`: all of it now, not only what has been free for a while).
+    pub release_memory: fn(bool),
 }
 
 /// Node-wide counters (relaxed atomics: for metrics, not for logic).
@@ -71,6 +74,8 @@ pub struct Stats {
     pub connections_total: AtomicU64,
     pub published: AtomicU64,
     pub frames_queued: AtomicU64,
+    /// Channel states the owner cores hold (each core adds its changes as it makes them).
+    pub channels: AtomicUsize,
 }
 
 /// State shared by all cores.
@@ -197,6 +202,8 @@ pub struct Core {
     pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
     next_conn: Cell<u64>,
     next_sub: Cell<u64>,
+    /// This core's share of `stats.channels`.
+    channels_reported: Cell<usize>,
     /// This core's share of the node-wide outbound rate limit.
     pub bucket: RefCell<Bucket>,
     /// Admin changes per user, the same on every core (each command reaches all of them).
@@ -224,6 +231,7 @@ impl Core {
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
             next_sub: Cell::new(0),
+            channels_reported: Cell::new(0),
             bucket: RefCell::new(Bucket::new(node_share)),
             overrides: RefCell::new(HashMap::new()),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
@@ -466,6 +474,8 @@ impl Core {
                         (index, seq)
                     })
                     .collect::<Vec<_>>();
+                drop(sequencer);
+                self.report_channels();
                 self.shared
                     .stats
                     .published
@@ -485,6 +495,7 @@ impl Core {
                     .sequencer
                     .borrow_mut()
                     .subscribe(&channel, core, resume, now_ms());
+                self.report_channels();
                 let ack = MeshMsg::SubscribeAck {
                     channel,
                     conn,
@@ -500,7 +511,8 @@ impl Core {
                 ack,
             } => self.activate(channel, conn, sub, ack),
             MeshMsg::Unsubscribe { channel, core } => {
-                self.sequencer.borrow_mut().unsubscribe(&channel, core)
+                self.sequencer.borrow_mut().unsubscribe(&channel, core);
+                self.report_channels();
             }
             MeshMsg::Admin { cmd, reply } => {
                 let _ = reply.send(self.admin(&cmd));
@@ -512,6 +524,19 @@ impl Core {
             }
             MeshMsg::Drain => self.drain(),
             MeshMsg::ForceClose => self.force_close(),
+        }
+    }
+
+    /// Brings this core's share of the node's channel gauge up to date (a write only when the
+    /// count changed).
+    pub fn report_channels(&self) {
+        let count = self.sequencer.borrow().channel_count();
+        let before = self.channels_reported.replace(count);
+        let gauge = &self.shared.stats.channels;
+        if count > before {
+            gauge.fetch_add(count - before, Ordering::Relaxed);
+        } else if count < before {
+            gauge.fetch_sub(before - count, Ordering::Relaxed);
         }
     }
 

@@ -10,6 +10,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -284,6 +285,7 @@ async fn sweep_loop(core: Rc<Core>) {
     let ping = core.shared.settings.heartbeat.ping_interval;
     let tick = (ping / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut last_evict = Instant::now();
+    let mut channels = ChannelSweep::default();
     loop {
         monoio::time::sleep(tick).await;
         let now = Instant::now();
@@ -294,8 +296,44 @@ async fn sweep_loop(core: Rc<Core>) {
         }
         core.pending.sweep(now);
         if now.duration_since(last_evict) >= Duration::from_secs(1) {
-            core.sequencer.borrow_mut().evict(now_ms());
+            channels.run(&core).await;
             last_evict = now;
+        }
+    }
+}
+
+/// The once-a-second part of the sweep: ages out replay history (freeing idle channels) and
+/// gives freed memory back to the OS.
+#[derive(Default)]
+struct ChannelSweep {
+    /// The node's channel count at this core's previous sweep.
+    node_before: usize,
+    /// Sweeps left that release memory.
+    releases: u8,
+}
+
+impl ChannelSweep {
+    /// Channels freed per turn of the core: the rest of the core runs in between.
+    const BUDGET: usize = 20_000;
+
+    async fn run(&mut self, core: &Core) {
+        let now = now_ms();
+        while core.sequencer.borrow_mut().evict(now, Self::BUDGET) {
+            yield_now().await;
+        }
+        core.report_channels();
+        let gauge = &core.shared.stats.channels;
+        // The allocator returns freed pages lazily, when its thread next asks it to, and a
+        // core that has gone quiet never does: while channels are freed anywhere on the node
+        // (their names and frames may come from any core), and once more after, thoroughly.
+        let node = gauge.load(Ordering::Relaxed);
+        if node < self.node_before {
+            self.releases = 2;
+        }
+        self.node_before = node;
+        if self.releases > 0 {
+            self.releases -= 1;
+            (core.shared.settings.release_memory)(self.releases == 0);
         }
     }
 }
