@@ -220,7 +220,7 @@ fn drain_on_signal(
     }
     // Clients were told `shutdown`; give them the drain timeout to leave, then close the rest
     // with 1012 and give those close handshakes a moment.
-    let open = || shared.stats.connections.load(Ordering::Relaxed);
+    let open = || shared.stats.connections.sum();
     let mut second_signal = false;
     let mut wait = |until: Instant| {
         while open() > 0 && Instant::now() < until && !second_signal {

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -275,6 +274,7 @@ async fn route(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
 }
 
 fn metrics(core: &Core) -> Reply {
+    // Each core counts in shards of its own; this sums them, whichever core serves the scrape.
     let s = &core.shared.stats;
     let text = format!(
         "# HELP ringcast_connections Open WebSocket connections.\n\
@@ -283,23 +283,27 @@ fn metrics(core: &Core) -> Reply {
          # HELP ringcast_connections_total WebSocket connections accepted since start.\n\
          # TYPE ringcast_connections_total counter\n\
          ringcast_connections_total {}\n\
-         # HELP ringcast_published_total Messages sequenced since start.\n\
+         # HELP ringcast_published_total Messages sequenced from the publish API and terminal streams since start.\n\
          # TYPE ringcast_published_total counter\n\
          ringcast_published_total {}\n\
+         # HELP ringcast_audit_events_total Audit records sequenced on the audit channel since start.\n\
+         # TYPE ringcast_audit_events_total counter\n\
+         ringcast_audit_events_total {}\n\
          # HELP ringcast_frames_queued_total Event frames queued to subscribers since start.\n\
          # TYPE ringcast_frames_queued_total counter\n\
          ringcast_frames_queued_total {}\n\
-         # HELP ringcast_compressed_messages_total Event frames compressed (permessage-deflate), once per message and encoding.\n\
+         # HELP ringcast_compressed_messages_total Compressed event frames built and shared (permessage-deflate), one per message and encoding.\n\
          # TYPE ringcast_compressed_messages_total counter\n\
          ringcast_compressed_messages_total {}\n\
          # HELP ringcast_draining 1 while the node drains.\n\
          # TYPE ringcast_draining gauge\n\
          ringcast_draining {}\n",
-        s.connections.load(Ordering::Relaxed),
-        s.connections_total.load(Ordering::Relaxed),
-        s.published.load(Ordering::Relaxed),
-        s.frames_queued.load(Ordering::Relaxed),
-        crate::proto::ws::deflate::compressed_total(),
+        s.connections.sum(),
+        s.connections_total.sum(),
+        s.published.sum(),
+        s.audit_published.sum(),
+        s.frames_queued.sum(),
+        crate::delivery::compressed_total(),
         u8::from(core.shared.is_draining()),
     );
     Reply {

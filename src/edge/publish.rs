@@ -10,8 +10,9 @@ use serde_json::value::RawValue;
 
 use crate::delivery::{channel, Priority, Publication};
 use crate::proto::http::Request;
+use crate::proto::msg;
 use crate::runtime::core::Core;
-use crate::runtime::mesh::MeshMsg;
+use crate::runtime::mesh::{MeshMsg, Source};
 
 use super::http::{bearer, same_secret, Edge, Reply};
 
@@ -143,7 +144,14 @@ fn check(m: Incoming<'_>) -> Result<Publication, String> {
     // A raw value is only skimmed by the parser: make sure it really is JSON every client can
     // read (no lone surrogates, numbers in range, bounded nesting) before it is sequenced.
     if let Some(raw) = m.data {
-        serde_json::from_str::<serde_json::Value>(raw.get())
+        let depth = msg::nesting_depth(raw.get().as_bytes());
+        if depth > msg::MAX_DATA_DEPTH {
+            return Err(format!(
+                "data is not valid JSON: nested deeper than {}",
+                msg::MAX_DATA_DEPTH
+            ));
+        }
+        msg::parse_data::<serde_json::Value>(raw.get().as_bytes())
             .map_err(|e| format!("data is not valid JSON: {e}"))?;
     }
     Ok(Publication {
@@ -183,7 +191,15 @@ pub(super) async fn sequence(
             continue;
         }
         let (reply, answer) = futures_channel::oneshot::channel();
-        mesh.send(owner, MeshMsg::Publish { batch, reply });
+        let source = Source::Api;
+        mesh.send(
+            owner,
+            MeshMsg::Publish {
+                batch,
+                reply,
+                source,
+            },
+        );
         waits.push(answer);
     }
     for answer in waits {

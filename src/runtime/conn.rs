@@ -702,7 +702,19 @@ fn handle_event(core: &Core, conn: &Rc<Conn>, event: Event) -> Flow {
 }
 
 fn handle_message(core: &Core, conn: &Rc<Conn>, text: &[u8]) {
-    match msg::parse_client_message(text) {
+    let parsed = msg::parse_client_message(text);
+    // Each channel of a message gets its own answer, so one message naming more channels than
+    // a connection may hold gets one error instead of a flood of them.
+    let max = core.shared.settings.max_channels_per_connection;
+    if let Ok(ClientMessage::Subscribe { channels, .. } | ClientMessage::Unsubscribe { channels }) =
+        &parsed
+    {
+        if channels.len() > max {
+            let message = format!("a message may name at most {max} channels");
+            return send_error(conn, ErrorCode::TooManyChannels, &message, None);
+        }
+    }
+    match parsed {
         Err(e) => send_error(conn, e.code, &e.message, None),
         Ok(ClientMessage::Subscribe {
             channels,
@@ -804,11 +816,12 @@ fn refresh(core: &Core, conn: &Rc<Conn>, token: &str) {
 }
 
 fn send_error(conn: &Conn, code: ErrorCode, message: &str, channel: Option<&str>) {
+    let channel = channel.map(crate::delivery::channel::shown);
     conn.push(
         Control::Error {
             code,
             message,
-            channel,
+            channel: channel.as_deref(),
         }
         .frame_in(conn.encoding),
     );

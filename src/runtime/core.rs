@@ -8,7 +8,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,12 +20,13 @@ use crate::delivery::queue::Bucket;
 use crate::delivery::ring::RingBounds;
 use crate::delivery::rooms::Rooms;
 use crate::delivery::sequencer::{Resume, Sequencer, SubscribeAck};
+use crate::delivery::tally::Tally;
 use crate::delivery::Delivery;
 use crate::proto::msg::{Control, Encoding, ErrorCode};
 
 use super::audit::Audit;
 use super::conn::{Conn, SubState};
-use super::mesh::{Mesh, MeshMsg};
+use super::mesh::{Mesh, MeshMsg, Source};
 
 /// What the runtime needs from the configuration.
 #[derive(Debug, Clone)]
@@ -61,13 +62,16 @@ pub struct Settings {
     pub ack_max_sends: u32,
 }
 
-/// Node-wide counters (relaxed atomics: for metrics, not for logic).
+/// Node-wide counters, each core adding to shards of its own (for metrics, not for logic).
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub connections: AtomicUsize,
-    pub connections_total: AtomicU64,
-    pub published: AtomicU64,
-    pub frames_queued: AtomicU64,
+    pub connections: Tally,
+    pub connections_total: Tally,
+    /// Messages sequenced that came through the publish API or a terminal stream.
+    pub published: Tally,
+    /// Audit records sequenced on the `audit` channel.
+    pub audit_published: Tally,
+    pub frames_queued: Tally,
 }
 
 /// State shared by all cores.
@@ -318,14 +322,8 @@ impl Core {
     }
 
     pub fn register(&self, conn: Rc<Conn>) {
-        self.shared
-            .stats
-            .connections
-            .fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .stats
-            .connections_total
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.connections.add(1);
+        self.shared.stats.connections_total.add(1);
         self.conns.borrow_mut().insert(conn.id, conn);
     }
 
@@ -334,10 +332,7 @@ impl Core {
         if self.conns.borrow_mut().remove(&conn.id).is_none() {
             return;
         }
-        self.shared
-            .stats
-            .connections
-            .fetch_sub(1, Ordering::Relaxed);
+        self.shared.stats.connections.add(-1);
         self.release(
             conn.id,
             &conn.claims.borrow().sub,
@@ -405,7 +400,7 @@ impl Core {
         let Some((channel, state)) = conn.subs.borrow_mut().remove_entry(name) else {
             return Err(SubscribeError {
                 code: ErrorCode::NotSubscribed,
-                message: format!("not subscribed to {name}"),
+                message: format!("not subscribed to {}", channel::shown(name)),
             });
         };
         conn.purge(|d| d.channel == channel);
@@ -442,7 +437,11 @@ impl Core {
     /// Handles one message from the mesh.
     pub fn handle(&self, msg: MeshMsg) {
         match msg {
-            MeshMsg::Publish { batch, reply } => {
+            MeshMsg::Publish {
+                batch,
+                reply,
+                source,
+            } => {
                 let now = now_ms();
                 let mesh = &self.shared.mesh;
                 let mut sequencer = self.sequencer.borrow_mut();
@@ -455,10 +454,11 @@ impl Core {
                         (index, seq)
                     })
                     .collect::<Vec<_>>();
-                self.shared
-                    .stats
-                    .published
-                    .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                let counter = match source {
+                    Source::Api => &self.shared.stats.published,
+                    Source::Audit => &self.shared.stats.audit_published,
+                };
+                counter.add(seqs.len() as i64);
                 // The publisher may have gone away; the messages are sequenced regardless.
                 let _ = reply.send(seqs);
             }
@@ -512,10 +512,7 @@ impl Core {
                 queued += 1;
             }
         }
-        self.shared
-            .stats
-            .frames_queued
-            .fetch_add(queued, Ordering::Relaxed);
+        self.shared.stats.frames_queued.add(queued);
     }
 
     /// The owner has handed over: replay what was missed, then join the room for live events.
@@ -691,7 +688,7 @@ fn check_subscribe(shared: &Shared, conn: &Conn, name: &str) -> Result<(), Subsc
     let max = shared.settings.max_channels_per_connection;
     let fail = |code, message: String| Err(SubscribeError { code, message });
     if let Err(e) = channel::validate(name) {
-        let shown: String = name.chars().take(64).collect();
+        let shown = channel::shown(name);
         return fail(
             ErrorCode::BadChannel,
             format!("bad channel \"{shown}\": {e}"),

@@ -26,6 +26,7 @@ pub enum MeshMsg {
     Publish {
         batch: Vec<(usize, Publication)>,
         reply: PublishReply,
+        source: Source,
     },
     /// From an owner core to a core with subscribers of the channel.
     Deliver(Arc<Delivery>),
@@ -62,6 +63,15 @@ pub enum MeshMsg {
     Drain,
     /// End of the drain: close the connections still open with 1012.
     ForceClose,
+}
+
+/// Who published a batch (each is counted in its own metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The publish API or a terminal stream.
+    Api,
+    /// The node's own audit trail.
+    Audit,
 }
 
 struct Lane {

@@ -11,7 +11,6 @@
 //! 32 KiB), as is one with unknown or repeated parameters; the connection then goes on plain.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
@@ -21,14 +20,6 @@ pub const RESPONSE: &str =
 
 /// The tail a sync flush ends with, removed on the wire (RFC 7692 §7.2.1).
 const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
-
-/// Messages compressed since start (each once, whatever the number of subscribers).
-static COMPRESSED: AtomicU64 = AtomicU64::new(0);
-
-/// How many messages this process has compressed (for metrics and tests).
-pub fn compressed_total() -> u64 {
-    COMPRESSED.load(Ordering::Relaxed)
-}
 
 /// The `Sec-WebSocket-Extensions` answer to the first of the offers (comma-separated lists,
 /// as sent) that is a `permessage-deflate` offer this server accepts; `None`: none is.
@@ -89,9 +80,7 @@ thread_local! {
 }
 
 /// The payload of a compressed message: raw DEFLATE of `data`, sync-flushed, tail removed.
-/// Counts one compression.
 pub fn compress(data: &[u8]) -> Vec<u8> {
-    COMPRESSED.fetch_add(1, Ordering::Relaxed);
     DEFLATE.with(|cell| {
         let mut z = cell.borrow_mut();
         z.reset();

@@ -1,0 +1,151 @@
+//! End to end: bounds inside the process — what a client or publisher gets when it sends more
+//! than the server will do for one message, and what the metrics count.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::json;
+use support::*;
+use tokio_tungstenite::tungstenite::Error as WsError;
+
+async fn metric(server: &Server, name: &str) -> u64 {
+    let (status, _, text) = server.http("GET", "/metrics", &[], "").await;
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+fn user_token() -> String {
+    token(json!({"sub": "u1", "channels": ["*"], "projects": ["*"]}))
+}
+
+#[tokio::test]
+async fn a_token_with_an_empty_sub_is_refused_with_401() {
+    let server = Server::start();
+    for sub in ["", "   "] {
+        let t = token(json!({"sub": sub, "channels": ["*"]}));
+        let url = server.url(&format!("/ws?channels=news&token={t}"));
+        match tokio_tungstenite::connect_async(url).await {
+            Err(WsError::Http(resp)) => {
+                assert_eq!(resp.status().as_u16(), 401, "{sub:?}");
+                let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default());
+                assert!(body.contains("sub claim is empty"), "{body}");
+            }
+            other => panic!("{sub:?}: expected 401, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_subscribe_naming_100000_channels_gets_one_error_and_the_connection_stays_open() {
+    let server = Server::start();
+    let (mut ws, _) = connect(&server, &format!("token={}", user_token())).await;
+    let many: Vec<String> = (0..100_000).map(|i| format!("c{i}")).collect();
+    for kind in ["subscribe", "unsubscribe"] {
+        send_json(&mut ws, &json!({"type": kind, "channels": many})).await;
+        let err = recv_json(&mut ws).await;
+        assert_eq!(err["type"], "error", "{err}");
+        assert_eq!(err["code"], "too_many_channels", "{err}");
+        assert_eq!(err["message"], "a message may name at most 100 channels");
+        assert!(err.get("channel").is_none(), "{err}");
+    }
+    // Nothing else was queued for those messages: the next frame answers the next message.
+    send_json(&mut ws, &json!({"type": "subscribe", "channels": ["news"]})).await;
+    let ok = recv_json(&mut ws).await;
+    assert_eq!(
+        ok,
+        json!({"type": "subscribed", "channel": "news", "seq": 0})
+    );
+    // At the bound, each channel still gets its own answer.
+    let hundred: Vec<String> = (0..100).map(|i| format!("bad name {i}")).collect();
+    send_json(&mut ws, &json!({"type": "subscribe", "channels": hundred})).await;
+    for i in 0..100 {
+        let err = recv_json(&mut ws).await;
+        assert_eq!(err["code"], "bad_channel", "{err}");
+        assert_eq!(err["channel"], format!("bad name {i}"));
+    }
+}
+
+#[tokio::test]
+async fn error_frames_cut_a_100_kib_channel_name() {
+    let server = Server::start();
+    let (mut ws, _) = connect(&server, &format!("token={}", user_token())).await;
+    let huge = "x".repeat(100 * 1024);
+    let cut = format!("{}…", "x".repeat(64));
+    send_json(&mut ws, &json!({"type": "subscribe", "channels": [huge]})).await;
+    let (text, err) = recv_text(&mut ws).await;
+    assert_eq!(err["code"], "bad_channel");
+    assert_eq!(err["channel"], cut.as_str());
+    assert_eq!(
+        err["message"],
+        format!("bad channel \"{cut}\": channel name is longer than 200 bytes")
+    );
+    assert!(text.len() < 512, "{} bytes", text.len());
+    send_json(&mut ws, &json!({"type": "unsubscribe", "channels": [huge]})).await;
+    let (text, err) = recv_text(&mut ws).await;
+    assert_eq!(err["code"], "not_subscribed");
+    assert_eq!(err["channel"], cut.as_str());
+    assert_eq!(err["message"], format!("not subscribed to {cut}"));
+    assert!(text.len() < 512, "{} bytes", text.len());
+}
+
+fn nested(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+#[tokio::test]
+async fn data_nested_128_deep_is_delivered_and_129_deep_is_refused() {
+    let server = Server::start();
+    let (mut ws, _) = connect(&server, &format!("channels=news&token={}", user_token())).await;
+    assert_eq!(recv_json(&mut ws).await["type"], "subscribed");
+    let (status, body) = server
+        .publish_raw(&format!(
+            r#"{{"channel":"news","event":"deep","data":{}}}"#,
+            nested(128)
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Read as text: a JSON parser with the usual limit of 128 levels refuses the frame around it.
+    let frame = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("the event within the wait bound")
+        .expect("open")
+        .expect("a frame");
+    let text = frame.into_text().expect("a text frame");
+    assert!(text.contains(r#""event":"deep""#), "{text}");
+    assert!(
+        text.ends_with(&format!(r#""data":{}}}"#, nested(128))),
+        "{text}"
+    );
+    let (status, body) = server
+        .publish_raw(&format!(
+            r#"{{"channel":"news","event":"deeper","data":{}}}"#,
+            nested(129)
+        ))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("nested deeper than 128"), "{body}");
+}
+
+#[tokio::test]
+async fn published_total_counts_api_messages_and_audit_records_have_their_own_counter() {
+    let server = Server::start();
+    // Each connect and disconnect is an audit record, published on the audit channel.
+    for _ in 0..3 {
+        let (ws, _) = connect(&server, &format!("token={}", user_token())).await;
+        drop(ws);
+    }
+    server.publish_one("news", "e", json!(1)).await;
+    server.publish_one("other", "e", json!(2)).await;
+    let deadline = Instant::now() + WAIT;
+    while metric(&server, "ringcast_audit_events_total").await < 6 {
+        assert!(Instant::now() < deadline, "audit records not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&server, "ringcast_published_total").await, 2);
+}
