@@ -149,3 +149,39 @@ async fn published_total_counts_api_messages_and_audit_records_have_their_own_co
     }
     assert_eq!(metric(&server, "ringcast_published_total").await, 2);
 }
+
+/// The writer waits for room when the kernel takes no more, on either I/O driver: a client that
+/// stops reading while megabytes are queued for it gets every byte, in order, once it reads.
+#[tokio::test]
+async fn a_backlog_larger_than_the_socket_buffers_is_written_whole_on_both_drivers() {
+    const EVENTS: usize = 1000;
+    let pad = "p".repeat(16 * 1024);
+    for driver in ["uring", "legacy"] {
+        let server = Server::start_with(&[
+            ("RINGCAST_IO_DRIVER", driver),
+            ("RINGCAST_MAX_QUEUE_BYTES", "67108864"),
+            ("RINGCAST_SLOW_CLIENT_TIMEOUT_MS", "60000"),
+        ]);
+        let path = format!("/ws?channels=bulk&token={}", user_token());
+        let mut ws = RawWs::connect(server.addr, &path).await;
+        assert_eq!(ws.recv_json().await["type"], "welcome");
+        assert_eq!(ws.recv_json().await["type"], "subscribed");
+        // 16 MiB while the client reads nothing: more than both ends' socket buffers hold.
+        for chunk in 0..EVENTS / 100 {
+            let batch: Vec<_> = (0..100)
+                .map(|i| {
+                    json!({"channel": "bulk", "event": "e", "priority": "critical",
+                                "data": {"n": chunk * 100 + i, "pad": pad}})
+                })
+                .collect();
+            let (status, body) = server.publish(&json!(batch)).await;
+            assert_eq!(status, 200, "{driver}: {body}");
+        }
+        for seq in 1..=EVENTS {
+            let event = ws.recv_json().await;
+            assert_eq!(event["seq"], seq as u64, "{driver}");
+            assert_eq!(event["data"]["n"], seq as u64 - 1, "{driver}");
+            assert_eq!(event["data"]["pad"].as_str().map(str::len), Some(pad.len()));
+        }
+    }
+}

@@ -262,7 +262,7 @@ async fn read(core: &Core, socket: &TcpStream, buf: &mut BytesMut, idle_flush: b
     if ready.is_err() {
         return Read::Closed;
     }
-    match core.recv_into(std::os::fd::AsRawFd::as_raw_fd(socket), buf) {
+    match core.recv_into(socket, buf) {
         Received::Data | Received::NotReady => Read::Data,
         Received::Closed => Read::Closed,
     }

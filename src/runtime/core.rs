@@ -27,6 +27,7 @@ use crate::proto::msg::{Control, Encoding, ErrorCode};
 use super::audit::Audit;
 use super::conn::{Conn, SubState};
 use super::mesh::{Mesh, MeshMsg, Source};
+use super::socket;
 
 /// What the runtime needs from the configuration.
 #[derive(Debug, Clone)]
@@ -226,34 +227,26 @@ impl Core {
     }
 
     /// Moves what the socket holds into `acc` without blocking (after a readiness wake-up).
-    pub fn recv_into(&self, fd: std::os::fd::RawFd, acc: &mut bytes::BytesMut) -> Received {
+    pub fn recv_into(
+        &self,
+        stream: &monoio::net::TcpStream,
+        acc: &mut bytes::BytesMut,
+    ) -> Received {
         let mut scratch = self.scratch.borrow_mut();
         loop {
-            // SAFETY: recv into a buffer we own, of its length; MSG_DONTWAIT never blocks.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    scratch.as_mut_ptr().cast(),
-                    scratch.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            match n {
-                0 => return Received::Closed,
-                n if n > 0 => {
+            match socket::recv(stream, &mut scratch) {
+                Ok(0) => return Received::Closed,
+                Ok(n) => {
                     // One read per wake-up: the decoder sees these bytes before more are read,
                     // so a fast sender can neither grow `acc` past one frame nor hog the core.
-                    acc.extend_from_slice(&scratch[..n as usize]);
+                    acc.extend_from_slice(&scratch[..n]);
                     return Received::Data;
                 }
-                _ => {
-                    let err = std::io::Error::last_os_error();
-                    return match err.kind() {
-                        std::io::ErrorKind::WouldBlock => Received::NotReady,
-                        std::io::ErrorKind::Interrupted => continue,
-                        _ => Received::Closed,
-                    };
-                }
+                Err(e) => match e.kind() {
+                    std::io::ErrorKind::WouldBlock => return Received::NotReady,
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => return Received::Closed,
+                },
             }
         }
     }

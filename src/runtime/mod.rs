@@ -4,4 +4,5 @@ pub mod audit;
 pub mod conn;
 pub mod core;
 pub mod mesh;
+pub mod socket;
 pub mod worker;
