@@ -54,7 +54,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let api_key = config.api_key.clone().unwrap_or_else(random_secret);
 
     let verifier = Arc::new(verifier(&config, dev_mode.then_some(jwt_secret.as_str()))?);
-    let (mesh, inboxes) = mesh::mesh(config.workers);
+    let (mesh, inboxes) = mesh::mesh(config.workers, config.mesh_queue_bytes);
     let shared = Arc::new(Shared::new(
         settings(&config),
         mesh,
@@ -169,6 +169,7 @@ fn settings(config: &Config) -> Settings {
         key_interval: config.key_interval,
         compress_over: config.compress_over,
         terminal_max_bytes_per_sec: config.terminal_max_bytes_per_sec,
+        max_inflated_bytes_per_sec: config.max_inflated_bytes_per_sec,
         ack_max_sends: config.ack_max_sends,
     }
 }

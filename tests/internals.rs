@@ -185,3 +185,70 @@ async fn a_backlog_larger_than_the_socket_buffers_is_written_whole_on_both_drive
         }
     }
 }
+
+/// With a tiny `mesh_queue_bytes`, concurrent publishers find a core with work waiting: those
+/// publishes get 503 with `Retry-After` and nothing of them is sequenced, while every message
+/// answered 200 reaches the subscriber, in order, none missing.
+#[tokio::test]
+async fn publishes_get_503_while_a_core_is_behind_and_every_accepted_message_is_delivered() {
+    let server = Server::start_with(&[
+        ("RINGCAST_MESH_QUEUE_BYTES", "1"),
+        ("RINGCAST_MAX_QUEUE_BYTES", "268435456"),
+    ]);
+    let (mut reader, _) = connect(&server, &format!("channels=hot&token={}", user_token())).await;
+    assert_eq!(recv_json(&mut reader).await["type"], "subscribed");
+    let pad = "q".repeat(1024);
+    let batch: Vec<_> = (0..200)
+        .map(|_| json!({"channel": "hot", "event": "e", "priority": "critical", "data": {"pad": pad}}))
+        .collect();
+    let body = json!(batch).to_string();
+    let auth = format!("Bearer {API_KEY}");
+    let refused = std::sync::atomic::AtomicBool::new(false);
+    let deadline = Instant::now() + WAIT;
+    let publisher = || async {
+        let mut accepted = 0u64;
+        while !refused.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            let req = format!(
+                "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                 Authorization: {auth}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let (status, head, answer) = raw_exchange(server.addr, req.as_bytes()).await;
+            match status {
+                200 => accepted += 200,
+                503 => {
+                    assert!(head.contains("Retry-After: 1\r\n"), "{head}");
+                    assert!(answer.contains("node is behind"), "{answer}");
+                    refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                other => panic!("{other}: {answer}"),
+            }
+        }
+        accepted
+    };
+    let counts = futures_util::future::join_all((0..8).map(|_| publisher())).await;
+    assert!(
+        refused.into_inner(),
+        "no publish was refused within the wait bound"
+    );
+    let accepted: u64 = counts.iter().sum();
+    assert!(accepted > 0);
+    for seq in 1..=accepted {
+        let event = recv_json(&mut reader).await;
+        assert_eq!(event["seq"], seq, "{event}");
+    }
+    // Nothing refused was sequenced: the next message gets the next seq.
+    let next = loop {
+        let (status, answer) = server
+            .publish(&json!({"channel": "hot", "event": "last", "data": 0}))
+            .await;
+        if status == 200 {
+            break answer["seq"].as_u64().unwrap();
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(Instant::now() < deadline + WAIT, "still behind");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(next, accepted + 1);
+    assert_eq!(recv_json(&mut reader).await["event"], "last");
+}

@@ -145,6 +145,13 @@ pub struct Flags {
     /// Event frames larger than this many bytes go compressed (default 1024).
     #[arg(long, env = "RINGCAST_COMPRESSION_THRESHOLD")]
     pub compression_threshold: Option<u32>,
+    /// Bytes of messages waiting in one core's inbox past which publishes get 503 (default 64 MiB).
+    #[arg(long, env = "RINGCAST_MESH_QUEUE_BYTES")]
+    pub mesh_queue_bytes: Option<usize>,
+    /// Bytes one client's compressed messages may inflate to per second before it is closed
+    /// with 1008 (default 8 MiB; 0: no budget).
+    #[arg(long, env = "RINGCAST_MAX_INFLATED_BYTES_PER_SEC")]
+    pub max_inflated_bytes_per_sec: Option<u64>,
 }
 
 /// The same settings as the file holds them (all optional).
@@ -190,6 +197,8 @@ struct FileSettings {
     compression: Option<bool>,
     compression_threshold: Option<u32>,
     terminal_max_bytes_per_sec: Option<u64>,
+    mesh_queue_bytes: Option<usize>,
+    max_inflated_bytes_per_sec: Option<u64>,
 }
 
 /// The settings in force.
@@ -229,6 +238,10 @@ pub struct Config {
     pub compress_over: Option<u32>,
     /// Bytes per second per terminal output stream (0: no cap).
     pub terminal_max_bytes_per_sec: u64,
+    /// Bytes waiting in one core's inbox past which publishes are refused (503).
+    pub mesh_queue_bytes: usize,
+    /// Inflated bytes of compressed client messages per connection per second (0: no budget).
+    pub max_inflated_bytes_per_sec: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -365,6 +378,14 @@ impl Config {
                 .terminal_max_bytes_per_sec
                 .or(file.terminal_max_bytes_per_sec)
                 .unwrap_or(1_000_000),
+            mesh_queue_bytes: flags
+                .mesh_queue_bytes
+                .or(file.mesh_queue_bytes)
+                .unwrap_or(64 << 20),
+            max_inflated_bytes_per_sec: flags
+                .max_inflated_bytes_per_sec
+                .or(file.max_inflated_bytes_per_sec)
+                .unwrap_or(8 << 20),
             compress_over: flags
                 .compression
                 .or(file.compression)
@@ -414,6 +435,9 @@ impl Config {
         }
         // Every subscriber must be able to take the largest event frame (1 MiB of data plus
         // its envelope) into its queue.
+        if self.mesh_queue_bytes == 0 {
+            return fail("mesh_queue_bytes must be at least 1");
+        }
         if self.max_queue_bytes < (2 << 20) {
             return fail("max_queue_bytes must be at least 2 MiB (the largest event frame)");
         }

@@ -55,6 +55,8 @@ pub struct Settings {
     pub compress_over: Option<u32>,
     /// Bytes per second per terminal output stream (0: no cap).
     pub terminal_max_bytes_per_sec: u64,
+    /// Inflated bytes of compressed client messages per connection per second (0: no budget).
+    pub max_inflated_bytes_per_sec: u64,
     /// How long an event may wait in a connection's queue (unless its `ttl_ms` says otherwise).
     pub queue_ttl: Duration,
     /// `ack=critical`: re-send an unacknowledged critical event after this long...
