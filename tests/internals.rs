@@ -252,3 +252,44 @@ async fn publishes_get_503_while_a_core_is_behind_and_every_accepted_message_is_
     assert_eq!(next, accepted + 1);
     assert_eq!(recv_json(&mut reader).await["event"], "last");
 }
+
+/// A compressed client message of a few KiB can inflate to 1 MiB: past
+/// `max_inflated_bytes_per_sec` in one second the connection is closed with 1008.
+#[tokio::test]
+async fn compressed_input_past_the_inflate_budget_is_closed_1008() {
+    use ringcast::proto::ws::codec::testing::client_frame;
+    use ringcast::proto::ws::deflate;
+    let server = Server::start_with(&[("RINGCAST_MAX_INFLATED_BYTES_PER_SEC", "2097152")]);
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+    let path = format!("/ws?token={}", user_token());
+    // 512 KiB of JSON (whitespace, then a pause) that travels as ~5 KiB.
+    let mut text = vec![b' '; 512 * 1024 - 16];
+    text.extend_from_slice(br#"{"type":"pause"}"#);
+    let packed = deflate::compress(&text);
+    assert!(packed.len() < 8192, "{}", packed.len());
+    let mut frame = client_frame(true, 0x1, &packed, [1, 2, 3, 4]);
+    frame[0] |= 0x40;
+
+    let (mut ws, head) = RawWs::connect_with(server.addr, &path, offer).await;
+    assert!(head.contains("permessage-deflate"), "{head}");
+    assert_eq!(ws.recv_json().await["type"], "welcome");
+    // Five in one write, so all land in the same second: four are the budget, the fifth is
+    // one too many.
+    ws.send_raw(&frame.repeat(5)).await;
+    for _ in 0..4 {
+        assert_eq!(ws.recv_json().await["type"], "paused");
+    }
+    let close = loop {
+        let f = ws.recv().await.expect("a close frame before the TCP close");
+        match f.opcode {
+            0x8 => break f,
+            0x1 => {
+                let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+                panic!("answered past the budget: {v}");
+            }
+            _ => continue,
+        }
+    };
+    assert_eq!(close.close_code(), Some(1008));
+    assert_eq!(&close.payload[2..], b"too much compressed input");
+}

@@ -25,6 +25,7 @@ use crate::delivery::sse::SseStream;
 use crate::delivery::{terminal, Delivery, Priority};
 use crate::proto::msg::{self, ClientMessage, Control, Encoding, ErrorCode, Format};
 use crate::proto::ws::codec::{self, Decoder, Event};
+use crate::proto::ws::deflate::InflateBudget;
 
 use super::core::{Core, Received, Settings};
 use super::socket::Socket;
@@ -573,10 +574,18 @@ async fn read_loop(core: &Core, conn: &Rc<Conn>, socket: &Socket, mut acc: Bytes
     if conn.compress_over.is_some() {
         decoder = decoder.with_deflate();
     }
+    let mut inflate_budget = InflateBudget::new(core.shared.settings.max_inflated_bytes_per_sec);
     loop {
         loop {
             match decoder.decode(&mut acc) {
                 Ok(Some(event)) => {
+                    let inflated = decoder.take_inflated_bytes();
+                    if inflated > 0 && !inflate_budget.spend(Instant::now(), inflated) {
+                        // Stop reading at once: whatever else it sent would be inflated too.
+                        tracing::debug!(conn = conn.id, "inflate budget spent: closing");
+                        conn.close(1008, "too much compressed input");
+                        return;
+                    }
                     if handle_event(core, conn, event) == Flow::Stop {
                         return;
                     }
