@@ -140,8 +140,15 @@ async fn published_total_counts_api_messages_and_audit_records_have_their_own_co
         let (ws, _) = connect(&server, &format!("token={}", user_token())).await;
         drop(ws);
     }
-    server.publish_one("news", "e", json!(1)).await;
-    server.publish_one("other", "e", json!(2)).await;
+    // One channel owned by each core: the metric sums what both counted.
+    let owned_by = |core| {
+        (0..)
+            .map(|i| format!("count{i}"))
+            .find(|c| ringcast::delivery::channel::owner_core(c, 2) == core)
+            .unwrap()
+    };
+    server.publish_one(&owned_by(0), "e", json!(1)).await;
+    server.publish_one(&owned_by(1), "e", json!(2)).await;
     let deadline = Instant::now() + WAIT;
     while metric(&server, "ringcast_audit_events_total").await < 6 {
         assert!(Instant::now() < deadline, "audit records not counted");

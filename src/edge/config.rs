@@ -538,6 +538,30 @@ mod tests {
     }
 
     #[test]
+    fn mesh_and_inflate_bounds_have_defaults_and_toml_keys() {
+        let c = Config::load(Flags::default()).unwrap();
+        assert_eq!(c.mesh_queue_bytes, 64 << 20);
+        assert_eq!(c.max_inflated_bytes_per_sec, 8 << 20);
+        let dir = std::env::temp_dir().join(format!("ringcast-bounds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ringcast.toml");
+        std::fs::write(
+            &path,
+            "mesh_queue_bytes = 1\nmax_inflated_bytes_per_sec = 0\n",
+        )
+        .unwrap();
+        let file = |path: &std::path::Path| Flags {
+            config: Some(path.to_owned()),
+            ..Flags::default()
+        };
+        let c = Config::load(file(&path)).unwrap();
+        assert_eq!((c.mesh_queue_bytes, c.max_inflated_bytes_per_sec), (1, 0));
+        std::fs::write(&path, "mesh_queue_bytes = 0\n").unwrap();
+        let err = Config::load(file(&path)).unwrap_err().to_string();
+        assert!(err.contains("mesh_queue_bytes must be at least 1"), "{err}");
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let err = Config::load(Flags {
             workers: Some(0),
