@@ -74,7 +74,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let api_key = config.api_key.clone().unwrap_or_else(random_secret);
 
     let verifier = Arc::new(verifier(&config, dev_mode.then_some(jwt_secret.as_str()))?);
-    let (mesh, inboxes) = mesh::mesh(config.workers);
+    let (mesh, inboxes) = mesh::mesh(config.workers, config.mesh_queue_bytes);
     let shared = Arc::new(Shared::new(
         settings(&config),
         mesh,
@@ -242,6 +242,7 @@ fn settings(config: &Config) -> Settings {
         key_interval: config.key_interval,
         compress_over: config.compress_over,
         terminal_max_bytes_per_sec: config.terminal_max_bytes_per_sec,
+        max_inflated_bytes_per_sec: config.max_inflated_bytes_per_sec,
         ack_max_sends: config.ack_max_sends,
         edge: config.edge,
         release_memory,
@@ -308,7 +309,7 @@ fn drain_on_signal(
     }
     // Clients were told `shutdown`; give them the drain timeout to leave, then close the rest
     // with 1012 and give those close handshakes a moment.
-    let open = || shared.stats.connections.load(Ordering::Relaxed);
+    let open = || shared.stats.connections.sum();
     let mut second_signal = false;
     let mut wait = |until: Instant| {
         while open() > 0 && Instant::now() < until && !second_signal {

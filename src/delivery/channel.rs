@@ -43,6 +43,21 @@ impl fmt::Display for ChannelError {
     }
 }
 
+/// Most characters of an invalid name that an error frame echoes.
+pub const SHOWN_CHARS: usize = 64;
+
+/// A name as error frames echo it: a valid name exactly (clients match on it), an invalid one
+/// cut to its first `SHOWN_CHARS` characters and "…", so a huge bad name costs a small answer.
+pub fn shown(name: &str) -> std::borrow::Cow<'_, str> {
+    if validate(name).is_ok() {
+        return name.into();
+    }
+    match name.char_indices().nth(SHOWN_CHARS) {
+        None => name.into(),
+        Some((cut, _)) => format!("{}…", &name[..cut]).into(),
+    }
+}
+
 /// Checks a channel name against the naming rule.
 pub fn validate(name: &str) -> Result<(), ChannelError> {
     if name.is_empty() {
@@ -93,6 +108,18 @@ pub fn owner_core(name: &str, cores: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_frames_show_valid_names_whole_and_cut_long_bad_ones() {
+        let valid = "a".repeat(MAX_CHANNEL_BYTES);
+        assert_eq!(shown(&valid), valid.as_str());
+        assert_eq!(shown("bad name"), "bad name");
+        let long = "é".repeat(100 * 1024);
+        let cut = shown(&long);
+        assert_eq!(cut.chars().count(), SHOWN_CHARS + 1);
+        assert!(cut.ends_with('…'));
+        assert_eq!(shown(&"x".repeat(201)), format!("{}…", "x".repeat(64)));
+    }
 
     #[test]
     fn names_follow_the_rule() {

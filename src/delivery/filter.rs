@@ -98,7 +98,7 @@ fn check_search(field: &'static str, s: &str) -> Result<(), FilterError> {
 
 /// The `"level"` string of a JSON object's top level, found without parsing the whole value.
 fn level_of(data: &str) -> Option<&str> {
-    let v: serde_json::Value = serde_json::from_str(data).ok()?;
+    let v: serde_json::Value = crate::proto::msg::parse_data(data.as_bytes()).ok()?;
     let level = v.get("level")?.as_str()?;
     // Borrow from `data` rather than the parsed value: find the same text in place.
     data.find(level).map(|at| &data[at..at + level.len()])

@@ -21,6 +21,7 @@ pub mod ring;
 pub mod rooms;
 pub mod sequencer;
 pub mod sse;
+pub mod tally;
 pub mod terminal;
 
 /// One sequenced message, as every subscriber receives it: the frame is built once and shared.
@@ -46,8 +47,23 @@ pub struct Delivery {
     pub twins: Twins,
 }
 
+/// Compressed frames shared by subscribers since start: one per message and encoding that some
+/// subscriber got compressed (see `Twins`).
+static COMPRESSED: tally::Tally = tally::Tally::new();
+
+/// How many compressed frames this process has built and shared (for metrics and tests).
+pub fn compressed_total() -> u64 {
+    COMPRESSED.sum()
+}
+
 /// A message's frame in other formats than plain JSON: built once each, on first use, and
 /// shared by every subscriber that uses that format.
+///
+/// A twin is built outside its cell, so a core that needs it while another core is building
+/// it (a compression of up to 1 MiB) builds its own instead of waiting: the first one stored is
+/// the one every subscriber shares, and the other is dropped. That duplicate is rare (two
+/// cores meeting on the same message in the same microseconds) and costs time, never bytes
+/// on the wire.
 #[derive(Debug, Default)]
 pub struct Twins {
     msgpack: OnceLock<Bytes>,
@@ -69,20 +85,41 @@ impl Delivery {
         let format = format.into();
         let plain = match format.encoding {
             Encoding::Json => &self.frame,
-            Encoding::MessagePack => self
-                .twins
-                .msgpack
-                .get_or_init(|| msg::event_frame_msgpack(&self.frame)),
+            Encoding::MessagePack => {
+                shared(&self.twins.msgpack, || {
+                    msg::event_frame_msgpack(&self.frame)
+                })
+                .0
+            }
             // Not a WebSocket frame: never compressed.
-            Encoding::Sse => return self.twins.sse.get_or_init(|| msg::event_sse(&self.frame)),
+            Encoding::Sse => return shared(&self.twins.sse, || msg::event_sse(&self.frame)).0,
         };
         match format.compress_over {
-            Some(min) if plain.len() > min as usize => self.twins.deflated
-                [format.encoding as usize]
-                .get_or_init(|| deflate::compress_frame(plain).unwrap_or_else(|| plain.clone())),
+            Some(min) if plain.len() > min as usize => {
+                let cell = &self.twins.deflated[format.encoding as usize];
+                let (frame, stored) = shared(cell, || {
+                    deflate::compress_frame(plain).unwrap_or_else(|| plain.clone())
+                });
+                if stored {
+                    COMPRESSED.add(1);
+                }
+                frame
+            }
             _ => plain,
         }
     }
+}
+
+/// The twin in `cell`, built by `build` if it is not there yet; true if this call stored it.
+fn shared(cell: &OnceLock<Bytes>, build: impl FnOnce() -> Bytes) -> (&Bytes, bool) {
+    if let Some(twin) = cell.get() {
+        return (twin, false);
+    }
+    let stored = cell.set(build()).is_ok();
+    (
+        cell.get().expect("stored by us or by the core we raced"),
+        stored,
+    )
 }
 
 impl Publication {
@@ -179,6 +216,34 @@ mod tests {
     }
 
     #[test]
+    fn a_core_needing_a_twin_another_core_is_building_does_not_wait_for_it() {
+        use std::sync::mpsc;
+        let twin = OnceLock::new();
+        let cell = &twin;
+        let (building_tx, building_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::scope(|s| {
+            let slow = s.spawn(move || {
+                shared(cell, || {
+                    building_tx.send(()).unwrap();
+                    // Still building when the other core finds the cell empty.
+                    let other = done_rx.recv_timeout(std::time::Duration::from_secs(10));
+                    assert!(other.is_ok(), "the other core waited for this build");
+                    Bytes::from_static(b"slow")
+                })
+                .1
+            });
+            building_rx.recv().unwrap();
+            let (fast, stored) = shared(cell, || Bytes::from_static(b"fast"));
+            assert!(stored);
+            assert_eq!(fast.as_ref(), b"fast");
+            done_tx.send(()).unwrap();
+            assert!(!slow.join().unwrap(), "the slower duplicate is dropped");
+        });
+        assert_eq!(twin.get().unwrap().as_ref(), b"fast", "one twin, shared");
+    }
+
+    #[test]
     fn compressed_frames_are_built_once_per_format_and_only_past_the_threshold() {
         let data = format!("{{\"log\":\"{}\"}}", "all tests passed; ".repeat(200));
         let d = Delivery {
@@ -198,7 +263,7 @@ mod tests {
             encoding,
             compress_over: Some(min),
         };
-        let before = crate::proto::ws::deflate::compressed_total();
+        let before = compressed_total();
         let a = d.frame_for(deflate(Encoding::Json, 1024));
         let b = d.frame_for(deflate(Encoding::Json, 1024));
         assert_eq!(a.as_ptr(), b.as_ptr(), "one compression, shared");
@@ -216,7 +281,7 @@ mod tests {
             m.as_ptr()
         );
         // Other threads may compress too; this message was compressed exactly twice.
-        assert!(crate::proto::ws::deflate::compressed_total() >= before + 2);
+        assert!(compressed_total() >= before + 2);
         // Under the threshold: the plain frame itself.
         let big = d.frame.len() as u32;
         assert_eq!(

@@ -23,7 +23,7 @@ impl Progress {
             return None;
         }
         let mut map: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(data).ok()?;
+            crate::proto::msg::parse_data(data.as_bytes()).ok()?;
         if map.contains_key("eta_seconds") {
             return None;
         }

@@ -167,6 +167,14 @@ pub struct Flags {
     /// Event frames larger than this many bytes go compressed [default: 1024]
     #[arg(long, env = "RINGCAST_COMPRESSION_THRESHOLD")]
     pub compression_threshold: Option<u32>,
+    /// Bytes of messages waiting in one core's inbox past which publishes get 503
+    /// [default: 67108864]
+    #[arg(long, env = "RINGCAST_MESH_QUEUE_BYTES")]
+    pub mesh_queue_bytes: Option<usize>,
+    /// Bytes one client's compressed messages may inflate to per second before it is closed
+    /// with 1008 (0: no budget) [default: 8388608]
+    #[arg(long, env = "RINGCAST_MAX_INFLATED_BYTES_PER_SEC")]
+    pub max_inflated_bytes_per_sec: Option<u64>,
     /// Time a new socket (or a keep-alive request's first byte) has for its whole request
     /// head, then 408 and close [default: 10000]
     #[arg(long, env = "RINGCAST_HEADER_TIMEOUT_MS")]
@@ -323,6 +331,8 @@ struct FileSettings {
     max_pending_sockets: Option<usize>,
     max_pending_per_ip: Option<u32>,
     max_body_buffer_bytes: Option<usize>,
+    mesh_queue_bytes: Option<usize>,
+    max_inflated_bytes_per_sec: Option<u64>,
 }
 
 /// The settings in force.
@@ -365,6 +375,10 @@ pub struct Config {
     /// Deadlines and bounds of the HTTP edge (`max_sockets` is set by `main` from the
     /// open-file limit).
     pub edge: EdgeLimits,
+    /// Bytes waiting in one core's inbox past which publishes are refused (503).
+    pub mesh_queue_bytes: usize,
+    /// Inflated bytes of compressed client messages per connection per second (0: no budget).
+    pub max_inflated_bytes_per_sec: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -507,6 +521,14 @@ impl Config {
                 .terminal_max_bytes_per_sec
                 .or(file.terminal_max_bytes_per_sec)
                 .unwrap_or(1_000_000),
+            mesh_queue_bytes: flags
+                .mesh_queue_bytes
+                .or(file.mesh_queue_bytes)
+                .unwrap_or(64 << 20),
+            max_inflated_bytes_per_sec: flags
+                .max_inflated_bytes_per_sec
+                .or(file.max_inflated_bytes_per_sec)
+                .unwrap_or(8 << 20),
             compress_over: flags
                 .compression
                 .or(file.compression)
@@ -590,6 +612,9 @@ impl Config {
         }
         // Every subscriber must be able to take the largest event frame (1 MiB of data plus
         // its envelope) into its queue.
+        if self.mesh_queue_bytes == 0 {
+            return fail("mesh_queue_bytes must be at least 1");
+        }
         if self.max_queue_bytes < (2 << 20) {
             return fail("max_queue_bytes must be at least 2 MiB (the largest event frame)");
         }
@@ -838,6 +863,30 @@ mod tests {
         );
         let err = parse_listen("localhost").unwrap_err();
         assert!(err.contains("such as 127.0.0.1:8080"), "{err}");
+    }
+
+    #[test]
+    fn mesh_and_inflate_bounds_have_defaults_and_toml_keys() {
+        let c = Config::load(Flags::default()).unwrap();
+        assert_eq!(c.mesh_queue_bytes, 64 << 20);
+        assert_eq!(c.max_inflated_bytes_per_sec, 8 << 20);
+        let dir = std::env::temp_dir().join(format!("ringcast-bounds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ringcast.toml");
+        std::fs::write(
+            &path,
+            "mesh_queue_bytes = 1\nmax_inflated_bytes_per_sec = 0\n",
+        )
+        .unwrap();
+        let file = |path: &std::path::Path| Flags {
+            config: Some(path.to_owned()),
+            ..Flags::default()
+        };
+        let c = Config::load(file(&path)).unwrap();
+        assert_eq!((c.mesh_queue_bytes, c.max_inflated_bytes_per_sec), (1, 0));
+        std::fs::write(&path, "mesh_queue_bytes = 0\n").unwrap();
+        let err = Config::load(file(&path)).unwrap_err().to_string();
+        assert!(err.contains("mesh_queue_bytes must be at least 1"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -108,7 +107,7 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
         peer.ip(),
         Instant::now(),
         &core.shared.pending_sockets,
-        core.shared.stats.connections.load(Ordering::Relaxed),
+        core.shared.stats.connections.sum() as usize,
     );
     let mut ticket = match admitted {
         Ok(t) => t,
@@ -347,7 +346,7 @@ async fn read_some(
         if ticket.guard(stream.readable(false)).await?.is_err() {
             return Ok(false);
         }
-        let received = core.recv_with(std::os::fd::AsRawFd::as_raw_fd(stream), |bytes| {
+        let received = core.recv_with(stream, |bytes| {
             if buf.capacity() - buf.len() < bytes.len() {
                 buf.reserve_exact(bytes.len().max(step.min(MAX_READ_STEP)));
             }
@@ -405,8 +404,7 @@ fn preflight() -> Reply {
 /// what the client is still sending for at most `within`, so it reads our answer instead of
 /// an RST (closing a socket with unread input resets it).
 async fn linger_close(mut stream: TcpStream, within: Duration) {
-    // SAFETY: shutdown of the write side of a socket we own.
-    unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&stream), libc::SHUT_WR) };
+    let _ = crate::runtime::socket::shutdown(&stream, std::net::Shutdown::Write);
     let mut sink = vec![0u8; 4 * 1024];
     let deadline = Instant::now() + within;
     loop {
@@ -458,6 +456,7 @@ async fn route(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
 }
 
 fn metrics(core: &Core) -> Reply {
+    // Each core counts in shards of its own; this sums them, whichever core serves the scrape.
     let s = &core.shared.stats;
     let text = format!(
         "# HELP ringcast_connections Open WebSocket connections.\n\
@@ -466,13 +465,16 @@ fn metrics(core: &Core) -> Reply {
          # HELP ringcast_connections_total WebSocket connections accepted since start.\n\
          # TYPE ringcast_connections_total counter\n\
          ringcast_connections_total {}\n\
-         # HELP ringcast_published_total Messages sequenced since start.\n\
+         # HELP ringcast_published_total Messages sequenced from the publish API and terminal streams since start.\n\
          # TYPE ringcast_published_total counter\n\
          ringcast_published_total {}\n\
+         # HELP ringcast_audit_events_total Audit records sequenced on the audit channel since start.\n\
+         # TYPE ringcast_audit_events_total counter\n\
+         ringcast_audit_events_total {}\n\
          # HELP ringcast_frames_queued_total Event frames queued to subscribers since start.\n\
          # TYPE ringcast_frames_queued_total counter\n\
          ringcast_frames_queued_total {}\n\
-         # HELP ringcast_compressed_messages_total Event frames compressed (permessage-deflate), once per message and encoding.\n\
+         # HELP ringcast_compressed_messages_total Compressed event frames built and shared (permessage-deflate), one per message and encoding.\n\
          # TYPE ringcast_compressed_messages_total counter\n\
          ringcast_compressed_messages_total {}\n\
          # HELP ringcast_channels Channel states held (channels with replay history or subscribers).\n\
@@ -481,12 +483,13 @@ fn metrics(core: &Core) -> Reply {
          # HELP ringcast_draining 1 while the node drains.\n\
          # TYPE ringcast_draining gauge\n\
          ringcast_draining {}\n",
-        s.connections.load(Ordering::Relaxed),
-        s.connections_total.load(Ordering::Relaxed),
-        s.published.load(Ordering::Relaxed),
-        s.frames_queued.load(Ordering::Relaxed),
-        crate::proto::ws::deflate::compressed_total(),
-        s.channels.load(Ordering::Relaxed),
+        s.connections.sum(),
+        s.connections_total.sum(),
+        s.published.sum(),
+        s.audit_published.sum(),
+        s.frames_queued.sum(),
+        crate::delivery::compressed_total(),
+        s.channels.sum(),
         u8::from(core.shared.is_draining()),
     );
     Reply {

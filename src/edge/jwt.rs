@@ -30,6 +30,9 @@ pub enum TokenError {
     WrongAudience,
     #[error("token is from another issuer")]
     WrongIssuer,
+    /// `sub` names the user every limit, admin command and audit record is keyed by.
+    #[error("token's sub claim is empty: it must name the user")]
+    EmptySubject,
 }
 
 /// One key tokens may be signed with.
@@ -140,7 +143,10 @@ impl Verifier {
                 break; // a key that checks the signature has the last word
             }
         }
-        result
+        match result {
+            Ok(claims) if claims.sub.trim().is_empty() => Err(TokenError::EmptySubject),
+            other => other,
+        }
     }
 }
 
@@ -256,6 +262,15 @@ mod tests {
         assert_eq!(c.sub, "u1");
         assert_eq!(c.projects, vec!["p1"]);
         assert!(c.is_admin());
+    }
+
+    #[test]
+    fn refuses_an_empty_or_blank_sub() {
+        let v = Verifier::hs256(b"s3cret", 0);
+        for sub in ["", " ", "\t"] {
+            let t = sign_hs256(b"s3cret", &json!({"sub":sub,"exp":now()+60}));
+            assert_eq!(v.verify(&t), Err(TokenError::EmptySubject), "{sub:?}");
+        }
     }
 
     #[test]

@@ -10,8 +10,9 @@ use serde_json::value::RawValue;
 
 use crate::delivery::{channel, Priority, Publication};
 use crate::proto::http::Request;
+use crate::proto::msg;
 use crate::runtime::core::Core;
-use crate::runtime::mesh::MeshMsg;
+use crate::runtime::mesh::{MeshMsg, Source};
 
 use super::http::{bearer, same_secret, Edge, Reply};
 
@@ -77,8 +78,11 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Rep
         Err(message) => return Reply::error(400, &message),
     };
     let results = match sequence(core, publications).await {
-        Some(r) => r,
-        None => return Reply::error(503, "node is shutting down"),
+        Ok(r) => r,
+        Err(NotSequenced::Behind) => {
+            return Reply::error(503, BEHIND).with_header("Retry-After", RETRY_AFTER_SECS)
+        }
+        Err(NotSequenced::ShuttingDown) => return Reply::error(503, "node is shutting down"),
     };
     let body = if single {
         serde_json::to_vec(&results[0])
@@ -143,7 +147,14 @@ fn check(m: Incoming<'_>) -> Result<Publication, String> {
     // A raw value is only skimmed by the parser: make sure it really is JSON every client can
     // read (no lone surrogates, numbers in range, bounded nesting) before it is sequenced.
     if let Some(raw) = m.data {
-        serde_json::from_str::<serde_json::Value>(raw.get())
+        let depth = msg::nesting_depth(raw.get().as_bytes());
+        if depth > msg::MAX_DATA_DEPTH {
+            return Err(format!(
+                "data is not valid JSON: nested deeper than {}",
+                msg::MAX_DATA_DEPTH
+            ));
+        }
+        msg::parse_data::<serde_json::Value>(raw.get().as_bytes())
             .map_err(|e| format!("data is not valid JSON: {e}"))?;
     }
     Ok(Publication {
@@ -161,12 +172,30 @@ fn check(m: Incoming<'_>) -> Result<Publication, String> {
     })
 }
 
-/// Sends each message to its channel's owner core and waits for the seqs.
+/// The answer to a publish refused because a core is behind (with `Retry-After`).
+pub(super) const BEHIND: &str = "node is behind: a core has too much waiting; retry shortly";
+/// Seconds a publisher refused with `BEHIND` is asked to wait.
+const RETRY_AFTER_SECS: &str = "1";
+
+/// Why messages were not sequenced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum NotSequenced {
+    /// A core has more than `mesh_queue_bytes` waiting: nothing of the request was accepted.
+    Behind,
+    /// The node stopped before answering.
+    ShuttingDown,
+}
+
+/// Sends each message to its channel's owner core and waits for the seqs; refuses the whole
+/// request (nothing sent) while a core is behind.
 pub(super) async fn sequence(
     core: &Core,
     publications: Vec<Publication>,
-) -> Option<Vec<Sequenced>> {
+) -> Result<Vec<Sequenced>, NotSequenced> {
     let mesh = &core.shared.mesh;
+    if mesh.is_behind() {
+        return Err(NotSequenced::Behind);
+    }
     let mut per_owner: Vec<Vec<(usize, Publication)>> =
         (0..mesh.cores()).map(|_| Vec::new()).collect();
     let mut results: Vec<Sequenced> = Vec::with_capacity(publications.len());
@@ -183,13 +212,22 @@ pub(super) async fn sequence(
             continue;
         }
         let (reply, answer) = futures_channel::oneshot::channel();
-        mesh.send(owner, MeshMsg::Publish { batch, reply });
+        let source = Source::Api;
+        mesh.send(
+            owner,
+            MeshMsg::Publish {
+                batch,
+                reply,
+                source,
+            },
+        );
         waits.push(answer);
     }
     for answer in waits {
-        for (i, seq) in answer.await.ok()? {
+        let seqs = answer.await.map_err(|_| NotSequenced::ShuttingDown)?;
+        for (i, seq) in seqs {
             results[i].seq = seq;
         }
     }
-    Some(results)
+    Ok(results)
 }

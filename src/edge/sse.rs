@@ -19,6 +19,7 @@ use crate::proto::http::Request;
 use crate::proto::msg::{Encoding, Format};
 use crate::runtime::conn;
 use crate::runtime::core::Core;
+use crate::runtime::socket::Socket;
 
 use super::http::{Edge, Reply};
 use super::upgrade::{admit, open, start};
@@ -90,29 +91,16 @@ pub async fn serve(
         compress_over: None,
     };
     let sse = Some(Box::new(sse));
+    let socket = Socket::new(stream);
     let conn = start(
-        &core, id, peer, &stream, projects, opening, format, resumes, sse,
+        &core, id, peer, &socket, projects, opening, format, resumes, sse,
     );
-    monoio::spawn(conn::run_sse(core, stream, conn));
+    monoio::spawn(conn::run_sse(core, socket, conn));
 }
 
 fn set_user_timeout(stream: &TcpStream, after: std::time::Duration) {
-    let ms = libc::c_uint::try_from(after.as_millis()).unwrap_or(libc::c_uint::MAX);
-    // SAFETY: setsockopt on a socket we own, with a value of the size we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(stream),
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
-            (&ms as *const libc::c_uint).cast(),
-            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(
-            "TCP_USER_TIMEOUT not set: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = crate::runtime::socket::set_user_timeout(stream, after) {
+        tracing::debug!("TCP_USER_TIMEOUT not set: {e}");
     }
 }
 

@@ -25,10 +25,14 @@ use crate::proto::http::{BodyPart, ChunkedBody, Request};
 use crate::runtime::core::{Core, Received};
 
 use super::http::{bearer, same_secret, Edge, Reply};
-use super::publish::sequence;
+use super::publish::{sequence, NotSequenced, BEHIND};
 
 /// How long held bytes (an unfinished escape or character) wait for the rest before they go.
 const IDLE_FLUSH: Duration = Duration::from_millis(100);
+/// How long output waits for a core that is behind before the stream ends with 503.
+const BEHIND_PATIENCE: Duration = Duration::from_secs(10);
+/// How often waiting output asks again.
+const BEHIND_RETRY: Duration = Duration::from_millis(10);
 
 /// The task of a producer path, if `path` is one.
 pub fn route(path: &str) -> Option<&str> {
@@ -141,6 +145,7 @@ pub async fn produce(
             .expect("json"),
         ),
         Err("producer disconnected") => return,
+        Err(BEHIND) => Reply::error(503, BEHIND).with_header("Retry-After", "1"),
         Err(why) => Reply::error(400, why),
     };
     let _ = socket.write_all(reply.encode(false)).await;
@@ -234,10 +239,17 @@ impl Output<'_> {
         // protect clients from floods (a gap would garble the terminal); a subscriber that
         // falls more than `max_queue_bytes` behind is closed (1008) instead.
         p.priority = Priority::Critical;
-        sequence(self.core, vec![p])
-            .await
-            .map(drop)
-            .ok_or("node is shutting down")
+        // A core that is behind holds the output back (and with it the upload: TCP pushes
+        // back on the producer) rather than drop it, for up to `BEHIND_PATIENCE`.
+        let deadline = Instant::now() + BEHIND_PATIENCE;
+        loop {
+            match sequence(self.core, vec![p.clone()]).await {
+                Ok(_) => return Ok(()),
+                Err(NotSequenced::ShuttingDown) => return Err("node is shutting down"),
+                Err(NotSequenced::Behind) if Instant::now() >= deadline => return Err(BEHIND),
+                Err(NotSequenced::Behind) => monoio::time::sleep(BEHIND_RETRY).await,
+            }
+        }
     }
 }
 
@@ -262,7 +274,7 @@ async fn read(core: &Core, socket: &TcpStream, buf: &mut BytesMut, idle_flush: b
     if ready.is_err() {
         return Read::Closed;
     }
-    match core.recv_into(std::os::fd::AsRawFd::as_raw_fd(socket), buf) {
+    match core.recv_into(socket, buf) {
         Received::Data | Received::NotReady => Read::Data,
         Received::Closed => Read::Closed,
     }

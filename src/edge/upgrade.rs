@@ -5,7 +5,6 @@
 //! 404, 426, 503) and a body saying why.
 
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use bytes::BytesMut;
@@ -25,6 +24,7 @@ use crate::proto::ws::deflate;
 use crate::runtime::audit::AUDIT_CHANNEL;
 use crate::runtime::conn::{self, Conn};
 use crate::runtime::core::Core;
+use crate::runtime::socket::Socket;
 
 use super::http::{bearer, Edge, Reply};
 
@@ -104,12 +104,13 @@ pub async fn serve(
         compress_over,
     };
     let resumes = vec![opening.resume; opening.channels.len()];
+    let socket = Socket::new(stream);
     let conn = start(
-        &core, id, peer, &stream, projects, opening, format, resumes, None,
+        &core, id, peer, &socket, projects, opening, format, resumes, None,
     );
     // The connection lives on in a task of its own, sized for its socket loop alone: this
     // handshake's (and the HTTP router's) state is freed now, not held for hours.
-    monoio::spawn(conn::run(core, stream, conn, leftover));
+    monoio::spawn(conn::run(core, socket, conn, leftover));
 }
 
 /// The channels a WebSocket path subscribes to by itself, and whether it is the audit stream.
@@ -164,7 +165,7 @@ pub(super) fn start(
     core: &Rc<Core>,
     id: u64,
     peer: IpAddr,
-    stream: &TcpStream,
+    socket: &Rc<Socket>,
     projects: Vec<String>,
     opening: Opening,
     format: Format,
@@ -176,7 +177,7 @@ pub(super) fn start(
         id,
         peer,
         opening.claims,
-        stream.as_raw_fd(),
+        Rc::downgrade(socket),
         settings,
         format,
     );

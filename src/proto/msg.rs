@@ -16,6 +16,52 @@ const OPCODE_BINARY: u8 = 0x2;
 /// Room left in front of the payload for the largest frame header.
 const HEADER_ROOM: usize = 10;
 
+/// Deepest nesting of arrays and objects a message's `data` may have (128 is accepted, 129
+/// refused at publish).
+pub const MAX_DATA_DEPTH: usize = 128;
+
+/// How deeply `json` nests arrays and objects, brackets inside strings not counted. Counting
+/// stops just past `MAX_DATA_DEPTH`: the answer is exact up to it and "too deep" beyond.
+pub fn nesting_depth(json: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+                if deepest > MAX_DATA_DEPTH {
+                    break;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// Parses a message's `data` (or a frame holding it) whatever its depth: the publish check
+/// (`nesting_depth`) is what bounds it, so one nesting level more for the frame around `data`
+/// does not make a message the publish API accepted unreadable here.
+pub fn parse_data<'a, T: Deserialize<'a>>(json: &'a [u8]) -> serde_json::Result<T> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    de.disable_recursion_limit();
+    let value = T::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
 /// Builds the shared text frame of one event. `data` must be valid JSON (it is not re-checked).
 pub fn event_frame(channel: &str, seq: u64, event: &str, ts_ms: u64, data: &str) -> Bytes {
     let mut buf = Vec::with_capacity(HEADER_ROOM + 56 + channel.len() + event.len() + data.len());
@@ -290,7 +336,7 @@ pub fn event_frame_msgpack(json_frame: &[u8]) -> Bytes {
     }
     let payload = codec::server_frame_payload(json_frame);
     let mut buf = vec![0; HEADER_ROOM];
-    match serde_json::from_slice::<Event>(payload) {
+    match parse_data::<Event>(payload) {
         Ok(event) => {
             rmp_serde::encode::write_named(&mut buf, &event).expect("a parsed event serializes")
         }
@@ -408,6 +454,33 @@ mod tests {
     fn payload(frame: &Bytes) -> serde_json::Value {
         assert_eq!(frame[0], 0x81, "FIN + text");
         serde_json::from_slice(codec::server_frame_payload(frame)).unwrap()
+    }
+
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn nesting_depth_counts_brackets_outside_strings() {
+        assert_eq!(nesting_depth(b"1"), 0);
+        assert_eq!(nesting_depth(br#"{"a":[1,{"b":2}],"c":[]}"#), 3);
+        assert_eq!(nesting_depth(br#"["[[[{{", "\"[[", {}]"#), 2);
+        assert_eq!(nesting_depth(nested(128).as_bytes()), 128);
+        assert!(nesting_depth(nested(100_000).as_bytes()) > MAX_DATA_DEPTH);
+    }
+
+    #[test]
+    fn data_nested_128_deep_gets_its_messagepack_twin() {
+        let data = nested(MAX_DATA_DEPTH);
+        let frame = event_frame("c", 1, "e", 1, &data);
+        let twin = event_frame_msgpack(&frame);
+        let map: serde_json::Value = rmp_serde::from_slice(&twin[4..]).unwrap();
+        assert!(map.get("raw").is_none(), "converted, not sent as text");
+        let mut v = &map["data"];
+        for _ in 0..MAX_DATA_DEPTH - 1 {
+            v = &v[0];
+        }
+        assert_eq!(v, &serde_json::json!([]));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use crate::delivery::{channel, Publication};
 
 use super::core::now_ms;
-use super::mesh::{Mesh, MeshMsg};
+use super::mesh::{Mesh, MeshMsg, Source};
 
 /// The channel audit events travel on (admins only, by the channel rules).
 pub const AUDIT_CHANNEL: &str = "audit";
@@ -73,6 +73,7 @@ impl Audit {
             MeshMsg::Publish {
                 batch: vec![(0, publication)],
                 reply,
+                source: Source::Audit,
             },
         );
     }

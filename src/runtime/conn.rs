@@ -9,15 +9,12 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
-use std::os::fd::RawFd;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
-use monoio::net::TcpStream;
 
 use crate::delivery::access::Claims;
 use crate::delivery::filter::{parse_list, text_match, Filter, FilterError, TextMatch};
@@ -28,8 +25,10 @@ use crate::delivery::sse::SseStream;
 use crate::delivery::{terminal, Delivery, Priority};
 use crate::proto::msg::{self, ClientMessage, Control, Encoding, ErrorCode, Format};
 use crate::proto::ws::codec::{self, Decoder, Event};
+use crate::proto::ws::deflate::InflateBudget;
 
 use super::core::{Core, Received, Settings};
+use super::socket::Socket;
 
 /// Most bytes the writer puts into one coalesced write.
 const MAX_WRITE_BATCH: usize = 256 * 1024;
@@ -104,7 +103,8 @@ pub struct Conn {
     welcome: RefCell<Option<Bytes>>,
     initial_pending: Cell<usize>,
     heartbeat: RefCell<Heartbeat>,
-    pub fd: RawFd,
+    /// The socket, while its reader or writer still runs (cut by `abort`).
+    socket: Weak<Socket>,
     /// Set for a Server-Sent Events stream (`/events`): its position, written as `id:`.
     pub sse: Option<Box<SseStream>>,
     /// Set while the client has paused: what it skipped so far.
@@ -137,7 +137,7 @@ impl Conn {
         id: u64,
         peer: std::net::IpAddr,
         claims: Claims,
-        fd: RawFd,
+        socket: Weak<Socket>,
         settings: &Settings,
         format: Format,
     ) -> Conn {
@@ -170,7 +170,7 @@ impl Conn {
             welcome: RefCell::new(None),
             initial_pending: Cell::new(0),
             heartbeat: RefCell::new(heartbeat),
-            fd,
+            socket,
             sse: None,
             paused: RefCell::new(None),
         }
@@ -467,9 +467,8 @@ impl Conn {
 
     /// Cuts the socket: a pending read or write fails and both loops end.
     fn abort(&self) {
-        // SAFETY: shutdown on a descriptor we own; at worst it fails with EBADF/ENOTCONN.
-        unsafe {
-            libc::shutdown(self.fd, libc::SHUT_RDWR);
+        if let Some(socket) = self.socket.upgrade() {
+            socket.shutdown();
         }
     }
 
@@ -526,23 +525,20 @@ impl Conn {
 
 /// Runs a Server-Sent Events stream until it ends: the writer drains the queue; the reader
 /// only watches for the client going away (whatever it sends is dropped).
-pub async fn run_sse(core: Rc<Core>, stream: TcpStream, conn: Rc<Conn>) {
-    let (reader, writer) = monoio::io::Splitable::into_split(stream);
+pub async fn run_sse(core: Rc<Core>, socket: Rc<Socket>, conn: Rc<Conn>) {
     let write_task = monoio::spawn({
-        let (core, conn) = (core.clone(), conn.clone());
+        let (core, conn, socket) = (core.clone(), conn.clone(), socket.clone());
         async move {
-            write_loop(core, conn.clone(), writer).await;
+            write_loop(core, conn.clone(), socket).await;
             conn.abort(); // the stream's end is the end of the TCP connection
         }
     });
     let mut sink = BytesMut::new();
     loop {
-        // SAFETY: as in `read_loop`: readiness polling of our own socket.
-        let stream: &TcpStream = unsafe { &*reader.0.get() };
-        if stream.readable(false).await.is_err() {
+        if socket.stream().readable(false).await.is_err() {
             break;
         }
-        match core.recv_into(conn.fd, &mut sink) {
+        match core.recv_into(socket.stream(), &mut sink) {
             Received::Closed => break,
             Received::Data | Received::NotReady => sink = BytesMut::new(),
         }
@@ -551,11 +547,9 @@ pub async fn run_sse(core: Rc<Core>, stream: TcpStream, conn: Rc<Conn>) {
 }
 
 /// Runs an upgraded connection until it ends. `leftover` holds bytes read after the handshake.
-pub async fn run(core: Rc<Core>, stream: TcpStream, conn: Rc<Conn>, leftover: BytesMut) {
-    let (reader, writer) = monoio::io::Splitable::into_split(stream);
-    let write_task = monoio::spawn(write_loop(core.clone(), conn.clone(), writer));
-
-    read_loop(&core, &conn, reader, leftover).await;
+pub async fn run(core: Rc<Core>, socket: Rc<Socket>, conn: Rc<Conn>, leftover: BytesMut) {
+    let write_task = monoio::spawn(write_loop(core.clone(), conn.clone(), socket.clone()));
+    read_loop(&core, &conn, &socket, leftover).await;
     finish(&core, &conn, write_task).await;
 }
 
@@ -575,20 +569,23 @@ async fn finish(core: &Core, conn: &Conn, mut write_task: monoio::task::JoinHand
     }
 }
 
-async fn read_loop(
-    core: &Core,
-    conn: &Rc<Conn>,
-    reader: OwnedReadHalf<TcpStream>,
-    mut acc: BytesMut,
-) {
+async fn read_loop(core: &Core, conn: &Rc<Conn>, socket: &Socket, mut acc: BytesMut) {
     let mut decoder = Decoder::new(core.shared.settings.max_message_bytes);
     if conn.compress_over.is_some() {
         decoder = decoder.with_deflate();
     }
+    let mut inflate_budget = InflateBudget::new(core.shared.settings.max_inflated_bytes_per_sec);
     loop {
         loop {
             match decoder.decode(&mut acc) {
                 Ok(Some(event)) => {
+                    let inflated = decoder.take_inflated_bytes();
+                    if inflated > 0 && !inflate_budget.spend(Instant::now(), inflated) {
+                        // Stop reading at once: whatever else it sent would be inflated too.
+                        tracing::debug!(conn = conn.id, "inflate budget spent: closing");
+                        conn.close(1008, "too much compressed input");
+                        return;
+                    }
                     if handle_event(core, conn, event) == Flow::Stop {
                         return;
                     }
@@ -606,13 +603,10 @@ async fn read_loop(
         }
         // Wait for readiness holding no buffer, then drain the socket through the core's
         // scratch buffer: an idle connection owns no read buffer at all.
-        // SAFETY: the same shared access monoio's own split halves use; readiness polling only
-        // needs the fd, and the writer half never touches the read side.
-        let stream: &TcpStream = unsafe { &*reader.0.get() };
-        if stream.readable(false).await.is_err() {
+        if socket.stream().readable(false).await.is_err() {
             return;
         }
-        match core.recv_into(conn.fd, &mut acc) {
+        match core.recv_into(socket.stream(), &mut acc) {
             Received::Data | Received::NotReady => {}
             Received::Closed => return,
         }
@@ -702,7 +696,19 @@ fn handle_event(core: &Core, conn: &Rc<Conn>, event: Event) -> Flow {
 }
 
 fn handle_message(core: &Core, conn: &Rc<Conn>, text: &[u8]) {
-    match msg::parse_client_message(text) {
+    let parsed = msg::parse_client_message(text);
+    // Each channel of a message gets its own answer, so one message naming more channels than
+    // a connection may hold gets one error instead of a flood of them.
+    let max = core.shared.settings.max_channels_per_connection;
+    if let Ok(ClientMessage::Subscribe { channels, .. } | ClientMessage::Unsubscribe { channels }) =
+        &parsed
+    {
+        if channels.len() > max {
+            let message = format!("a message may name at most {max} channels");
+            return send_error(conn, ErrorCode::TooManyChannels, &message, None);
+        }
+    }
+    match parsed {
         Err(e) => send_error(conn, e.code, &e.message, None),
         Ok(ClientMessage::Subscribe {
             channels,
@@ -804,11 +810,12 @@ fn refresh(core: &Core, conn: &Rc<Conn>, token: &str) {
 }
 
 fn send_error(conn: &Conn, code: ErrorCode, message: &str, channel: Option<&str>) {
+    let channel = channel.map(crate::delivery::channel::shown);
     conn.push(
         Control::Error {
             code,
             message,
-            channel,
+            channel: channel.as_deref(),
         }
         .frame_in(conn.encoding),
     );
@@ -848,7 +855,7 @@ enum Batch {
     Wait(Duration),
 }
 
-async fn write_loop(core: Rc<Core>, conn: Rc<Conn>, mut writer: OwnedWriteHalf<TcpStream>) {
+async fn write_loop(core: Rc<Core>, conn: Rc<Conn>, socket: Rc<Socket>) {
     let mut spare: Vec<u8> = Vec::new();
     let ttl = core.shared.settings.queue_ttl;
     loop {
@@ -955,9 +962,9 @@ async fn write_loop(core: Rc<Core>, conn: Rc<Conn>, mut writer: OwnedWriteHalf<T
                 conn.after_write(); // events may have expired: tell the client
                 continue;
             }
-            Some(Batch::One(frame)) => writer.write_all(frame).await.0,
-            Some(Batch::Many(buf)) => {
-                let (res, mut buf) = writer.write_all(buf).await;
+            Some(Batch::One(frame)) => socket.write_all(&frame).await,
+            Some(Batch::Many(mut buf)) => {
+                let res = socket.write_all(&buf).await;
                 // Keep a small buffer for the next batch; an idle connection holds no big one.
                 buf.clear();
                 if buf.capacity() <= SPARE_WRITE_BUF {

@@ -8,7 +8,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,13 +20,15 @@ use crate::delivery::queue::Bucket;
 use crate::delivery::ring::RingBounds;
 use crate::delivery::rooms::Rooms;
 use crate::delivery::sequencer::{Resume, Sequencer, SubscribeAck};
+use crate::delivery::tally::Tally;
 use crate::delivery::Delivery;
 use crate::proto::msg::{Control, Encoding, ErrorCode};
 
 use super::audit::Audit;
 use super::conn::{Conn, SubState};
-use super::mesh::{Mesh, MeshMsg};
+use super::mesh::{Mesh, MeshMsg, Source};
 use super::pending::{EdgeLimits, NodeCount, Pending};
+use super::socket;
 
 /// What the runtime needs from the configuration.
 #[derive(Debug, Clone)]
@@ -54,6 +56,8 @@ pub struct Settings {
     pub compress_over: Option<u32>,
     /// Bytes per second per terminal output stream (0: no cap).
     pub terminal_max_bytes_per_sec: u64,
+    /// Inflated bytes of compressed client messages per connection per second (0: no budget).
+    pub max_inflated_bytes_per_sec: u64,
     /// How long an event may wait in a connection's queue (unless its `ttl_ms` says otherwise).
     pub queue_ttl: Duration,
     /// Bounds of the HTTP edge: deadlines and counts of sockets that are not connections.
@@ -67,15 +71,18 @@ pub struct Settings {
     pub release_memory: fn(bool),
 }
 
-/// Node-wide counters (relaxed atomics: for metrics, not for logic).
+/// Node-wide counters, each core adding to shards of its own (for metrics, not for logic).
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub connections: AtomicUsize,
-    pub connections_total: AtomicU64,
-    pub published: AtomicU64,
-    pub frames_queued: AtomicU64,
+    pub connections: Tally,
+    pub connections_total: Tally,
+    /// Messages sequenced that came through the publish API or a terminal stream.
+    pub published: Tally,
+    /// Audit records sequenced on the `audit` channel.
+    pub audit_published: Tally,
+    pub frames_queued: Tally,
     /// Channel states the owner cores hold (each core adds its changes as it makes them).
-    pub channels: AtomicUsize,
+    pub channels: Tally,
 }
 
 /// State shared by all cores.
@@ -242,39 +249,31 @@ impl Core {
     }
 
     /// Moves what the socket holds into `acc` without blocking (after a readiness wake-up).
-    pub fn recv_into(&self, fd: std::os::fd::RawFd, acc: &mut bytes::BytesMut) -> Received {
-        self.recv_with(fd, |bytes| acc.extend_from_slice(bytes))
+    pub fn recv_into(
+        &self,
+        stream: &monoio::net::TcpStream,
+        acc: &mut bytes::BytesMut,
+    ) -> Received {
+        self.recv_with(stream, |bytes| acc.extend_from_slice(bytes))
     }
 
     /// One non-blocking receive through the core's scratch buffer; `take` gets what came.
-    pub fn recv_with(&self, fd: std::os::fd::RawFd, take: impl FnOnce(&[u8])) -> Received {
+    pub fn recv_with(&self, stream: &monoio::net::TcpStream, take: impl FnOnce(&[u8])) -> Received {
         let mut scratch = self.scratch.borrow_mut();
         loop {
-            // SAFETY: recv into a buffer we own, of its length; MSG_DONTWAIT never blocks.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    scratch.as_mut_ptr().cast(),
-                    scratch.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            match n {
-                0 => return Received::Closed,
-                n if n > 0 => {
+            match socket::recv(stream, &mut scratch) {
+                Ok(0) => return Received::Closed,
+                Ok(n) => {
                     // One read per wake-up: the decoder sees these bytes before more are read,
                     // so a fast sender can neither grow `acc` past one frame nor hog the core.
-                    take(&scratch[..n as usize]);
+                    take(&scratch[..n]);
                     return Received::Data;
                 }
-                _ => {
-                    let err = std::io::Error::last_os_error();
-                    return match err.kind() {
-                        std::io::ErrorKind::WouldBlock => Received::NotReady,
-                        std::io::ErrorKind::Interrupted => continue,
-                        _ => Received::Closed,
-                    };
-                }
+                Err(e) => match e.kind() {
+                    std::io::ErrorKind::WouldBlock => return Received::NotReady,
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => return Received::Closed,
+                },
             }
         }
     }
@@ -337,14 +336,8 @@ impl Core {
     }
 
     pub fn register(&self, conn: Rc<Conn>) {
-        self.shared
-            .stats
-            .connections
-            .fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .stats
-            .connections_total
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.connections.add(1);
+        self.shared.stats.connections_total.add(1);
         self.conns.borrow_mut().insert(conn.id, conn);
     }
 
@@ -353,10 +346,7 @@ impl Core {
         if self.conns.borrow_mut().remove(&conn.id).is_none() {
             return;
         }
-        self.shared
-            .stats
-            .connections
-            .fetch_sub(1, Ordering::Relaxed);
+        self.shared.stats.connections.add(-1);
         self.release(
             conn.id,
             &conn.claims.borrow().sub,
@@ -424,7 +414,7 @@ impl Core {
         let Some((channel, state)) = conn.subs.borrow_mut().remove_entry(name) else {
             return Err(SubscribeError {
                 code: ErrorCode::NotSubscribed,
-                message: format!("not subscribed to {name}"),
+                message: format!("not subscribed to {}", channel::shown(name)),
             });
         };
         conn.purge(|d| d.channel == channel);
@@ -461,7 +451,11 @@ impl Core {
     /// Handles one message from the mesh.
     pub fn handle(&self, msg: MeshMsg) {
         match msg {
-            MeshMsg::Publish { batch, reply } => {
+            MeshMsg::Publish {
+                batch,
+                reply,
+                source,
+            } => {
                 let now = now_ms();
                 let mesh = &self.shared.mesh;
                 let mut sequencer = self.sequencer.borrow_mut();
@@ -476,10 +470,11 @@ impl Core {
                     .collect::<Vec<_>>();
                 drop(sequencer);
                 self.report_channels();
-                self.shared
-                    .stats
-                    .published
-                    .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                let counter = match source {
+                    Source::Api => &self.shared.stats.published,
+                    Source::Audit => &self.shared.stats.audit_published,
+                };
+                counter.add(seqs.len() as i64);
                 // The publisher may have gone away; the messages are sequenced regardless.
                 let _ = reply.send(seqs);
             }
@@ -532,11 +527,8 @@ impl Core {
     pub fn report_channels(&self) {
         let count = self.sequencer.borrow().channel_count();
         let before = self.channels_reported.replace(count);
-        let gauge = &self.shared.stats.channels;
-        if count > before {
-            gauge.fetch_add(count - before, Ordering::Relaxed);
-        } else if count < before {
-            gauge.fetch_sub(before - count, Ordering::Relaxed);
+        if count != before {
+            self.shared.stats.channels.add(count as i64 - before as i64);
         }
     }
 
@@ -548,10 +540,7 @@ impl Core {
                 queued += 1;
             }
         }
-        self.shared
-            .stats
-            .frames_queued
-            .fetch_add(queued, Ordering::Relaxed);
+        self.shared.stats.frames_queued.add(queued);
     }
 
     /// The owner has handed over: replay what was missed, then join the room for live events.
@@ -727,7 +716,7 @@ fn check_subscribe(shared: &Shared, conn: &Conn, name: &str) -> Result<(), Subsc
     let max = shared.settings.max_channels_per_connection;
     let fail = |code, message: String| Err(SubscribeError { code, message });
     if let Err(e) = channel::validate(name) {
-        let shown: String = name.chars().take(64).collect();
+        let shown = channel::shown(name);
         return fail(
             ErrorCode::BadChannel,
             format!("bad channel \"{shown}\": {e}"),

@@ -5,4 +5,5 @@ pub mod conn;
 pub mod core;
 pub mod mesh;
 pub mod pending;
+pub mod socket;
 pub mod worker;

@@ -10,7 +10,6 @@ use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -326,7 +325,7 @@ impl ChannelSweep {
         // The allocator returns freed pages lazily, when its thread next asks it to, and a
         // core that has gone quiet never does: while channels are freed anywhere on the node
         // (their names and frames may come from any core), and once more after, thoroughly.
-        let node = gauge.load(Ordering::Relaxed);
+        let node = gauge.sum() as usize;
         if node < self.node_before {
             self.releases = 2;
         }

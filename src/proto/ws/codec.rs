@@ -117,6 +117,8 @@ pub struct Decoder {
     deflate: bool,
     message: Option<Partial>,
     failed: Option<ProtocolError>,
+    /// Bytes compressed messages inflated to since `take_inflated_bytes` last looked.
+    inflated_bytes: std::cell::Cell<usize>,
 }
 
 /// A fragmented data message being reassembled.
@@ -147,6 +149,7 @@ impl Decoder {
             deflate: false,
             message: None,
             failed: None,
+            inflated_bytes: std::cell::Cell::new(0),
         }
     }
 
@@ -170,6 +173,11 @@ impl Decoder {
             self.message = None;
         }
         result
+    }
+
+    /// Bytes inflated since the last call (compressed messages only), for an inflate budget.
+    pub fn take_inflated_bytes(&mut self) -> usize {
+        self.inflated_bytes.replace(0)
     }
 
     /// Bytes of the message being reassembled so far (for memory accounting); 0 when idle.
@@ -330,6 +338,8 @@ impl Decoder {
             deflate::InflateError::TooBig => ProtocolError::MessageTooBig,
             deflate::InflateError::Corrupt => ProtocolError::BadCompression,
         })?;
+        self.inflated_bytes
+            .set(self.inflated_bytes.get().saturating_add(plain.len()));
         if op == opcode::TEXT && std::str::from_utf8(&plain).is_err() {
             return Err(ProtocolError::InvalidUtf8);
         }

@@ -11,7 +11,6 @@
 //! 32 KiB), as is one with unknown or repeated parameters; the connection then goes on plain.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
@@ -21,14 +20,6 @@ pub const RESPONSE: &str =
 
 /// The tail a sync flush ends with, removed on the wire (RFC 7692 §7.2.1).
 const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
-
-/// Messages compressed since start (each once, whatever the number of subscribers).
-static COMPRESSED: AtomicU64 = AtomicU64::new(0);
-
-/// How many messages this process has compressed (for metrics and tests).
-pub fn compressed_total() -> u64 {
-    COMPRESSED.load(Ordering::Relaxed)
-}
 
 /// The `Sec-WebSocket-Extensions` answer to the first of the offers (comma-separated lists,
 /// as sent) that is a `permessage-deflate` offer this server accepts; `None`: none is.
@@ -89,9 +80,7 @@ thread_local! {
 }
 
 /// The payload of a compressed message: raw DEFLATE of `data`, sync-flushed, tail removed.
-/// Counts one compression.
 pub fn compress(data: &[u8]) -> Vec<u8> {
-    COMPRESSED.fetch_add(1, Ordering::Relaxed);
     DEFLATE.with(|cell| {
         let mut z = cell.borrow_mut();
         z.reset();
@@ -173,8 +162,66 @@ pub fn inflate(data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
     })
 }
 
+/// How many inflated bytes one connection's compressed messages may cost per second: 1 KiB on
+/// the wire can be 1 MiB to parse, so the message rate alone does not bound the work.
+///
+/// Counted per whole second from the first inflated message (`now` comes from the caller);
+/// a message is counted once it is inflated, so one message past the budget is the most that
+/// is ever inflated beyond it.
+#[derive(Debug, Clone)]
+pub struct InflateBudget {
+    /// Bytes per second (0: no budget).
+    per_sec: u64,
+    window: Option<(std::time::Instant, u64)>,
+}
+
+impl InflateBudget {
+    pub fn new(per_sec: u64) -> InflateBudget {
+        InflateBudget {
+            per_sec,
+            window: None,
+        }
+    }
+
+    /// Counts a message that inflated to `bytes`; false once this second's budget is spent.
+    pub fn spend(&mut self, now: std::time::Instant, bytes: usize) -> bool {
+        if self.per_sec == 0 {
+            return true;
+        }
+        let (start, spent) = match self.window {
+            Some((start, spent)) if now.duration_since(start).as_secs() < 1 => (start, spent),
+            _ => (now, 0),
+        };
+        let spent = spent.saturating_add(bytes as u64);
+        self.window = Some((start, spent));
+        spent <= self.per_sec
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_inflate_budget_is_per_second() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let mut b = super::InflateBudget::new(1000);
+        assert!(b.spend(t0, 600));
+        assert!(
+            b.spend(t0 + Duration::from_millis(500), 400),
+            "exactly the budget"
+        );
+        assert!(
+            !b.spend(t0 + Duration::from_millis(999), 1),
+            "one byte past it"
+        );
+        assert!(
+            b.spend(t0 + Duration::from_millis(1000), 1000),
+            "a new second"
+        );
+        let mut off = super::InflateBudget::new(0);
+        assert!(off.spend(t0, usize::MAX));
+    }
+
     use super::*;
 
     fn accepts<'a>(offers: impl IntoIterator<Item = &'a str>) -> bool {
