@@ -99,6 +99,25 @@ async fn protocol_violations_close_with_the_rfc_codes() {
 }
 
 #[tokio::test]
+async fn a_client_still_sending_after_a_protocol_error_gets_the_close_frame_and_a_fin() {
+    let server = Server::start();
+    // A reserved opcode (1002) and a frame announcing more than 1 MiB (1009), each sent over
+    // and over while the server closes: the server drops what follows instead of resetting.
+    let reserved = ringcast::proto::ws::codec::testing::client_frame(true, 0x3, b"x", [1, 2, 3, 4]);
+    let mut oversize = vec![0x82, 0xff];
+    oversize.extend_from_slice(&((1u64 << 20) + 1).to_be_bytes());
+    oversize.extend_from_slice(&[1, 2, 3, 4]);
+    oversize.extend_from_slice(&[0u8; 4096]);
+    for (frame, code) in [(reserved, 1002), (oversize, 1009)] {
+        let mut ws = raw_subscribed(&server, "dashboard").await;
+        let (_, close) = ws.recv_close_while_sending(&frame).await;
+        assert_eq!(close.close_code(), Some(code));
+        ws.answer_close(code).await;
+        ws.expect_eof().await;
+    }
+}
+
+#[tokio::test]
 async fn oversize_messages_close_with_1009_before_being_buffered() {
     let server = Server::start();
     // A header announcing 1 MiB + 1: closed at once, without sending the payload.

@@ -584,7 +584,7 @@ async fn read_loop(core: &Core, conn: &Rc<Conn>, socket: &Socket, mut acc: Bytes
                         // Stop reading at once: whatever else it sent would be inflated too.
                         tracing::debug!(conn = conn.id, "inflate budget spent: closing");
                         conn.close(1008, "too much compressed input");
-                        return;
+                        return discard_input(core, socket).await;
                     }
                     if handle_event(core, conn, event) == Flow::Stop {
                         return;
@@ -594,7 +594,7 @@ async fn read_loop(core: &Core, conn: &Rc<Conn>, socket: &Socket, mut acc: Bytes
                 Err(e) => {
                     tracing::debug!(conn = conn.id, error = e.reason(), "protocol error");
                     conn.close(e.close_code(), e.reason());
-                    return;
+                    return discard_input(core, socket).await;
                 }
             }
         }
@@ -609,6 +609,20 @@ async fn read_loop(core: &Core, conn: &Rc<Conn>, socket: &Socket, mut acc: Bytes
         match core.recv_into(socket.stream(), &mut acc) {
             Received::Data | Received::NotReady => {}
             Received::Closed => return,
+        }
+    }
+}
+
+/// After a violation the decoder reads no further, but the socket still does: what the peer
+/// sends is dropped until it closes, or until the close grace cuts the socket. Closing with
+/// unread input would reset the connection, and the peer could lose our close frame.
+async fn discard_input(core: &Core, socket: &Socket) {
+    loop {
+        if socket.stream().readable(false).await.is_err() {
+            return;
+        }
+        if core.recv_with(socket.stream(), |_| {}) == Received::Closed {
+            return;
         }
     }
 }
