@@ -53,8 +53,9 @@ for target in $targets; do
         crash="$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -n 1)"
         echo "fuzz: $target FAILED (log: $log)" >&2
         if [ -n "$crash" ]; then
-            echo "fuzz: crash input: $here/${crash#./}" >&2
-            echo "fuzz: reproduce: (cd $here && RUSTC_BOOTSTRAP=1 cargo fuzz run $target ${crash#./})" >&2
+            case "$crash" in /*) ;; *) crash="$here/${crash#./}" ;; esac
+            echo "fuzz: crash input: $crash" >&2
+            echo "fuzz: reproduce: (cd $here && RUSTC_BOOTSTRAP=1 cargo fuzz run $target $crash)" >&2
         fi
         exit 1
     fi
