@@ -470,12 +470,17 @@ impl ChunkedBody {
             match self.state {
                 ChunkState::Done => return Ok(BodyPart::End),
                 ChunkState::Size => {
+                    // The same bound however the line arrives: a buffered line and its CR
+                    // may wait for the LF; a whole line may not be longer either.
                     let Some(end) = find_crlf(buf) else {
-                        if buf.len() > MAX_CHUNK_LINE {
+                        if buf.len() > MAX_CHUNK_LINE + 1 {
                             return Err(HeadError::Malformed("chunk size line too long"));
                         }
                         return Ok(BodyPart::More);
                     };
+                    if end > MAX_CHUNK_LINE {
+                        return Err(HeadError::Malformed("chunk size line too long"));
+                    }
                     let line = buf.split_to(end + 2);
                     let size = parse_chunk_size(&line[..end])?;
                     self.state = if size == 0 {
@@ -914,5 +919,26 @@ mod tests {
         }
         let long = vec![b'1'; 2000];
         assert!(dechunk(&long, 2000).is_err());
+    }
+
+    /// Found by fuzzing (fuzz/ chunked_body): a chunk-size line over the bound was refused when
+    /// it arrived in pieces but accepted when it arrived whole.
+    #[test]
+    fn chunk_size_line_bound_does_not_depend_on_how_it_arrives() {
+        let line = |ext: usize| {
+            let mut wire = b"1;".to_vec();
+            wire.resize(2 + ext, b'e');
+            wire.extend_from_slice(b"\r\na\r\n0\r\n\r\n");
+            wire
+        };
+        let longest = line(MAX_CHUNK_LINE - 2);
+        let too_long = line(MAX_CHUNK_LINE - 1);
+        for step in [1, 7, 1000, too_long.len()] {
+            assert_eq!(dechunk(&longest, step).unwrap(), b"a", "step {step}");
+            assert!(
+                matches!(dechunk(&too_long, step), Err(HeadError::Malformed(_))),
+                "step {step}"
+            );
+        }
     }
 }
