@@ -446,3 +446,115 @@ async fn duplicate_websocket_key_or_version_headers_are_refused() {
         assert!(body.contains("more than one"), "{body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keep_alive_socket_pipelines_at_most_1000_requests() {
+    let server = Server::start();
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let writer_requests = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1500);
+    let (mut rd, mut wr) = s.split();
+    let write = async {
+        // The server stops reading after the 1000th request: the rest may not all go out.
+        let _ = wr.write_all(&writer_requests).await;
+    };
+    let read = async {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(WAIT, rd.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).to_string()
+    };
+    let ((), answers) = tokio::join!(write, read);
+    assert_eq!(answers.matches("HTTP/1.1 200 OK").count(), 1000);
+    assert_eq!(
+        answers.matches("Connection: close").count(),
+        1,
+        "the 1000th answer says it is the last"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn busy_pipelining_sockets_do_not_keep_new_clients_waiting() {
+    let server = Server::start();
+    // 300 sockets each pipeline 1000 requests and never read their answers.
+    let requests = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+    let mut busy = Vec::new();
+    for _ in 0..300 {
+        let s = TcpStream::connect(server.addr).await.unwrap();
+        let _ = s.try_write(&requests);
+        busy.push(s);
+    }
+    let started = Instant::now();
+    let (status, _, _) = raw_exchange(
+        server.addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let waited = started.elapsed();
+    assert_eq!(status, 200);
+    assert!(
+        waited < Duration::from_secs(3),
+        "a new client waited {waited:?}"
+    );
+    drop(busy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sockets_that_never_completed_a_request_are_evicted_before_keep_alive_publishers() {
+    let server = Server::start_with(&[("RINGCAST_MAX_PENDING_SOCKETS", "100")]);
+    let body = r#"{"channel":"dashboard","event":"e","data":{}}"#;
+    let (mut publisher, head, _) = request_head(
+        server.addr,
+        &format!(
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut heads = Vec::new();
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(server.addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        heads.push(s);
+    }
+    // Let every one of them be accepted and make room.
+    let (status, _, _) = raw_exchange(
+        server.addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    publisher
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (answer, clean) = read_until_closed(&mut publisher, WAIT).await;
+    assert!(clean, "{answer}");
+    assert!(
+        answer.contains("HTTP/1.1 200 OK"),
+        "the publisher's keep-alive socket was kept: {answer:.200}"
+    );
+    drop(heads);
+}
+
+#[tokio::test]
+async fn a_bad_terminal_body_is_answered_and_read_out_not_reset() {
+    let server = Server::start();
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/terminal/t1?project_id=p HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if s.write_all(&[b'a'; 16 * 1024]).await.is_err() {
+            break;
+        }
+    }
+    let (answer, clean) = read_until_closed(&mut s, WAIT).await;
+    assert_eq!(status_of(&answer), Some(400), "{answer:.200}");
+    assert!(clean, "a FIN after the answer, not a reset");
+}

@@ -10,6 +10,7 @@
 #   curl          tests/sse.rs reads Server-Sent Events with `curl -N`
 #   python3-venv  tests/python_client.rs builds a virtualenv and installs `websockets` from PyPI
 #   gcc           a C compiler and linker for the crates with C parts
+#   g++           libFuzzer (the fuzz targets' engine) is C++; fuzz/run.sh installs cargo-fuzz
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
+command -v c++ >/dev/null 2>&1 || need+=(g++)
 
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ]; then

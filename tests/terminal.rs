@@ -274,17 +274,7 @@ async fn a_paused_reader_gets_nothing_then_is_told_what_it_skipped() {
 #[tokio::test]
 async fn the_throughput_cap_slows_the_producer_and_loses_nothing() {
     let server = Server::start_with(&[("RINGCAST_TERMINAL_MAX_BYTES_PER_SEC", "200000")]);
-    let t = token(json!({"sub": "dev", "projects": ["p"]}));
-    let mut ws = reader(&server, &format!("/ws/terminal/tc?token={t}")).await;
-    let output = terminal_output(600_000);
-    let started = Instant::now();
-    let mut producer = Producer::open(&server, "/api/v1/terminal/tc?project_id=p").await;
-    producer.send(&output).await;
-    let (status, answer) = producer.finish().await;
-    let took = started.elapsed();
-    assert_eq!(status, 200, "{answer}");
-    let (bytes, chunks, _) = reassemble_timed(&mut ws, "stdout").await;
-    assert!(bytes == output);
+    let (took, chunks) = produce_paced(&server, "tc", 600_000).await;
     let burst = worst_burst(&chunks, 200_000);
     eprintln!("200 kB/s: producer answered after {took:?}, worst burst {burst} bytes");
     // Below 1 MB/s the 250 kB burst is clamped to one second's worth (200 kB): 600 kB take at
@@ -296,6 +286,24 @@ async fn the_throughput_cap_slows_the_producer_and_loses_nothing() {
         burst <= 200_000 + 4096 + 400 + 10_000,
         "burst of {burst} bytes"
     );
+}
+
+/// Streams `len` bytes of output for task `task` to one reader: how long the producer took,
+/// and the chunks with their publish times (all bytes arrived, in order).
+async fn produce_paced(server: &Server, task: &str, len: usize) -> (Duration, Vec<(u64, usize)>) {
+    let t = token(json!({"sub": "dev", "projects": ["p"]}));
+    let mut ws = reader(server, &format!("/ws/terminal/{task}?token={t}")).await;
+    let output = terminal_output(len);
+    let started = Instant::now();
+    let path = format!("/api/v1/terminal/{task}?project_id=p");
+    let mut producer = Producer::open(server, &path).await;
+    producer.send(&output).await;
+    let (status, answer) = producer.finish().await;
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{answer}");
+    let (bytes, chunks, _) = reassemble_timed(&mut ws, "stdout").await;
+    assert!(bytes == output);
+    (took, chunks)
 }
 
 /// The most bytes published in any window of chunks beyond what the rate allows for the
@@ -318,23 +326,12 @@ fn worst_burst(chunks: &[(u64, usize)], bytes_per_sec: u64) -> u64 {
 async fn the_default_cap_allows_a_quarter_second_burst_then_1_mb_per_second() {
     // The default cap: 1,000,000 bytes/s, bursts up to 250 kB (a quarter second's worth).
     let server = Server::start();
-    let t = token(json!({"sub": "dev", "projects": ["p"]}));
-    let mut ws = reader(&server, &format!("/ws/terminal/td?token={t}")).await;
-    let output = terminal_output(2_000_000);
-    let started = Instant::now();
-    let mut producer = Producer::open(&server, "/api/v1/terminal/td?project_id=p").await;
-    producer.send(&output).await;
-    let (status, answer) = producer.finish().await;
-    let took = started.elapsed();
-    assert_eq!(status, 200, "{answer}");
-    let (bytes, chunks, _) = reassemble_timed(&mut ws, "stdout").await;
-    assert!(bytes == output);
+    let (took, chunks) = produce_paced(&server, "td", 2_000_000).await;
     let burst = worst_burst(&chunks, 1_000_000);
     let spread_ms = chunks.last().unwrap().0 - chunks[0].0;
     eprintln!(
-        "{} bytes in {} chunks: producer answered after {took:?}, chunks published over \
+        "2 MB in {} chunks: producer answered after {took:?}, chunks published over \
          {spread_ms} ms, worst burst {burst} bytes",
-        output.len(),
         chunks.len()
     );
     // The rate: everything past the burst at 1 MB/s, so at least (2.0 - 0.25 - one chunk) s.

@@ -116,6 +116,7 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
     // What came from the socket and is not consumed yet: a head arriving, a body, or the start
     // of the next pipelined request. Grown in small exact steps, freed while idle.
     let mut buf: Vec<u8> = Vec::new();
+    let mut requests = 0;
     loop {
         let (request, head_len) = loop {
             if let Some(parsed) = parse_if_complete(&buf) {
@@ -130,7 +131,9 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
                 }
             }
             let had_bytes = !buf.is_empty();
-            match read_some(&core, &stream, &ticket, &mut buf, HEAD_GROWTH).await {
+            // No more than a head can hold: pipelined requests wait in the kernel, not here.
+            let room = http::MAX_HEAD_BYTES - buf.len().min(http::MAX_HEAD_BYTES - 1);
+            match read_some(&core, &stream, &ticket, &mut buf, room, HEAD_GROWTH).await {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(Expired::Evicted) => return,
@@ -173,6 +176,7 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
             // `produce`, it has no deadline.
             ticket.stage(Stage::Stream, Instant::now());
             let leftover = BytesMut::from(&buf[..]);
+            drop(buf);
             return Box::pin(terminal::produce(&edge, core, stream, request, leftover)).await;
         }
         if request.path.starts_with("/ws") && request.method == "GET" {
@@ -237,7 +241,7 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
             buf.reserve_exact(body_len.saturating_sub(buf.len()));
             while buf.len() < body_len {
                 let left = body_len - buf.len();
-                match read_some(&core, &stream, &ticket, &mut buf, left).await {
+                match read_some(&core, &stream, &ticket, &mut buf, left, left).await {
                     Ok(true) => {}
                     Ok(false) | Err(Expired::Evicted) => return,
                     Err(Expired::Deadline) => {
@@ -252,8 +256,13 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
         } else {
             Vec::new()
         };
-        // An announced body we did not read cannot be skipped: answer, then close.
-        let keep_alive = request.keep_alive() && (read_body || body_len == 0);
+        // An announced body we did not read cannot be skipped: answer, then close. A socket
+        // also closes after MAX_REQUESTS_PER_CONNECTION, so that pipelining thousands of
+        // requests buys no more of the core than a new connection would.
+        requests += 1;
+        let keep_alive = request.keep_alive()
+            && (read_body || body_len == 0)
+            && requests < MAX_REQUESTS_PER_CONNECTION;
         let mut reply = if request.method == "OPTIONS" {
             preflight()
         } else {
@@ -275,6 +284,7 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
         if res.is_err() {
             return;
         }
+        ticket.served();
         if !keep_alive {
             drop(buf);
             return linger_close(stream, LINGER).await;
@@ -295,7 +305,7 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
 
 /// How long a refused socket is drained before it is closed (see `linger_close`); a
 /// lingering socket holds no request bytes (they are dropped first).
-const LINGER: Duration = Duration::from_secs(2);
+pub(super) const LINGER: Duration = Duration::from_secs(2);
 /// The same for sockets closed by a deadline, which have proven to be slow already.
 const SHORT_LINGER: Duration = Duration::from_millis(200);
 /// Bodies up to this size are read without touching the core's body budget, so that ordinary
@@ -303,6 +313,8 @@ const SHORT_LINGER: Duration = Duration::from_millis(200);
 const SMALL_BODY_BYTES: usize = 16 * 1024;
 /// Smallest step a request head's buffer grows by: its cost stays within this of its size.
 const HEAD_GROWTH: usize = 1024;
+/// Requests one keep-alive socket may make before it is closed (as nginx's keepalive_requests).
+const MAX_REQUESTS_PER_CONNECTION: u32 = 1000;
 /// Refused sockets one core drains at once; past it they are closed at once.
 const MAX_LINGERING: usize = 64;
 
@@ -333,20 +345,22 @@ fn parse_if_complete(buf: &[u8]) -> Option<Result<Parse, HeadError>> {
     (ended || buf.len() >= http::MAX_HEAD_BYTES).then(|| http::parse_request(buf))
 }
 
-/// Waits (within the socket's deadline) for bytes and appends what one receive brings,
-/// growing `buf` by at least `step` at a time. Ok(false) at the end of the stream.
+/// Waits (within the socket's deadline) for bytes and appends what one receive brings, at
+/// most `max` bytes, growing `buf` by at least `step` at a time. Ok(false) at the end of the
+/// stream.
 async fn read_some(
     core: &Core,
     stream: &TcpStream,
     ticket: &Ticket,
     buf: &mut Vec<u8>,
+    max: usize,
     step: usize,
 ) -> Result<bool, Expired> {
     loop {
         if ticket.guard(stream.readable(false)).await?.is_err() {
             return Ok(false);
         }
-        let received = core.recv_with(stream, |bytes| {
+        let received = core.recv_with(stream, max, |bytes| {
             if buf.capacity() - buf.len() < bytes.len() {
                 buf.reserve_exact(bytes.len().max(step.min(MAX_READ_STEP)));
             }
@@ -403,7 +417,7 @@ fn preflight() -> Reply {
 /// Closes after an answer without resetting the connection: stop sending, then read and drop
 /// what the client is still sending for at most `within`, so it reads our answer instead of
 /// an RST (closing a socket with unread input resets it).
-async fn linger_close(mut stream: TcpStream, within: Duration) {
+pub(super) async fn linger_close(mut stream: TcpStream, within: Duration) {
     let _ = crate::runtime::socket::shutdown(&stream, std::net::Shutdown::Write);
     let mut sink = vec![0u8; 4 * 1024];
     let deadline = Instant::now() + within;

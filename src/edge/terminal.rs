@@ -24,7 +24,7 @@ use crate::delivery::{channel, Priority, Publication};
 use crate::proto::http::{BodyPart, ChunkedBody, Request};
 use crate::runtime::core::{Core, Received};
 
-use super::http::{bearer, same_secret, Edge, Reply};
+use super::http::{bearer, linger_close, same_secret, Edge, Reply, LINGER};
 use super::publish::{sequence, NotSequenced, BEHIND};
 
 /// How long held bytes (an unfinished escape or character) wait for the rest before they go.
@@ -64,7 +64,7 @@ pub async fn produce(
         Ok(p) => p,
         Err(reply) => {
             let _ = socket.write_all(reply.encode(false)).await;
-            return;
+            return linger_close(socket, LINGER).await;
         }
     };
     if req.has_token("expect", "100-continue") {
@@ -149,6 +149,8 @@ pub async fn produce(
         Err(why) => Reply::error(400, why),
     };
     let _ = socket.write_all(reply.encode(false)).await;
+    // After a bad body the producer may still be sending: drain, so it reads the answer.
+    linger_close(socket, LINGER).await;
 }
 
 fn check(edge: &Edge, core: &Core, req: &Request) -> Result<(Producer, Body), Reply> {

@@ -621,7 +621,7 @@ async fn discard_input(core: &Core, socket: &Socket) {
         if socket.stream().readable(false).await.is_err() {
             return;
         }
-        if core.recv_with(socket.stream(), |_| {}) == Received::Closed {
+        if core.recv_with(socket.stream(), usize::MAX, |_| {}) == Received::Closed {
             return;
         }
     }

@@ -254,14 +254,21 @@ impl Core {
         stream: &monoio::net::TcpStream,
         acc: &mut bytes::BytesMut,
     ) -> Received {
-        self.recv_with(stream, |bytes| acc.extend_from_slice(bytes))
+        self.recv_with(stream, SCRATCH_BYTES, |bytes| acc.extend_from_slice(bytes))
     }
 
-    /// One non-blocking receive through the core's scratch buffer; `take` gets what came.
-    pub fn recv_with(&self, stream: &monoio::net::TcpStream, take: impl FnOnce(&[u8])) -> Received {
+    /// One non-blocking receive of at most `max` bytes through the core's scratch buffer;
+    /// `take` gets what came.
+    pub fn recv_with(
+        &self,
+        stream: &monoio::net::TcpStream,
+        max: usize,
+        take: impl FnOnce(&[u8]),
+    ) -> Received {
         let mut scratch = self.scratch.borrow_mut();
+        let len = max.clamp(1, scratch.len());
         loop {
-            match socket::recv(stream, &mut scratch) {
+            match socket::recv(stream, &mut scratch[..len]) {
                 Ok(0) => return Received::Closed,
                 Ok(n) => {
                     // One read per wake-up: the decoder sees these bytes before more are read,

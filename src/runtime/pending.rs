@@ -106,6 +106,8 @@ impl Signal {
 
 struct Entry {
     ip: IpAddr,
+    /// Whether a request of this socket was answered (a keep-alive client that proved itself).
+    served: Cell<bool>,
     stage: Stage,
     deadline: Option<Instant>,
     signal: Rc<Signal>,
@@ -173,6 +175,7 @@ impl Pending {
             id,
             Entry {
                 ip,
+                served: Cell::new(false),
                 stage: Stage::Head,
                 deadline: Some(now + l.header_timeout),
                 signal: signal.clone(),
@@ -189,12 +192,18 @@ impl Pending {
         })
     }
 
-    /// Tells this core's oldest idle (or head-reading) socket to close; false if there is none.
+    /// Tells one of this core's sockets that wait for a request to close: the oldest that has
+    /// never completed one, else the oldest idle keep-alive socket; false if there is none.
     pub fn evict_oldest_idle(&self) -> bool {
         let entries = self.entries.borrow();
-        let oldest = entries.values().find(|e| {
+        let waiting = |e: &&Entry| {
             matches!(e.stage, Stage::Idle | Stage::Head) && e.signal.fired.get().is_none()
-        });
+        };
+        let oldest = entries
+            .values()
+            .filter(waiting)
+            .find(|e| !e.served.get())
+            .or_else(|| entries.values().find(waiting));
         match oldest {
             Some(e) => {
                 e.signal.fire(Expired::Evicted);
@@ -277,6 +286,14 @@ impl Ticket {
         if let Some(e) = self.pending.entries.borrow_mut().get_mut(&self.id) {
             e.stage = stage;
             e.deadline = deadline;
+        }
+    }
+
+    /// A request of this socket was answered: it is evicted only after sockets that never
+    /// completed one.
+    pub fn served(&self) {
+        if let Some(e) = self.pending.entries.borrow().get(&self.id) {
+            e.served.set(true);
         }
     }
 
@@ -406,6 +423,33 @@ mod tests {
         drop(first);
         drop(second);
         assert!(p.admit(ip("10.0.0.4"), now, &node, 0).is_ok());
+    }
+
+    #[test]
+    fn sockets_that_never_completed_a_request_make_room_first() {
+        let (p, node) = pending(|l| l.max_pending = 3);
+        let now = Instant::now();
+        let publisher = p.admit(ip("10.0.0.1"), now, &node, 0).unwrap();
+        publisher.served();
+        publisher.stage(Stage::Idle, now);
+        let half_head = p.admit(ip("10.0.0.2"), now, &node, 0).unwrap();
+        let silent = p.admit(ip("10.0.0.3"), now, &node, 0).unwrap();
+        let _newcomer = p.admit(ip("10.0.0.4"), now, &node, 0).unwrap();
+        assert_eq!(half_head.expired(), Some(Expired::Evicted));
+        assert_eq!((publisher.expired(), silent.expired()), (None, None));
+        let _another = p.admit(ip("10.0.0.5"), now, &node, 0).unwrap();
+        assert_eq!(silent.expired(), Some(Expired::Evicted));
+        // Only served sockets are left waiting: the oldest idle one goes.
+        drop((half_head, silent));
+        let (_a, _b) = (
+            p.admit(ip("10.0.0.6"), now, &node, 0).unwrap(),
+            p.admit(ip("10.0.0.7"), now, &node, 0).unwrap(),
+        );
+        assert_eq!(
+            publisher.expired(),
+            None,
+            "newer unproven sockets went first"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! connections over the listeners. io_uring is used when the kernel allows it; otherwise the
 //! epoll fallback runs and the log says so and why, once.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -167,8 +168,40 @@ async fn serve(core: Rc<Core>, listener: StdListener, inbox: Inbox, handler: Han
     };
     monoio::spawn(mesh_loop(core.clone(), inbox));
     monoio::spawn(sweep_loop(core.clone()));
-    let mut emfile = RateLimitedLog::new(Duration::from_secs(10));
-    let mut spare = SpareFile::open();
+    // Several accepts in flight: a core busy with many sockets still takes new ones at a
+    // useful rate (each accept waits its turn behind every ready task), so a flood of busy
+    // sockets cannot keep health checks and clients in the kernel's queue.
+    let listener = Rc::new(listener);
+    let shared = Rc::new(AcceptState {
+        emfile: RefCell::new(RateLimitedLog::new(Duration::from_secs(10))),
+        spare: RefCell::new(SpareFile::open()),
+    });
+    for _ in 1..ACCEPTORS {
+        monoio::spawn(accept_loop(
+            core.clone(),
+            listener.clone(),
+            handler.clone(),
+            shared.clone(),
+        ));
+    }
+    accept_loop(core, listener, handler, shared).await
+}
+
+/// Accepts in flight per worker.
+const ACCEPTORS: usize = 8;
+
+/// What a worker's accept loops share.
+struct AcceptState {
+    emfile: RefCell<RateLimitedLog>,
+    spare: RefCell<SpareFile>,
+}
+
+async fn accept_loop(
+    core: Rc<Core>,
+    listener: Rc<TcpListener>,
+    handler: Handler,
+    state: Rc<AcceptState>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -176,7 +209,7 @@ async fn serve(core: Rc<Core>, listener: StdListener, inbox: Inbox, handler: Han
                 monoio::spawn(handler(core.clone(), stream, peer));
             }
             Err(e) if is_out_of_files(&e) => {
-                if let Some(suppressed) = emfile.ready(Instant::now()) {
+                if let Some(suppressed) = state.emfile.borrow_mut().ready(Instant::now()) {
                     tracing::warn!(
                         worker = core.id,
                         suppressed,
@@ -188,11 +221,11 @@ async fn serve(core: Rc<Core>, listener: StdListener, inbox: Inbox, handler: Han
                 // spare descriptor lets one waiting client be accepted and told 503.
                 if core.pending.evict_oldest_idle() {
                     yield_now().await;
-                } else if spare.release() {
+                } else if state.spare.borrow_mut().release() {
                     if let Ok((stream, _)) = listener.accept().await {
                         refuse_at_file_limit(stream).await;
                     }
-                    spare = SpareFile::open();
+                    *state.spare.borrow_mut() = SpareFile::open();
                 } else {
                     monoio::time::sleep(Duration::from_millis(50)).await;
                 }
