@@ -185,6 +185,11 @@ async fn the_admin_api_needs_the_key_and_a_target() {
         .contains("channels or project_id"));
     let (status, _) = admin(&server, "POST", "revoke", json!({"user": "u"})).await;
     assert_eq!(status, 400);
+    for blank in ["", "  "] {
+        let (status, body) = admin(&server, "POST", "disconnect", json!({"user_id": blank})).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"], "user_id must not be empty or blank");
+    }
     let (status, _) = admin(&server, "GET", "revoke", json!(null)).await;
     assert_eq!(status, 405);
 }

@@ -65,8 +65,8 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Opt
         Ok(t) => t,
         Err(e) => return Some(Reply::error(400, &format!("bad JSON body: {e}"))),
     };
-    if target.user_id.is_empty() {
-        return Some(Reply::error(400, "user_id must not be empty"));
+    if target.user_id.trim().is_empty() {
+        return Some(Reply::error(400, "user_id must not be empty or blank"));
     }
     for name in &target.channels {
         if let Err(e) = channel::validate(name) {

@@ -31,7 +31,7 @@ pub enum TokenError {
     #[error("token is from another issuer")]
     WrongIssuer,
     /// `sub` names the user every limit, admin command and audit record is keyed by.
-    #[error("token's sub claim is empty: it must name the user")]
+    #[error("token's sub claim is empty or holds control characters: it must name the user")]
     EmptySubject,
 }
 
@@ -144,7 +144,11 @@ impl Verifier {
             }
         }
         match result {
-            Ok(claims) if claims.sub.trim().is_empty() => Err(TokenError::EmptySubject),
+            Ok(claims)
+                if claims.sub.trim().is_empty() || claims.sub.chars().any(char::is_control) =>
+            {
+                Err(TokenError::EmptySubject)
+            }
             other => other,
         }
     }
@@ -267,7 +271,7 @@ mod tests {
     #[test]
     fn refuses_an_empty_or_blank_sub() {
         let v = Verifier::hs256(b"s3cret", 0);
-        for sub in ["", " ", "\t"] {
+        for sub in ["", " ", "\t", "\u{0}", "u\u{7}1"] {
             let t = sign_hs256(b"s3cret", &json!({"sub":sub,"exp":now()+60}));
             assert_eq!(v.verify(&t), Err(TokenError::EmptySubject), "{sub:?}");
         }
