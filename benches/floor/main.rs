@@ -1,5 +1,5 @@
 //! The floor: the least work a WebSocket push server that writes once per delivery can do on
-//! this kernel, run next to ringcast and its peers in the same scenarios (issue 4, part 5).
+//! this kernel, run next to ringcast and its peers in the same scenarios.
 //!
 //! It is the floor because every delivery costs exactly one `send(2)` of a frame built once per
 //! publish, and nothing else: no JSON (the published body is the payload), no per-connection
