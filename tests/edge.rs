@@ -474,10 +474,10 @@ async fn a_keep_alive_socket_pipelines_at_most_1000_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn busy_pipelining_sockets_do_not_keep_new_clients_waiting() {
     let server = Server::start();
-    // 300 sockets each pipeline 1000 requests and never read their answers.
+    // 1,500 sockets each pipeline 1000 requests and never read their answers.
     let requests = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
     let mut busy = Vec::new();
-    for _ in 0..300 {
+    for _ in 0..1500 {
         let s = TcpStream::connect(server.addr).await.unwrap();
         let _ = s.try_write(&requests);
         busy.push(s);

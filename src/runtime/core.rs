@@ -27,7 +27,7 @@ use crate::proto::msg::{Control, Encoding, ErrorCode};
 use super::audit::Audit;
 use super::conn::{Conn, SubState};
 use super::mesh::{Mesh, MeshMsg, Source};
-use super::pending::{EdgeLimits, NodeCount, Pending};
+use super::pending::{EdgeLimits, Pending};
 use super::socket;
 
 /// What the runtime needs from the configuration.
@@ -99,7 +99,7 @@ pub struct Shared {
     pub limits: Limits,
     pub audit_trail: Audit,
     /// Sockets of the whole node that are not connections (see `runtime::pending`).
-    pub pending_sockets: Arc<NodeCount>,
+    pub pending_sockets: Arc<Tally>,
 }
 
 impl Shared {
@@ -119,7 +119,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             stats: Stats::default(),
             auth,
-            pending_sockets: Arc::new(NodeCount::default()),
+            pending_sockets: Arc::new(Tally::new()),
         }
     }
 

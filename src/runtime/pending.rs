@@ -14,10 +14,11 @@ use std::future::{poll_fn, Future};
 use std::net::IpAddr;
 use std::pin::pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
+
+use crate::delivery::tally::Tally;
 
 /// Bounds of the HTTP edge (see the settings in docs/operations.md).
 #[derive(Debug, Clone, Copy)]
@@ -113,8 +114,8 @@ struct Entry {
     signal: Rc<Signal>,
 }
 
-/// One core's pending sockets. `node_pending` is shared by the cores (one write per accept and
-/// per close, never per message).
+/// One core's pending sockets. `node_pending` (a `Tally`: each core writes its own shard) counts
+/// the node's, once per accept and once per close, never per message.
 pub struct Pending {
     limits: EdgeLimits,
     /// By ticket id, which rises: the first idle entry is the oldest.
@@ -153,7 +154,7 @@ impl Pending {
         self: &Rc<Self>,
         ip: IpAddr,
         now: Instant,
-        node_pending: &Arc<NodeCount>,
+        node_pending: &Arc<Tally>,
         open_connections: usize,
     ) -> Result<Ticket, Full> {
         let l = &self.limits;
@@ -162,7 +163,7 @@ impl Pending {
         {
             return Err(Full::PerIp);
         }
-        let pending = node_pending.get();
+        let pending = node_pending.sum() as usize;
         if (pending >= l.max_pending || pending + open_connections >= l.max_sockets)
             && !self.evict_oldest_idle()
         {
@@ -244,29 +245,10 @@ impl Pending {
     }
 }
 
-/// The node's count of pending sockets: one padded atomic shared by the cores.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub struct NodeCount(AtomicUsize);
-
-impl NodeCount {
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    fn add(&self, n: usize) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn sub(&self, n: usize) {
-        self.0.fetch_sub(n, Ordering::Relaxed);
-    }
-}
-
 /// A registered pending socket; dropping it unregisters the socket.
 pub struct Ticket {
     pending: Rc<Pending>,
-    node: Arc<NodeCount>,
+    node: Arc<Tally>,
     id: u64,
     signal: Rc<Signal>,
     /// Body bytes this socket holds of its core's budget.
@@ -343,7 +325,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         self.release_body();
         self.pending.remove(self.id);
-        self.node.sub(1);
+        self.node.add(-1);
     }
 }
 
@@ -355,10 +337,10 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn pending(f: impl FnOnce(&mut EdgeLimits)) -> (Rc<Pending>, Arc<NodeCount>) {
+    fn pending(f: impl FnOnce(&mut EdgeLimits)) -> (Rc<Pending>, Arc<Tally>) {
         let mut l = EdgeLimits::default();
         f(&mut l);
-        (Rc::new(Pending::new(l, 1)), Arc::new(NodeCount::default()))
+        (Rc::new(Pending::new(l, 1)), Arc::new(Tally::new()))
     }
 
     #[test]
@@ -367,11 +349,11 @@ mod tests {
         let now = Instant::now();
         let a = p.admit(ip("10.0.0.1"), now, &node, 0).unwrap();
         let b = p.admit(ip("10.0.0.1"), now, &node, 0).unwrap();
-        assert_eq!((p.len(), node.get()), (2, 2));
+        assert_eq!((p.len(), node.sum()), (2, 2));
         drop(a);
-        assert_eq!((p.len(), node.get()), (1, 1));
+        assert_eq!((p.len(), node.sum()), (1, 1));
         drop(b);
-        assert_eq!((p.len(), node.get()), (0, 0));
+        assert_eq!((p.len(), node.sum()), (0, 0));
         assert!(p.per_ip.borrow().is_empty());
     }
 
