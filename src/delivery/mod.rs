@@ -20,6 +20,7 @@ pub mod queue;
 pub mod ring;
 pub mod rooms;
 pub mod sequencer;
+pub mod session;
 pub mod sse;
 pub mod tally;
 pub mod terminal;

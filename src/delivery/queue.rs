@@ -167,7 +167,13 @@ impl SendQueue {
         self.entries.push_front(Entry::Control(frame));
     }
 
+    #[cfg(test)]
     pub fn push_event(&mut self, d: &Arc<Delivery>) -> Pushed {
+        self.push_event_at(d, Instant::now())
+    }
+
+    /// Offers a live event queued at `now` (its TTL counts from there).
+    pub fn push_event_at(&mut self, d: &Arc<Delivery>, now: Instant) -> Pushed {
         let waiting = self.entries.len();
         if let (Some(key), false) = (&d.coalesce_key, d.priority == Priority::Critical) {
             // An older event of the same key still waits: the newer one takes its place (at
@@ -182,8 +188,7 @@ impl SendQueue {
                     self.bytes -= old.frame(self.format).len();
                 }
                 self.bytes += d.frame_in(self.format).len();
-                self.entries
-                    .push_back(Entry::Event(d.clone(), Instant::now()));
+                self.entries.push_back(Entry::Event(d.clone(), now));
                 return Pushed::Conflated;
             }
         }
@@ -199,8 +204,7 @@ impl SendQueue {
             }
         }
         self.bytes += d.frame_in(self.format).len();
-        self.entries
-            .push_back(Entry::Event(d.clone(), Instant::now()));
+        self.entries.push_back(Entry::Event(d.clone(), now));
         Pushed::Queued
     }
 
@@ -321,7 +325,7 @@ impl SendQueue {
     }
 
     /// Removes every queued event `gone` picks (an ended subscription, a revoked project).
-    pub fn purge(&mut self, gone: impl Fn(&Delivery) -> bool) {
+    pub fn purge(&mut self, mut gone: impl FnMut(&Delivery) -> bool) {
         let format = self.format;
         let mut freed = 0;
         self.entries.retain(|e| match e {

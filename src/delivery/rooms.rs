@@ -33,6 +33,11 @@ impl<T> Rooms<T> {
         true
     }
 
+    /// The room's own copy of a channel's name, if the room exists (so members can share it).
+    pub fn name(&self, channel: &str) -> Option<Arc<str>> {
+        self.rooms.get_key_value(channel).map(|(k, _)| k.clone())
+    }
+
     /// Removes `id` from the room of `channel`; true if it was there.
     pub fn leave(&mut self, channel: &str, id: u64) -> bool {
         let Some(room) = self.rooms.get_mut(channel) else {

@@ -17,6 +17,7 @@ use crate::delivery::channel;
 use crate::delivery::filter::{parse_list, text_match, Filter};
 use crate::delivery::limits::Refused;
 use crate::delivery::sequencer::Resume;
+use crate::delivery::session::Session;
 use crate::delivery::sse::SseStream;
 use crate::proto::http::{self, Request};
 use crate::proto::msg::{Control, Encoding, Format};
@@ -173,47 +174,48 @@ pub(super) fn start(
     sse: Option<Box<SseStream>>,
 ) -> Rc<Conn> {
     let settings = &core.shared.settings;
-    let mut conn = Conn::new(
-        id,
-        peer,
-        opening.claims,
-        Rc::downgrade(socket),
-        settings,
-        format,
-    );
-    conn.sse = sse;
-    let conn = Rc::new(conn);
-    *conn.handshake_projects.borrow_mut() = projects;
-    conn.acks.set(opening.acks);
-    *conn.filter.borrow_mut() = opening.filter;
-    core.register(conn.clone());
+    let now = std::time::Instant::now();
+    let mut session = Session::new(id, peer, opening.claims, format, &core.shared.session, now);
+    let transport = if sse.is_some() { "sse" } else { "websocket" };
+    if let Some(sse) = sse {
+        session.set_sse(sse);
+    }
+    session.set_handshake_projects(projects);
+    session.set_acks(opening.acks);
+    session.set_filter(opening.filter);
     core.shared.audit(
         "connect",
-        json!({"ip": peer, "user_id": conn.claims.borrow().sub, "connection_id": format!("{:x}", id),
-               "core": core.id, "channels": opening.channels,
-               "transport": if conn.sse.is_some() { "sse" } else { "websocket" }}),
+        json!({"ip": peer, "user_id": session.user(), "connection_id": format!("{:x}", id),
+               "core": core.id, "channels": opening.channels, "transport": transport}),
     );
+    let encoding = session.encoding();
+    let conn = Rc::new(Conn::new(session, socket.clone()));
+    core.register(conn.clone());
     if core.shared.is_draining() {
         // Drain began while the answer was on its way: this connection missed the notice.
-        conn.push(crate::runtime::core::shutdown_frame(conn.encoding));
+        core.push(&conn, crate::runtime::core::shutdown_frame(encoding));
     }
     let welcome = Control::Welcome {
-        connection_id: &format!("{:x}", conn.id),
+        connection_id: &format!("{id:x}"),
         epoch: &core.shared.epoch,
         heartbeat_ms: settings.heartbeat.ping_interval.as_millis() as u64,
         channels: &opening.channels,
-        encoding: conn.encoding.name(),
+        encoding: encoding.name(),
         note: opening.encoding_note.as_deref(),
     }
-    .frame_in(conn.encoding);
-    conn.greet_after(welcome, opening.channels.len());
-    for (name, resume) in opening.channels.iter().zip(resumes) {
-        if let Err(e) = core.subscribe(&conn, name, resume, true) {
-            // Checked in `open`; reaching here is a bug, so say so rather than hang the welcome.
-            tracing::error!(conn = conn.id, "initial subscribe failed: {}", e.message);
-            conn.initial_subscribed();
+    .frame_in(encoding);
+    core.with_session(&conn, |s, ctx, out| {
+        let mut subscribed = 0;
+        for (name, resume) in opening.channels.iter().zip(resumes) {
+            match s.subscribe(name, resume, true, ctx, out) {
+                Ok(()) => subscribed += 1,
+                // Checked in `open`; reaching here is a bug, so say so rather than hang the
+                // welcome.
+                Err(e) => tracing::error!(conn = id, "initial subscribe failed: {}", e.message),
+            }
         }
-    }
+        s.greet_after(welcome, subscribed);
+    });
     conn
 }
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::delivery::access::{Authenticator, Claims, Overrides};
 use crate::delivery::channel;
@@ -19,16 +19,19 @@ use crate::delivery::limits::{LimitConfig, Limits, Refused};
 use crate::delivery::queue::Bucket;
 use crate::delivery::ring::RingBounds;
 use crate::delivery::rooms::Rooms;
-use crate::delivery::sequencer::{Resume, Sequencer, SubscribeAck};
+use crate::delivery::sequencer::{Sequencer, SubscribeAck};
+use crate::delivery::session::{Ctx, Effect, Flow, Session, SessionConfig};
 use crate::delivery::tally::Tally;
 use crate::delivery::Delivery;
-use crate::proto::msg::{Control, Encoding, ErrorCode};
+use crate::proto::msg::{Control, Encoding};
+use crate::proto::ws::codec::Event;
 
 use super::audit::Audit;
-use super::conn::{Conn, SubState};
+use super::conn::Conn;
 use super::mesh::{Mesh, MeshMsg, Source};
 use super::pending::{EdgeLimits, Pending};
 use super::socket;
+use super::writer::Writer;
 
 /// What the runtime needs from the configuration.
 #[derive(Debug, Clone)]
@@ -88,6 +91,8 @@ pub struct Stats {
 /// State shared by all cores.
 pub struct Shared {
     pub settings: Settings,
+    /// What every connection's session reads from the settings.
+    pub session: SessionConfig,
     /// Changes at every start: positions from another epoch cannot be resumed exactly.
     pub epoch: String,
     pub mesh: Mesh,
@@ -110,7 +115,21 @@ impl Shared {
         limits: LimitConfig,
         audit_trail: Audit,
     ) -> Shared {
+        let session = SessionConfig {
+            heartbeat: settings.heartbeat,
+            max_channels_per_connection: settings.max_channels_per_connection,
+            max_queue_bytes: settings.max_queue_bytes,
+            max_client_messages_per_sec: settings.max_client_messages_per_sec,
+            queue_threshold: settings.queue_threshold,
+            slow_client_timeout: settings.slow_client_timeout,
+            connection_rate_limit: settings.connection_rate_limit,
+            key_interval: settings.key_interval,
+            queue_ttl: settings.queue_ttl,
+            ack_timeout: settings.ack_timeout,
+            ack_max_sends: settings.ack_max_sends,
+        };
         Shared {
+            session,
             audit_trail,
             limits: Limits::new(limits),
             settings,
@@ -181,12 +200,7 @@ pub struct ConnInfo {
     pub channels: Vec<String>,
 }
 
-/// Refusal of a subscribe, answered with an `error` frame (or HTTP 403/400 at the handshake).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubscribeError {
-    pub code: ErrorCode,
-    pub message: String,
-}
+pub use crate::delivery::session::SubscribeError;
 
 /// What a non-blocking receive found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,14 +219,17 @@ pub struct Core {
     pub id: usize,
     pub shared: Arc<Shared>,
     pub sequencer: RefCell<Sequencer>,
-    pub rooms: RefCell<Rooms<Rc<Conn>>>,
-    pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
+    rooms: RefCell<Rooms<Rc<Conn>>>,
+    conns: RefCell<HashMap<u64, Rc<Conn>>>,
     next_conn: Cell<u64>,
-    next_sub: Cell<u64>,
+    /// Writes what this core's connections have queued (see `runtime::writer`).
+    pub(super) writer: Writer,
+    /// Effects of a session's input, carried out right after it (kept for its allocation).
+    effects: Cell<Vec<Effect>>,
     /// This core's share of `stats.channels`.
     channels_reported: Cell<usize>,
     /// This core's share of the node-wide outbound rate limit.
-    pub bucket: RefCell<Bucket>,
+    pub(super) bucket: RefCell<Bucket>,
     /// Admin changes per user, the same on every core (each command reaches all of them).
     overrides: RefCell<HashMap<String, Overrides>>,
     /// Every connection's reads pass through here, so none holds a read buffer of its own.
@@ -237,7 +254,8 @@ impl Core {
             rooms: RefCell::new(Rooms::default()),
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
-            next_sub: Cell::new(0),
+            writer: Writer::default(),
+            effects: Cell::new(Vec::new()),
             channels_reported: Cell::new(0),
             bucket: RefCell::new(Bucket::new(node_share)),
             overrides: RefCell::new(HashMap::new()),
@@ -292,6 +310,83 @@ impl Core {
         ((self.id as u64) << 48) | n
     }
 
+    /// What a session needs for one input at `now`.
+    pub fn ctx(&self, now: Instant) -> Ctx<'_> {
+        Ctx {
+            now,
+            unix_secs: now_ms() / 1000,
+            config: &self.shared.session,
+            epoch: &self.shared.epoch,
+            auth: &*self.shared.auth,
+        }
+    }
+
+    /// Runs `f` on the connection's session, then carries out what it asked for and
+    /// schedules a flush if it queued something.
+    pub fn with_session<R>(
+        &self,
+        conn: &Rc<Conn>,
+        f: impl FnOnce(&mut Session, &Ctx, &mut Vec<Effect>) -> R,
+    ) -> R {
+        let mut effects = self.effects.take();
+        let result = {
+            let ctx = self.ctx(Instant::now());
+            let mut session = conn.session.borrow_mut();
+            f(&mut session, &ctx, &mut effects)
+        };
+        self.apply(conn, &mut effects);
+        self.effects.replace(effects);
+        self.schedule(conn);
+        result
+    }
+
+    /// One WebSocket event from the client.
+    pub fn on_ws_event(&self, conn: &Rc<Conn>, event: Event) -> Flow {
+        self.with_session(conn, |s, ctx, out| s.on_ws_event(event, ctx, out))
+    }
+
+    /// Queues a close frame for the connection.
+    pub fn close(&self, conn: &Rc<Conn>, code: u16, reason: &str) {
+        self.with_session(conn, |s, ctx, _| s.close(code, reason, ctx.now));
+    }
+
+    /// Queues a frame of the server's (a notice) for the connection.
+    pub fn push(&self, conn: &Rc<Conn>, frame: bytes::Bytes) {
+        self.with_session(conn, |s, ctx, _| s.push_control(frame, ctx.now, ctx.config));
+    }
+
+    /// Carries out what a session asked of the node.
+    fn apply(&self, conn: &Rc<Conn>, effects: &mut Vec<Effect>) {
+        for effect in effects.drain(..) {
+            match effect {
+                Effect::Subscribe {
+                    channel,
+                    sub,
+                    resume,
+                } => {
+                    let owner = channel::owner_core(&channel, self.shared.mesh.cores());
+                    let conn = conn.id();
+                    let msg = MeshMsg::Subscribe {
+                        channel,
+                        core: self.id,
+                        conn,
+                        sub,
+                        resume,
+                    };
+                    self.shared.mesh.send(owner, msg);
+                }
+                Effect::Unsubscribe { channel, joined } => {
+                    if joined {
+                        self.rooms.borrow_mut().leave(&channel, conn.id());
+                    }
+                    self.send_unsubscribe(channel);
+                }
+                Effect::Audit { kind, fields } => self.shared.audit(kind, fields),
+                Effect::Cut => conn.cut(),
+            }
+        }
+    }
+
     /// Counts a new connection against the node's limits; displaces the user's oldest one
     /// when the policy says so.
     pub fn admit(
@@ -320,21 +415,6 @@ impl Core {
         self.shared.limits.release(conn, user, projects);
     }
 
-    /// Ends the subscriptions the connection's (changed) claims no longer allow, telling the
-    /// client why; returns how many.
-    pub fn end_forbidden_subscriptions(&self, conn: &Conn, reason: &str) -> usize {
-        let lost: Vec<Arc<str>> = conn
-            .subs
-            .borrow()
-            .keys()
-            .filter(|c| !conn.claims.borrow().can_subscribe(c))
-            .cloned()
-            .collect();
-        lost.iter()
-            .filter(|c| self.unsubscribe(conn, c, Some(reason)).is_ok())
-            .count()
-    }
-
     /// Puts the admin's changes for this user over freshly read claims.
     pub fn apply_overrides(&self, claims: &mut Claims) {
         if let Some(o) = self.overrides.borrow().get(&claims.sub) {
@@ -345,103 +425,28 @@ impl Core {
     pub fn register(&self, conn: Rc<Conn>) {
         self.shared.stats.connections.add(1);
         self.shared.stats.connections_total.add(1);
-        self.conns.borrow_mut().insert(conn.id, conn);
+        self.conns.borrow_mut().insert(conn.id(), conn);
     }
 
     /// Forgets a finished connection and gives back its subscriptions.
-    pub fn deregister(&self, conn: &Conn) {
-        if self.conns.borrow_mut().remove(&conn.id).is_none() {
+    pub fn deregister(&self, conn: &Rc<Conn>) {
+        let id = conn.id();
+        if self.conns.borrow_mut().remove(&id).is_none() {
             return;
         }
         self.shared.stats.connections.add(-1);
-        self.release(
-            conn.id,
-            &conn.claims.borrow().sub,
-            &conn.handshake_projects.borrow(),
-        );
-        let (code, reason) = conn
-            .closed_with
-            .borrow()
-            .clone()
-            .unwrap_or((1006, "connection lost".into()));
-        self.shared.audit(
-            "disconnect",
-            serde_json::json!({"ip": conn.peer, "user_id": conn.claims.borrow().sub,
-                "connection_id": format!("{:x}", conn.id), "code": code, "reason": reason}),
-        );
-        let subs = std::mem::take(&mut *conn.subs.borrow_mut());
-        let mut rooms = self.rooms.borrow_mut();
-        for (channel, state) in subs {
-            if state == SubState::Active {
-                rooms.leave(&channel, conn.id);
-            }
-            self.send_unsubscribe(channel);
-        }
-    }
-
-    /// Starts a subscription; the connection gets `subscribed` once the owner answers.
-    pub fn subscribe(
-        &self,
-        conn: &Rc<Conn>,
-        name: &str,
-        resume: Resume,
-        initial: bool,
-    ) -> Result<(), SubscribeError> {
-        check_subscribe(&self.shared, conn, name)?;
-        let channel: Arc<str> = name.into();
-        let sub = self.next_sub.get() + 1;
-        self.next_sub.set(sub);
-        let state = if initial {
-            SubState::PendingInitial(sub)
-        } else {
-            SubState::Pending(sub)
+        let fields = {
+            let session = conn.session.borrow();
+            self.release(id, session.user(), session.handshake_projects());
+            let (code, reason) = session.closed_with();
+            serde_json::json!({"ip": session.peer(), "user_id": session.user(),
+                "connection_id": format!("{id:x}"), "code": code, "reason": reason})
         };
-        conn.subs.borrow_mut().insert(channel.clone(), state);
-        let owner = channel::owner_core(name, self.shared.mesh.cores());
-        self.shared.mesh.send(
-            owner,
-            MeshMsg::Subscribe {
-                channel,
-                core: self.id,
-                conn: conn.id,
-                sub,
-                resume,
-            },
-        );
-        Ok(())
-    }
-
-    /// Ends a subscription, at the client's request (`reason` None) or the server's.
-    pub fn unsubscribe(
-        &self,
-        conn: &Conn,
-        name: &str,
-        reason: Option<&str>,
-    ) -> Result<(), SubscribeError> {
-        let Some((channel, state)) = conn.subs.borrow_mut().remove_entry(name) else {
-            return Err(SubscribeError {
-                code: ErrorCode::NotSubscribed,
-                message: format!("not subscribed to {}", channel::shown(name)),
-            });
-        };
-        conn.purge(|d| d.channel == channel);
-        match state {
-            SubState::Active => {
-                self.rooms.borrow_mut().leave(&channel, conn.id);
-            }
-            // The welcome no longer waits for this one.
-            SubState::PendingInitial(_) => conn.initial_subscribed(),
-            SubState::Pending(_) => {}
-        }
-        conn.push(
-            Control::Unsubscribed {
-                channel: &channel,
-                reason,
-            }
-            .frame_in(conn.encoding),
-        );
-        self.send_unsubscribe(channel);
-        Ok(())
+        self.shared.audit("disconnect", fields);
+        let mut effects = self.effects.take();
+        conn.session.borrow_mut().end_subscriptions(&mut effects);
+        self.apply(conn, &mut effects);
+        self.effects.replace(effects);
     }
 
     fn send_unsubscribe(&self, channel: Arc<str>) {
@@ -520,13 +525,22 @@ impl Core {
                 let _ = reply.send(self.admin(&cmd));
             }
             MeshMsg::Close { conn, code, reason } => {
-                if let Some(c) = self.conns.borrow().get(&conn).cloned() {
-                    c.close(code, reason);
+                if let Some(c) = self.conn(conn) {
+                    self.close(&c, code, reason);
                 }
             }
             MeshMsg::Drain => self.drain(),
             MeshMsg::ForceClose => self.force_close(),
         }
+    }
+
+    fn conn(&self, id: u64) -> Option<Rc<Conn>> {
+        self.conns.borrow().get(&id).cloned()
+    }
+
+    /// Every connection of this core, as of now.
+    pub fn connections(&self) -> Vec<Rc<Conn>> {
+        self.conns.borrow().values().cloned().collect()
     }
 
     /// Brings this core's share of the node's channel gauge up to date (a write only when the
@@ -540,10 +554,12 @@ impl Core {
     }
 
     fn deliver(&self, d: &Arc<Delivery>) {
+        let now = Instant::now();
+        let config = &self.shared.session;
         let mut queued = 0;
         for conn in self.rooms.borrow().members(&d.channel) {
-            if conn.wants(d) {
-                conn.push_event(d);
+            if conn.session.borrow_mut().deliver(d, now, config) {
+                self.schedule(conn);
                 queued += 1;
             }
         }
@@ -552,80 +568,32 @@ impl Core {
 
     /// The owner has handed over: replay what was missed, then join the room for live events.
     fn activate(&self, channel: Arc<str>, conn_id: u64, sub: u64, ack: SubscribeAck) {
-        let Some(conn) = self.conns.borrow().get(&conn_id).cloned() else {
+        let Some(conn) = self.conn(conn_id) else {
             return; // gone; its deregister already sent the matching Unsubscribe
         };
-        let initial = {
-            let mut subs = conn.subs.borrow_mut();
-            // Only the ack of the subscription now pending counts: one that was cancelled
-            // (its Unsubscribe already sent) may be overtaken by a newer one of the channel.
-            let initial = match subs.get(&channel) {
-                Some(SubState::PendingInitial(id)) if *id == sub => true,
-                Some(SubState::Pending(id)) if *id == sub => false,
-                _ => return,
-            };
-            subs.insert(channel.clone(), SubState::Active);
-            initial
-        };
-        conn.push(
-            Control::Subscribed {
-                channel: &channel,
-                seq: ack.last_seq,
-            }
-            .frame_in(conn.encoding),
-        );
-        // An SSE stream starting live owes nothing before the head: its position is the head.
-        if let (None, Some(sse)) = (&ack.replay, conn.sse.as_deref()) {
-            sse.advance(&channel, ack.last_seq);
+        // The room's copy of the name, shared with the subscription.
+        let channel = self.rooms.borrow().name(&channel).unwrap_or(channel);
+        let joins = self.with_session(&conn, |s, ctx, _| s.on_subscribed(&channel, sub, ack, ctx));
+        if joins {
+            self.rooms
+                .borrow_mut()
+                .join(&channel, conn_id, conn.clone());
         }
-        if let Some(mut replay) = ack.replay {
-            // A replay that would overflow the send queue is not sent: the client reloads
-            // (recovered:false) instead of being closed as too slow again and again.
-            let bytes: usize = replay
-                .deliveries
-                .iter()
-                .map(|d| d.frame_for(conn.format()).len())
-                .sum::<usize>()
-                + conn.queued_bytes();
-            if bytes > self.shared.settings.max_queue_bytes / 2 {
-                replay.deliveries.clear();
-                replay.recovered = false;
-            }
-            let mut count = 0;
-            for d in &replay.deliveries {
-                if conn.wants(d) {
-                    conn.push_replay(d);
-                    count += 1;
-                }
-            }
-            conn.push(
-                Control::Replayed {
-                    channel: &channel,
-                    recovered: replay.recovered,
-                    count,
-                }
-                .frame_in(conn.encoding),
-            );
-            if !replay.recovered {
-                // Told to reload: from here the stream's position is the head, but only once
-                // that notice is written (a reconnect before it must hear it again).
-                conn.settle_after_queued(channel.clone(), ack.last_seq);
-            }
-        }
-        self.rooms
-            .borrow_mut()
-            .join(&channel, conn.id, conn.clone());
-        if initial {
-            conn.initial_subscribed();
+    }
+
+    /// Runs the periodic checks of every connection (heartbeats, deadlines).
+    pub fn tick(&self) {
+        for conn in self.connections() {
+            self.with_session(&conn, |s, ctx, out| s.tick(ctx, out));
         }
     }
 
     fn admin(&self, cmd: &AdminCmd) -> AdminAnswer {
-        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+        let conns = self.connections();
         let of_user = |user: &str| {
             conns
                 .iter()
-                .filter(|c| c.claims.borrow().sub == user)
+                .filter(|c| c.session.borrow().user() == user)
                 .cloned()
                 .collect::<Vec<_>>()
         };
@@ -633,7 +601,7 @@ impl Core {
             AdminCmd::Disconnect { user, reason } => {
                 let hit = of_user(user);
                 for conn in &hit {
-                    conn.close(4003, reason);
+                    self.close(conn, 4003, reason);
                 }
                 AdminAnswer::Count(hit.len())
             }
@@ -660,30 +628,32 @@ impl Core {
                 };
                 let mut count = 0;
                 for conn in of_user(user) {
-                    conn.claims.borrow_mut().overrides = overrides.clone();
-                    if revoke {
-                        conn.purge(|d| {
+                    count += self.with_session(&conn, |s, ctx, out| {
+                        s.set_overrides(overrides.clone());
+                        if !revoke {
+                            return 1;
+                        }
+                        s.purge(|d| {
                             d.project_id
                                 .as_deref()
                                 .is_some_and(|p| projects.iter().any(|r| r == p))
                         });
-                    }
-                    count += if revoke {
-                        self.end_forbidden_subscriptions(&conn, "revoked")
-                    } else {
-                        1
-                    };
+                        s.end_forbidden_subscriptions("revoked", ctx, out)
+                    });
                 }
                 AdminAnswer::Count(count)
             }
             AdminCmd::List => AdminAnswer::Connections(
                 conns
                     .iter()
-                    .map(|c| ConnInfo {
-                        connection_id: format!("{:x}", c.id),
-                        core: self.id,
-                        user_id: c.claims.borrow().sub.clone(),
-                        channels: c.subs.borrow().keys().map(|k| k.to_string()).collect(),
+                    .map(|c| {
+                        let s = c.session.borrow();
+                        ConnInfo {
+                            connection_id: format!("{:x}", s.id()),
+                            core: self.id,
+                            user_id: s.user().to_owned(),
+                            channels: s.channels().map(|k| k.to_string()).collect(),
+                        }
                     })
                     .collect(),
             ),
@@ -693,20 +663,22 @@ impl Core {
     /// Drain, first step: tell every connection to go elsewhere (`shutdown`); clients leave on
     /// their own while the node waits.
     fn drain(&self) {
-        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
         let encodings = [Encoding::Json, Encoding::MessagePack, Encoding::Sse];
         let notice = encodings.map(shutdown_frame);
-        for conn in conns {
-            let at = encodings.iter().position(|e| *e == conn.encoding);
-            conn.push(notice[at.expect("every encoding has its notice")].clone());
+        for conn in self.connections() {
+            let encoding = conn.session.borrow().encoding();
+            let at = encodings.iter().position(|e| *e == encoding);
+            self.push(
+                &conn,
+                notice[at.expect("every encoding has its notice")].clone(),
+            );
         }
     }
 
     /// Drain, last step: close whoever is still here with 1012.
     fn force_close(&self) {
-        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
-        for conn in conns {
-            conn.close(1012, "server restarting");
+        for conn in self.connections() {
+            self.close(&conn, 1012, "server restarting");
         }
     }
 }
@@ -717,41 +689,4 @@ pub fn shutdown_frame(encoding: Encoding) -> bytes::Bytes {
         reason: "server is shutting down; reconnect and resume",
     }
     .frame_in(encoding)
-}
-
-fn check_subscribe(shared: &Shared, conn: &Conn, name: &str) -> Result<(), SubscribeError> {
-    let max = shared.settings.max_channels_per_connection;
-    let fail = |code, message: String| Err(SubscribeError { code, message });
-    if let Err(e) = channel::validate(name) {
-        let shown = channel::shown(name);
-        return fail(
-            ErrorCode::BadChannel,
-            format!("bad channel \"{shown}\": {e}"),
-        );
-    }
-    if !conn.claims.borrow().can_subscribe(name) {
-        shared.audit(
-            "subscribe_denied",
-            serde_json::json!({"ip": conn.peer, "user_id": conn.claims.borrow().sub,
-                "connection_id": format!("{:x}", conn.id), "channel": name}),
-        );
-        return fail(
-            ErrorCode::Forbidden,
-            format!("not allowed to subscribe to {name}"),
-        );
-    }
-    let subs = conn.subs.borrow();
-    if subs.contains_key(name) {
-        return fail(
-            ErrorCode::AlreadySubscribed,
-            format!("already subscribed to {name}"),
-        );
-    }
-    if subs.len() >= max {
-        return fail(
-            ErrorCode::TooManyChannels,
-            format!("at most {max} channels per connection"),
-        );
-    }
-    Ok(())
 }

@@ -7,3 +7,4 @@ pub mod mesh;
 pub mod pending;
 pub mod socket;
 pub mod worker;
+pub mod writer;

@@ -168,6 +168,8 @@ async fn serve(core: Rc<Core>, listener: StdListener, inbox: Inbox, handler: Han
     };
     monoio::spawn(mesh_loop(core.clone(), inbox));
     monoio::spawn(sweep_loop(core.clone()));
+    monoio::spawn(super::writer::flush_loop(core.clone()));
+    monoio::spawn(super::writer::timer_loop(core.clone()));
     // Several accepts in flight: a core busy with many sockets still takes new ones at a
     // useful rate (each accept waits its turn behind every ready task), so a flood of busy
     // sockets cannot keep health checks and clients in the kernel's queue.
@@ -321,11 +323,7 @@ async fn sweep_loop(core: Rc<Core>) {
     loop {
         monoio::time::sleep(tick).await;
         let now = Instant::now();
-        let unix_secs = now_ms() / 1000;
-        let conns: Vec<_> = core.conns.borrow().values().cloned().collect();
-        for conn in conns {
-            conn.tick(now, unix_secs, &core);
-        }
+        core.tick();
         core.pending.sweep(now);
         if now.duration_since(last_evict) >= Duration::from_secs(1) {
             channels.run(&core).await;
