@@ -17,7 +17,7 @@ pub trait Authenticator: Send + Sync {
 }
 
 /// The claims ringcast reads from a token. Unknown claims are ignored.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, Hash)]
 pub struct Claims {
     /// The user id.
     pub sub: String,
@@ -38,7 +38,7 @@ pub struct Claims {
 }
 
 /// An admin's changes to one user's access, applied over whatever the token says.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Overrides {
     /// Channels the user may not subscribe to, whatever the token says.
     pub revoked_channels: Vec<String>,

@@ -361,6 +361,16 @@ impl SendQueue {
         self.bytes
     }
 
+    /// Frees the queue's buffers if nothing waits in them.
+    pub fn release_if_empty(&mut self) {
+        if self.entries.is_empty() && self.entries.capacity() > 0 {
+            self.entries = VecDeque::new();
+        }
+        if self.dropped.is_empty() && self.dropped.capacity() > 0 {
+            self.dropped = Vec::new();
+        }
+    }
+
     pub fn clear(&mut self) {
         self.entries.clear();
         self.bytes = 0;

@@ -269,7 +269,7 @@ impl Session {
     pub fn new(
         id: u64,
         peer: IpAddr,
-        claims: Claims,
+        claims: Rc<Claims>,
         format: Format,
         config: &SessionConfig,
         now: Instant,
@@ -280,7 +280,7 @@ impl Session {
             id,
             peer,
             expires_at: claims.exp,
-            claims: Rc::new(claims),
+            claims,
             acks: false,
             phase: Phase::Greeting,
             initial_pending: 0,
@@ -1127,6 +1127,8 @@ impl Session {
     /// deadline, at `ctx.now`.
     pub fn tick(&mut self, ctx: &Ctx, out: &mut Vec<Effect>) {
         let now = ctx.now;
+        // An idle connection keeps no queue memory from its last burst.
+        self.queue.release_if_empty();
         let behind_since = self.cold.as_ref().and_then(|c| c.behind_since);
         if let Some(since) = behind_since {
             if now.duration_since(since) >= ctx.config.slow_client_timeout {

@@ -175,7 +175,8 @@ pub(super) fn start(
 ) -> Rc<Conn> {
     let settings = &core.shared.settings;
     let now = std::time::Instant::now();
-    let mut session = Session::new(id, peer, opening.claims, format, &core.shared.session, now);
+    let claims = core.share_claims(opening.claims);
+    let mut session = Session::new(id, peer, claims, format, &core.shared.session, now);
     let transport = if sse.is_some() { "sse" } else { "websocket" };
     if let Some(sse) = sse {
         session.set_sse(sse);

@@ -222,3 +222,18 @@ pub(crate) fn task_size() -> usize {
     }
     size(run)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        eprintln!(
+            "task {} conn {} session {}",
+            task_size(),
+            std::mem::size_of::<Conn>(),
+            std::mem::size_of::<Session>()
+        );
+    }
+}

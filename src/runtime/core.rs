@@ -6,7 +6,7 @@
 //! `Unsubscribe` to the owner when it ends, keeping the owner's interest counts exact.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -224,6 +224,9 @@ pub struct Core {
     next_conn: Cell<u64>,
     /// Writes what this core's connections have queued (see `runtime::writer`).
     pub(super) writer: Writer,
+    /// Claims of this core's connections, one copy for all that present the same (see
+    /// `share_claims`).
+    claims: RefCell<HashSet<Rc<Claims>>>,
     /// Effects of a session's input, carried out right after it (kept for its allocation).
     effects: Cell<Vec<Effect>>,
     /// This core's share of `stats.channels`.
@@ -256,6 +259,7 @@ impl Core {
             next_conn: Cell::new(0),
             writer: Writer::default(),
             effects: Cell::new(Vec::new()),
+            claims: RefCell::new(HashSet::new()),
             channels_reported: Cell::new(0),
             bucket: RefCell::new(Bucket::new(node_share)),
             overrides: RefCell::new(HashMap::new()),
@@ -413,6 +417,18 @@ impl Core {
 
     pub fn release(&self, conn: u64, user: &str, projects: &[String]) {
         self.shared.limits.release(conn, user, projects);
+    }
+
+    /// The claims for a new connection: connections of one token (a user's tabs, a fleet of
+    /// agents) share one copy. Copies no connection uses any more go at the next `tick`.
+    pub fn share_claims(&self, claims: Claims) -> Rc<Claims> {
+        let mut all = self.claims.borrow_mut();
+        if let Some(shared) = all.get(&claims) {
+            return shared.clone();
+        }
+        let claims = Rc::new(claims);
+        all.insert(claims.clone());
+        claims
     }
 
     /// Puts the admin's changes for this user over freshly read claims.
@@ -586,6 +602,7 @@ impl Core {
         for conn in self.connections() {
             self.with_session(&conn, |s, ctx, out| s.tick(ctx, out));
         }
+        self.claims.borrow_mut().retain(|c| Rc::strong_count(c) > 1);
     }
 
     fn admin(&self, cmd: &AdminCmd) -> AdminAnswer {
