@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,7 @@ use ringcast::edge::jwt::{self, Key, Rules, Verifier};
 use ringcast::edge::token;
 use ringcast::runtime::audit::Audit;
 use ringcast::runtime::core::{Settings, Shared};
-use ringcast::runtime::mesh::{self, MeshMsg};
+use ringcast::runtime::mesh;
 use ringcast::runtime::worker::{self, Driver, Handler};
 
 #[global_allocator]
@@ -303,10 +302,7 @@ fn drain_on_signal(
 ) {
     let first = signals.forever().next();
     tracing::info!(signal = ?first, "draining");
-    shared.draining.store(true, Ordering::Release);
-    for core in 0..shared.mesh.cores() {
-        shared.mesh.send(core, MeshMsg::Drain);
-    }
+    shared.drain();
     // Clients were told `shutdown`; give them the drain timeout to leave, then close the rest
     // with 1012 and give those close handshakes a moment.
     let open = || shared.stats.connections.sum();
@@ -326,9 +322,7 @@ fn drain_on_signal(
             connections = open(),
             "drain timeout: closing the rest with 1012"
         );
-        for core in 0..shared.mesh.cores() {
-            shared.mesh.send(core, MeshMsg::ForceClose);
-        }
+        shared.force_close();
         wait(Instant::now() + Duration::from_secs(3));
     }
     let left = open();

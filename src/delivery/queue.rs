@@ -167,7 +167,7 @@ impl SendQueue {
         self.entries.push_front(Entry::Control(frame));
     }
 
-    #[cfg(test)]
+    /// Offers a live event queued now.
     pub fn push_event(&mut self, d: &Arc<Delivery>) -> Pushed {
         self.push_event_at(d, Instant::now())
     }

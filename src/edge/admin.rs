@@ -5,14 +5,11 @@
 //! `POST /api/v1/admin/revoke` answers, no core will deliver the revoked channels to that user
 //! any more (live or replayed) until a grant.
 
-use std::sync::Arc;
-
 use serde::Deserialize;
 
 use crate::delivery::channel;
 use crate::proto::http::Request;
 use crate::runtime::core::{AdminAnswer, AdminCmd, ConnInfo, Core};
-use crate::runtime::mesh::MeshMsg;
 
 use super::http::{bearer, same_secret, Edge, Reply};
 
@@ -53,7 +50,7 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Opt
     }
     if action == "connections" {
         let mut all: Vec<ConnInfo> = Vec::new();
-        for answer in broadcast(core, AdminCmd::List).await {
+        for answer in core.shared.admin(AdminCmd::List).await {
             if let AdminAnswer::Connections(list) = answer {
                 all.extend(list);
             }
@@ -113,7 +110,9 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Opt
         },
         "project_id": target.project_id,
     });
-    let total: usize = broadcast(core, cmd)
+    let total: usize = core
+        .shared
+        .admin(cmd)
         .await
         .into_iter()
         .map(|a| match a {
@@ -126,29 +125,4 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Opt
     core.shared.audit("permission_change", change);
     let body = serde_json::json!({ "user_id": target.user_id, key: total });
     Some(Reply::json(200, body.to_string().into_bytes()))
-}
-
-/// Sends `cmd` to every core and collects their answers.
-async fn broadcast(core: &Core, cmd: AdminCmd) -> Vec<AdminAnswer> {
-    let cmd = Arc::new(cmd);
-    let mesh = &core.shared.mesh;
-    let mut waits = Vec::with_capacity(mesh.cores());
-    for c in 0..mesh.cores() {
-        let (reply, answer) = futures_channel::oneshot::channel();
-        mesh.send(
-            c,
-            MeshMsg::Admin {
-                cmd: cmd.clone(),
-                reply,
-            },
-        );
-        waits.push(answer);
-    }
-    let mut answers = Vec::with_capacity(waits.len());
-    for w in waits {
-        if let Ok(a) = w.await {
-            answers.push(a);
-        }
-    }
-    answers
 }

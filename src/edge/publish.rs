@@ -12,7 +12,8 @@ use crate::delivery::{channel, Priority, Publication};
 use crate::proto::http::Request;
 use crate::proto::msg;
 use crate::runtime::core::Core;
-use crate::runtime::mesh::{MeshMsg, Source};
+use crate::runtime::mesh::Source;
+pub(super) use crate::runtime::node::NotSequenced;
 
 use super::http::{bearer, same_secret, Edge, Reply};
 
@@ -77,8 +78,13 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Rep
         Ok(p) => p,
         Err(message) => return Reply::error(400, &message),
     };
-    let results = match sequence(core, publications).await {
-        Ok(r) => r,
+    let channels: Vec<Arc<str>> = publications.iter().map(|p| p.channel.clone()).collect();
+    let results = match core.shared.publish(publications, Source::Api).await {
+        Ok(seqs) => channels
+            .into_iter()
+            .zip(seqs)
+            .map(|(channel, seq)| Sequenced { channel, seq })
+            .collect::<Vec<_>>(),
         Err(NotSequenced::Behind) => {
             return Reply::error(503, BEHIND).with_header("Retry-After", RETRY_AFTER_SECS)
         }
@@ -93,7 +99,7 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Rep
 }
 
 #[derive(serde::Serialize)]
-pub(super) struct Sequenced {
+struct Sequenced {
     channel: Arc<str>,
     seq: u64,
 }
@@ -176,58 +182,3 @@ fn check(m: Incoming<'_>) -> Result<Publication, String> {
 pub(super) const BEHIND: &str = "node is behind: a core has too much waiting; retry shortly";
 /// Seconds a publisher refused with `BEHIND` is asked to wait.
 const RETRY_AFTER_SECS: &str = "1";
-
-/// Why messages were not sequenced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum NotSequenced {
-    /// A core has more than `mesh_queue_bytes` waiting: nothing of the request was accepted.
-    Behind,
-    /// The node stopped before answering.
-    ShuttingDown,
-}
-
-/// Sends each message to its channel's owner core and waits for the seqs; refuses the whole
-/// request (nothing sent) while a core is behind.
-pub(super) async fn sequence(
-    core: &Core,
-    publications: Vec<Publication>,
-) -> Result<Vec<Sequenced>, NotSequenced> {
-    let mesh = &core.shared.mesh;
-    if mesh.is_behind() {
-        return Err(NotSequenced::Behind);
-    }
-    let mut per_owner: Vec<Vec<(usize, Publication)>> =
-        (0..mesh.cores()).map(|_| Vec::new()).collect();
-    let mut results: Vec<Sequenced> = Vec::with_capacity(publications.len());
-    for (i, p) in publications.into_iter().enumerate() {
-        results.push(Sequenced {
-            channel: p.channel.clone(),
-            seq: 0,
-        });
-        per_owner[channel::owner_core(&p.channel, mesh.cores())].push((i, p));
-    }
-    let mut waits = Vec::new();
-    for (owner, batch) in per_owner.into_iter().enumerate() {
-        if batch.is_empty() {
-            continue;
-        }
-        let (reply, answer) = futures_channel::oneshot::channel();
-        let source = Source::Api;
-        mesh.send(
-            owner,
-            MeshMsg::Publish {
-                batch,
-                reply,
-                source,
-            },
-        );
-        waits.push(answer);
-    }
-    for answer in waits {
-        let seqs = answer.await.map_err(|_| NotSequenced::ShuttingDown)?;
-        for (i, seq) in seqs {
-            results[i].seq = seq;
-        }
-    }
-    Ok(results)
-}

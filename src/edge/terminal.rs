@@ -25,7 +25,8 @@ use crate::proto::http::{BodyPart, ChunkedBody, Request};
 use crate::runtime::core::{Core, Received};
 
 use super::http::{bearer, linger_close, same_secret, Edge, Reply, LINGER};
-use super::publish::{sequence, NotSequenced, BEHIND};
+use super::publish::{NotSequenced, BEHIND};
+use crate::runtime::mesh::Source;
 
 /// How long held bytes (an unfinished escape or character) wait for the rest before they go.
 const IDLE_FLUSH: Duration = Duration::from_millis(100);
@@ -245,7 +246,7 @@ impl Output<'_> {
         // back on the producer) rather than drop it, for up to `BEHIND_PATIENCE`.
         let deadline = Instant::now() + BEHIND_PATIENCE;
         loop {
-            match sequence(self.core, vec![p.clone()]).await {
+            match self.core.shared.publish(vec![p.clone()], Source::Api).await {
                 Ok(_) => return Ok(()),
                 Err(NotSequenced::ShuttingDown) => return Err("node is shutting down"),
                 Err(NotSequenced::Behind) if Instant::now() >= deadline => return Err(BEHIND),

@@ -95,8 +95,8 @@ pub struct Shared {
     pub session: SessionConfig,
     /// Changes at every start: positions from another epoch cannot be resumed exactly.
     pub epoch: String,
-    pub mesh: Mesh,
-    pub draining: AtomicBool,
+    pub(super) mesh: Mesh,
+    pub(super) draining: AtomicBool,
     pub stats: Stats,
     /// Checks the tokens of in-band `refresh` messages.
     pub auth: Arc<dyn Authenticator>,

@@ -4,6 +4,7 @@ pub mod audit;
 pub mod conn;
 pub mod core;
 pub mod mesh;
+pub mod node;
 pub mod pending;
 pub mod socket;
 pub mod worker;

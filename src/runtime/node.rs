@@ -1,0 +1,95 @@
+//! What the rest of the program asks of the node's cores: publish, run an admin command on
+//! every core, drain. The edge calls these and never speaks the mesh protocol itself.
+
+use std::sync::Arc;
+
+use crate::delivery::{channel, Publication};
+
+use super::core::{AdminAnswer, AdminCmd, Shared};
+use super::mesh::{MeshMsg, Source};
+
+/// Why messages were not sequenced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotSequenced {
+    /// A core has more than `mesh_queue_bytes` waiting: nothing of the request was accepted.
+    Behind,
+    /// The node stopped before answering.
+    ShuttingDown,
+}
+
+impl Shared {
+    /// Sends each message to its channel's owner core and waits for the seqs (in the order
+    /// of `publications`); refuses the whole request (nothing sent) while a core is behind.
+    pub async fn publish(
+        &self,
+        publications: Vec<Publication>,
+        source: Source,
+    ) -> Result<Vec<u64>, NotSequenced> {
+        let mesh = &self.mesh;
+        if mesh.is_behind() {
+            return Err(NotSequenced::Behind);
+        }
+        let mut seqs = vec![0; publications.len()];
+        let mut per_owner: Vec<Vec<(usize, Publication)>> =
+            (0..mesh.cores()).map(|_| Vec::new()).collect();
+        for (i, p) in publications.into_iter().enumerate() {
+            per_owner[channel::owner_core(&p.channel, mesh.cores())].push((i, p));
+        }
+        let mut waits = Vec::new();
+        for (owner, batch) in per_owner.into_iter().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            let (reply, answer) = futures_channel::oneshot::channel();
+            let msg = MeshMsg::Publish {
+                batch,
+                reply,
+                source,
+            };
+            mesh.send(owner, msg);
+            waits.push(answer);
+        }
+        for answer in waits {
+            for (i, seq) in answer.await.map_err(|_| NotSequenced::ShuttingDown)? {
+                seqs[i] = seq;
+            }
+        }
+        Ok(seqs)
+    }
+
+    /// Runs `cmd` on every core and collects their answers.
+    pub async fn admin(&self, cmd: AdminCmd) -> Vec<AdminAnswer> {
+        let cmd = Arc::new(cmd);
+        let mesh = &self.mesh;
+        let mut waits = Vec::with_capacity(mesh.cores());
+        for c in 0..mesh.cores() {
+            let (reply, answer) = futures_channel::oneshot::channel();
+            let cmd = cmd.clone();
+            mesh.send(c, MeshMsg::Admin { cmd, reply });
+            waits.push(answer);
+        }
+        let mut answers = Vec::with_capacity(waits.len());
+        for w in waits {
+            if let Ok(a) = w.await {
+                answers.push(a);
+            }
+        }
+        answers
+    }
+
+    /// Drain, first step: every connection is told `shutdown` (and new ones are refused).
+    pub fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        for core in 0..self.mesh.cores() {
+            self.mesh.send(core, MeshMsg::Drain);
+        }
+    }
+
+    /// Drain, last step: the connections still open are closed with 1012.
+    pub fn force_close(&self) {
+        for core in 0..self.mesh.cores() {
+            self.mesh.send(core, MeshMsg::ForceClose);
+        }
+    }
+}
