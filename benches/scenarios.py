@@ -272,8 +272,9 @@ def markdown(data):
         ratio = r["server_cpu_us_per_delivery"] / floor1["server_cpu_us_per_delivery"] if floor1 and floor1["server_cpu_us_per_delivery"] else float("nan")
         out.append(f"| {t} | {r['latency_p50_ms']:.2f} | {r['latency_p95_ms']:.2f} | {r['latency_p99_ms']:.2f} | {r['latency_p999_ms']:.2f} | {r['server_cpu_us_per_delivery']:.2f} | {ratio:.2f} | {r['lost']} | {r['generator_cpu_percent']:.0f} |")
     out.append("")
-    out.append("| S2 | highest passing rate msg/s | deliveries/s | P99 ms there | first failing rate | why it failed |")
-    out.append("|---|---|---|---|---|---|")
+    if any(r["label"].startswith("S2@") for r in res):
+        out.append("| S2 | highest passing rate msg/s | deliveries/s | P99 ms there | first failing rate | why it failed |")
+        out.append("|---|---|---|---|---|---|")
     for t in targets:
         runs = [r for r in res if r["target"] == t and r["label"].startswith("S2@")]
         if not runs:
@@ -291,7 +292,8 @@ def markdown(data):
             why = ", ".join(reasons)
         out.append(f"| {t} | {best['rate_target']:.0f} | {best['deliveries_per_sec']:.0f} | {best['latency_p99_ms']:.1f} | "
                    f"{bad['rate_target'] if bad else '—'} | {why or 'none failed'} |" if best else f"| {t} | — | — | — | {bad['rate_target'] if bad else '—'} | {why} |")
-    out.append("")
+    if any(r["label"].startswith("S2@") for r in res):
+        out.append("")
     for label in ("S3", "S3b"):
         rows = [(t, find(t, label)) for t in targets if find(t, label)]
         if not rows:
@@ -411,13 +413,18 @@ def main():
     if not a.no_build:
         bins = ["--bin", "ringcast-load"] if a.bin_dir else ["--bins"]
         subprocess.run(["cargo", "build", "--release"] + bins, cwd=ROOT, check=True)
-    results, errors = [], []
+    results, errors, skipped = [], [], set()
     for target in targets:
         missing = peer_missing(target)
         if missing and a.no_install:
             print(f"{target}: skipped, {missing} not installed (--no-install)", file=sys.stderr)
             errors.append({"target": target, "scenario": ",".join(scenarios),
                            "error": f"skipped: {missing} not installed"})
+            skipped.add(target)
+        elif missing:
+            print(f"{target}: its start.sh installs {missing} first", file=sys.stderr)
+    for target in targets:
+        if target in skipped:
             continue
         for name in scenarios:
             print(f"{target} {name}", file=sys.stderr, flush=True)
