@@ -1,14 +1,26 @@
-//! End-to-end latency through a running server over loopback: one publish (HTTP keep-alive)
-//! until one subscriber has read the event, measured with criterion's `iter_custom` so
-//! `cargo bench` reports it with statistics and flags regressions. The server is the release
-//! binary of this crate, started for the bench with 2 workers and stopped after it.
+//! End-to-end latency through a running server over loopback, measured with criterion's
+//! `iter_custom` so `cargo bench` reports it with statistics and flags regressions. The server
+//! is the release binary of this crate, started for the bench with 2 workers and stopped after
+//! it.
+//!
+//! - `e2e/publish_to_delivery_1_subscriber`: one publish (HTTP keep-alive) until one
+//!   subscriber has read the event.
+//! - `e2e/publish_answer_1_message`: the publish request path alone: one `POST
+//!   /api/v1/publish` of one message (a plain object, API key, keep-alive HTTP/1.1) until the
+//!   whole HTTP answer has been read. Its channel has no subscriber, so no fan-out work
+//!   competes with the answer.
+//! - `e2e/publish_answer_10_messages`: the same with a batch of 10 messages (a JSON array) in
+//!   one request; its throughput is reported in messages.
+//!
+//! The server closes a keep-alive socket after 1000 requests (`Connection: close` on the
+//! last answer); the publisher then connects again, outside the timed part.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tungstenite::Message;
 
 const SECRET: &str = "bench-secret-0123456789";
@@ -58,7 +70,36 @@ fn publish_request(addr: &str, i: u64) -> Vec<u8> {
     .into_bytes()
 }
 
-fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) {
+/// One message as a plain object, or `n` of them as a batch (a JSON array) when `n > 1`, all
+/// on `channel`.
+fn publish_batch_request(addr: &str, channel: &str, n: usize, i: u64) -> Vec<u8> {
+    let one = |k: usize| {
+        format!(r#"{{"channel":"{channel}","event":"tick","data":{{"i":{i},"k":{k}}}}}"#)
+    };
+    let body = if n == 1 {
+        one(0)
+    } else {
+        format!("[{}]", (0..n).map(one).collect::<Vec<_>>().join(","))
+    };
+    format!(
+        "POST /api/v1/publish HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn connect_publisher(addr: &str) -> TcpStream {
+    let publisher = TcpStream::connect(addr).unwrap();
+    publisher.set_nodelay(true).unwrap();
+    publisher
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    publisher
+}
+
+/// Reads one whole answer (head and Content-Length body), which must be a 200; true if the
+/// server closes the connection after it.
+fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
     buf.clear();
     let mut chunk = [0u8; 1024];
     loop {
@@ -78,14 +119,54 @@ fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) {
                     "{}",
                     String::from_utf8_lossy(buf)
                 );
-                return;
+                return head.lines().any(|l| {
+                    l.strip_prefix("connection:")
+                        .is_some_and(|v| v.trim() == "close")
+                });
             }
         }
     }
 }
 
-fn publish_to_delivery(c: &mut Criterion) {
+fn e2e(c: &mut Criterion) {
     let server = start();
+    publish_to_delivery(c, &server);
+    publish_answer(c, &server);
+}
+
+/// One publish request until its answer: one message, then a batch of 10.
+fn publish_answer(c: &mut Criterion, server: &Server) {
+    let mut publisher = connect_publisher(&server.addr);
+    let mut buf = Vec::new();
+    let mut i = 0u64;
+    let mut group = c.benchmark_group("e2e");
+    for (n, name) in [
+        (1, "publish_answer_1_message"),
+        (10, "publish_answer_10_messages"),
+    ] {
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    i += 1;
+                    let req = publish_batch_request(&server.addr, "bench:publish", n, i);
+                    let start = Instant::now();
+                    publisher.write_all(&req).unwrap();
+                    let closing = read_response(&mut publisher, &mut buf);
+                    total += start.elapsed();
+                    if closing {
+                        publisher = connect_publisher(&server.addr);
+                    }
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+fn publish_to_delivery(c: &mut Criterion, server: &Server) {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -103,11 +184,7 @@ fn publish_to_delivery(c: &mut Criterion) {
     for _ in 0..2 {
         ws.read().unwrap();
     }
-    let mut publisher = TcpStream::connect(&server.addr).unwrap();
-    publisher.set_nodelay(true).unwrap();
-    publisher
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let mut publisher = connect_publisher(&server.addr);
     let mut buf = Vec::new();
     let mut i = 0u64;
     c.bench_function("e2e/publish_to_delivery_1_subscriber", |b| {
@@ -126,7 +203,9 @@ fn publish_to_delivery(c: &mut Criterion) {
                 }
                 total += start.elapsed();
                 // The answer came before (or while) the delivery; read it outside the timing.
-                read_response(&mut publisher, &mut buf);
+                if read_response(&mut publisher, &mut buf) {
+                    publisher = connect_publisher(&server.addr);
+                }
             }
             total
         })
@@ -136,6 +215,6 @@ fn publish_to_delivery(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5));
-    targets = publish_to_delivery
+    targets = e2e
 }
 criterion_main!(benches);

@@ -5,16 +5,23 @@ one server at a time on loopback, with the project's load generator (ringcast-lo
     python3 benches/scenarios.py                      # everything (about 15 minutes here)
     python3 benches/scenarios.py --quick              # small counts, a smoke test
     python3 benches/scenarios.py --targets ringcast,floor --scenarios S1,S4
+    python3 benches/scenarios.py --bin-dir /some/dir --quick --syscalls   # other servers' binaries
 
 Writes every report to --out (JSON) and, with --chart, a PNG next to it. Each scenario starts a
 fresh server and stops it (by the PID it started) afterwards. Bounded: every load run has a
-duration and the generator stops by itself.
+duration and the generator stops by itself; with --syscalls the generator also counts the
+server's system calls over a fixed window inside the publishing (perf stat, which it stops).
+
+S3 publishes one message per request on 16 connections for every target ("single"); S3b is
+ringcast's batched publishing (10 messages per request on 4 connections), run only for targets
+whose publish API takes batches.
 """
 import argparse
 import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +31,25 @@ REL = os.path.join(ROOT, "target", "release")
 SECRET = "bench-secret-0123456789"
 API_KEY = "bench-key-0123456789"
 PORTS = {"ringcast": 18080, "floor": 18090, "nchan": 18091, "socketio": 18092}
+# The binaries: servers from BIN_DIR (--bin-dir), the generator from LOAD_BIN (--load-bin).
+BIN_DIR = REL
+LOAD_BIN = os.path.join(REL, "ringcast-load")
+SYSCALLS = False  # --syscalls: count the server's syscalls in every publishing run
+BATCHING = {"ringcast"}  # targets whose publish API takes several messages per request
+S3_SINGLE = dict(batch=1, publishers=16)
+S3_BATCH = dict(batch=10, publishers=4)
+
+
+def peer_missing(target):
+    """What a peer's start.sh would have to install first (empty: nothing)."""
+    if target == "nchan":
+        ok = shutil.which("nginx") and subprocess.run(
+            ["dpkg", "-s", "libnginx-mod-nchan"], capture_output=True).returncode == 0
+        return "" if ok else "nginx and libnginx-mod-nchan (Debian packages)"
+    if target == "socketio":
+        here = os.path.join(ROOT, "benches", "peers", "socketio", "node_modules", "socket.io")
+        return "" if os.path.isdir(here) else "the npm packages of benches/peers/socketio"
+    return ""
 
 
 class Server:
@@ -47,7 +73,7 @@ class Server:
                        # throughput runs measure the server, not its throttles
                        RINGCAST_CONNECTION_RATE_LIMIT="0", RINGCAST_NODE_RATE_LIMIT="0")
             self.proc = subprocess.Popen(
-                [os.path.join(REL, binary)], env=env, stdout=subprocess.PIPE,
+                [os.path.join(BIN_DIR, binary)], env=env, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, text=True)
             for line in self.proc.stdout:
                 if line.startswith("listening on "):
@@ -77,11 +103,13 @@ class Server:
 
 
 def load(server, label, **kw):
-    args = [os.path.join(REL, "ringcast-load"), "--target", server.target, "--addr", server.addr,
+    if SYSCALLS and kw.get("mode", "fanout") != "idle":
+        kw["syscalls"] = True  # a window inside the publishing; see ringcast-load --help
+    args = [LOAD_BIN, "--target", server.target, "--addr", server.addr,
             "--server-pid", str(server.pid), "--json", "-", "--label", label,
             "--secret", SECRET, "--api-key", API_KEY]
     for k, v in kw.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+        args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     print(f"  {server.target:9} {label:12} {' '.join(args[13:])}", file=sys.stderr, flush=True)
     out = subprocess.run(args, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
@@ -119,14 +147,26 @@ def s2(target, q):
     return runs
 
 
-def s3(target, q):
+def s3_run(target, q, label, mode, shape):
     kw = dict(subscribers=q["subs"], channels=q["s3_channels"], rate=q["s3_rate"],
-              duration=q["dur"])
-    if target == "ringcast":
-        kw.update(batch=10, publishers=4)
-    else:
-        kw.update(publishers=8)
-    return [fresh(target, lambda s: load(s, "S3", **kw))]
+              duration=q["dur"], **shape)
+    r = fresh(target, lambda s: load(s, label, **kw))
+    r["publish_mode"] = mode
+    return [r]
+
+
+def s3(target, q):
+    """Like with like: one message per publish request, 16 publisher connections, every target."""
+    return s3_run(target, q, "S3", "single", S3_SINGLE)
+
+
+def s3b(target, q):
+    """ringcast's batched publishing: 10 messages per request on 4 connections."""
+    if target not in BATCHING:
+        print(f"  {target:9} S3b          skipped: its publish API takes one message per request",
+              file=sys.stderr)
+        return []
+    return s3_run(target, q, "S3b", "batch10", S3_BATCH)
 
 
 def s4(target, q):
@@ -150,14 +190,21 @@ def s6(target, q):
                                          batch=10, duration=q["dur"] / 2, jitter_secs=2))]
 
 
-SCENARIOS = {"S1": s1, "S2": s2, "S3": s3, "S4": s4, "S5": s5, "S6": s6}
+SCENARIOS = {"S1": s1, "S2": s2, "S3": s3, "S3b": s3b, "S4": s4, "S5": s5, "S6": s6}
 
 
 def machine():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                 if l.startswith("model name")), "?")
+    commit_file = os.path.join(BIN_DIR, "COMMIT")
+    if os.path.exists(commit_file):
+        commit = open(commit_file).read().strip()
+    else:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
     return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "server_bin_dir": BIN_DIR, "server_commit": commit, "load_bin": LOAD_BIN}
 
 
 def chart(results, path):
@@ -225,8 +272,9 @@ def markdown(data):
         ratio = r["server_cpu_us_per_delivery"] / floor1["server_cpu_us_per_delivery"] if floor1 and floor1["server_cpu_us_per_delivery"] else float("nan")
         out.append(f"| {t} | {r['latency_p50_ms']:.2f} | {r['latency_p95_ms']:.2f} | {r['latency_p99_ms']:.2f} | {r['latency_p999_ms']:.2f} | {r['server_cpu_us_per_delivery']:.2f} | {ratio:.2f} | {r['lost']} | {r['generator_cpu_percent']:.0f} |")
     out.append("")
-    out.append("| S2 | highest passing rate msg/s | deliveries/s | P99 ms there | first failing rate | why it failed |")
-    out.append("|---|---|---|---|---|---|")
+    if any(r["label"].startswith("S2@") for r in res):
+        out.append("| S2 | highest passing rate msg/s | deliveries/s | P99 ms there | first failing rate | why it failed |")
+        out.append("|---|---|---|---|---|---|")
     for t in targets:
         runs = [r for r in res if r["target"] == t and r["label"].startswith("S2@")]
         if not runs:
@@ -244,14 +292,17 @@ def markdown(data):
             why = ", ".join(reasons)
         out.append(f"| {t} | {best['rate_target']:.0f} | {best['deliveries_per_sec']:.0f} | {best['latency_p99_ms']:.1f} | "
                    f"{bad['rate_target'] if bad else '—'} | {why or 'none failed'} |" if best else f"| {t} | — | — | — | {bad['rate_target'] if bad else '—'} | {why} |")
-    out.append("")
-    out.append("| S3 | published msg/s | deliveries/s | P50 ms | P99 ms | lost | dup | server CPU µs/delivery |")
-    out.append("|---|---|---|---|---|---|---|---|")
-    for t in targets:
-        r = find(t, "S3")
-        if r:
-            out.append(f"| {t} | {r['publish_rate']:.0f} | {r['deliveries_per_sec']:.0f} | {r['latency_p50_ms']:.2f} | {r['latency_p99_ms']:.2f} | {r['lost']} | {r['duplicates']} | {r['server_cpu_us_per_delivery']:.2f} |")
-    out.append("")
+    if any(r["label"].startswith("S2@") for r in res):
+        out.append("")
+    for label in ("S3", "S3b"):
+        rows = [(t, find(t, label)) for t in targets if find(t, label)]
+        if not rows:
+            continue
+        out.append(f"| {label} | publishing | published msg/s | deliveries/s | P50 ms | P99 ms | lost | dup | server CPU µs/delivery | publish answer P50 ms |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for t, r in rows:
+            out.append(f"| {t} | {publishing(r)} | {r['publish_rate']:.0f} | {r['deliveries_per_sec']:.0f} | {r['latency_p50_ms']:.2f} | {r['latency_p99_ms']:.2f} | {r['lost']} | {r['duplicates']} | {r['server_cpu_us_per_delivery']:.2f} | {r['publish_answer_p50_ms']:.2f} |")
+        out.append("")
     out.append("| S4 | connections | server RSS KiB / conn | kernel TCP memory B / socket |")
     out.append("|---|---|---|---|")
     for t in targets:
@@ -269,20 +320,81 @@ def markdown(data):
         out.append("| S6 jitter | clients | cuts | published | delivered / expected | lost | dup | gaps |")
         out.append("|---|---|---|---|---|---|---|---|")
         out.append(f"| ringcast | {r['connected']} | {r['jitter_cuts']} | {r['published']} | {r['delivered']} / {r['expected']} | {r['lost']} | {r['duplicates']} | {r['gaps']} |")
+    sys_rows = [r for r in res if r.get("syscalls") or r.get("syscalls_error")]
+    if sys_rows:
+        names = ["sendto", "write", "writev", "io_uring_enter", "epoll_wait", "recvfrom", "read", "futex"]
+        out.append("")
+        out.append("Syscalls per delivery, counted in the server over a window of the publishing "
+                   "(perf stat; write is mostly eventfd wake-ups; io_uring SQEs are submissions, "
+                   "not syscalls):")
+        out.append("")
+        out.append("| target | run | tool | window s | deliveries | all | "
+                   + " | ".join(names) + " | other | io_uring SQEs | of which send |")
+        out.append("|---" * (len(names) + 9) + "|")
+        for r in sys_rows:
+            x = r.get("syscalls")
+            run = f"{r['label']} {publishing(r)}" if r["label"].startswith("S3") else r["label"]
+            if not x:
+                out.append(f"| {r['target']} | {run} | failed: {r['syscalls_error']} |" + " |" * (len(names) + 7))
+                continue
+            d = x["deliveries"] or 1
+            per = lambda n: f"{n / d:.3f}"
+            other = x["total"] - sum(x["by_name"].get(n, 0) for n in names)
+            sqes = x.get("io_uring_sqes")
+            send = x.get("io_uring_sqes_by_op", {}).get("send", 0) if sqes is not None else None
+            out.append(f"| {r['target']} | {run} | {x['tool']} | {x['window_secs']:.1f} | {x['deliveries']} | {per(x['total'])} | "
+                       + " | ".join(per(x["by_name"].get(n, 0)) for n in names)
+                       + f" | {per(other)} | {per(sqes) if sqes is not None else '—'} | {per(send) if send is not None else '—'} |")
+    errors = data.get("errors", [])
+    if errors:
+        out.append("")
+        out.append("Runs that did not complete:")
+        out.append("")
+        for e in errors:
+            out.append(f"- {e['target']} {e['scenario']}: {e['error']}")
     return "\n".join(out)
 
 
+def publishing(r):
+    """How a run published: "single" (1 message per request) or "batchN", with connections."""
+    mode = r.get("publish_mode")
+    batch = r.get("batch")
+    if batch is None:  # reports from before the generator wrote it: read the command
+        cmd = r.get("command", "").split()
+        batch = int(cmd[cmd.index("--batch") + 1]) if "--batch" in cmd else 1
+    mode = mode or ("single" if batch == 1 else f"batch{batch}")
+    pubs = r.get("publishers")
+    if pubs is None:
+        cmd = r.get("command", "").split()
+        pubs = int(cmd[cmd.index("--publishers") + 1]) if "--publishers" in cmd else 1
+    return f"{mode}, {pubs} conn"
+
+
 def main():
+    global BIN_DIR, LOAD_BIN, SYSCALLS
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", default="floor,ringcast,nchan,socketio")
-    ap.add_argument("--scenarios", default="S1,S2,S3,S4,S5,S6")
+    ap.add_argument("--scenarios", default="S1,S2,S3,S3b,S4,S5,S6")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench-results.json"))
     ap.add_argument("--chart", default=None, help="PNG path for the chart")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--markdown", metavar="JSON", help="print the tables of an earlier run and exit")
     ap.add_argument("--chart-from", metavar="JSON", help="draw --chart from an earlier run and exit")
+    ap.add_argument("--bin-dir", metavar="DIR",
+                    help="take ringcast and ringcast-floor from DIR (default target/release); "
+                         "only ringcast-load is built then")
+    ap.add_argument("--load-bin", metavar="PATH", default=LOAD_BIN,
+                    help="the load generator (default target/release/ringcast-load)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="count the server's syscalls over a window of each publishing run "
+                         "(perf stat, else strace) and report them per delivery")
+    ap.add_argument("--no-install", action="store_true",
+                    help="skip a peer whose packages are missing instead of installing them")
     a = ap.parse_args()
+    BIN_DIR = os.path.abspath(a.bin_dir) if a.bin_dir else REL
+    LOAD_BIN = os.path.abspath(a.load_bin)
+    SYSCALLS = a.syscalls
     if a.chart_from:
         chart(json.load(open(a.chart_from))["results"], a.chart)
         return
@@ -294,18 +406,39 @@ def main():
     if a.quick:
         q = dict(subs=1000, dur=3, s2_dur=2, s2_rates=[10, 40], s3_channels=100, s3_rate=1000,
                  s4_counts=[1000])
+    targets, scenarios = a.targets.split(","), a.scenarios.split(",")
+    for name in scenarios:
+        if name not in SCENARIOS:
+            ap.error(f"unknown scenario {name} (known: {', '.join(SCENARIOS)})")
     if not a.no_build:
-        subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
-    results = []
-    for target in a.targets.split(","):
-        for name in a.scenarios.split(","):
+        bins = ["--bin", "ringcast-load"] if a.bin_dir else ["--bins"]
+        subprocess.run(["cargo", "build", "--release"] + bins, cwd=ROOT, check=True)
+    results, errors, skipped = [], [], set()
+    for target in targets:
+        missing = peer_missing(target)
+        if missing and a.no_install:
+            print(f"{target}: skipped, {missing} not installed (--no-install)", file=sys.stderr)
+            errors.append({"target": target, "scenario": ",".join(scenarios),
+                           "error": f"skipped: {missing} not installed"})
+            skipped.add(target)
+        elif missing:
+            print(f"{target}: its start.sh installs {missing} first", file=sys.stderr)
+    for target in targets:
+        if target in skipped:
+            continue
+        for name in scenarios:
             print(f"{target} {name}", file=sys.stderr, flush=True)
-            results += SCENARIOS[name](target, q)
+            try:
+                results += SCENARIOS[name](target, q)
+            except Exception as e:  # one failed run does not lose the others
+                print(f"{target} {name} failed: {e}", file=sys.stderr)
+                errors.append({"target": target, "scenario": name, "error": str(e)})
             with open(a.out, "w") as f:
-                json.dump({"machine": machine(), "results": results}, f, indent=1)
+                json.dump({"machine": machine(), "results": results, "errors": errors}, f,
+                          indent=1)
     if a.chart:
         chart(results, a.chart)
-    print(json.dumps({"machine": machine(), "results": results}))
+    print(json.dumps({"machine": machine(), "results": results, "errors": errors}))
 
 
 if __name__ == "__main__":

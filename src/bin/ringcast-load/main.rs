@@ -5,11 +5,14 @@
 //! message, and reports connect time, deliveries/s, latency percentiles, loss and duplicates by
 //! seq, server RSS per connection and server CPU per delivery (from /proc/<pid>), and its own
 //! CPU, so a reader can tell whether the generator was the bottleneck. Modes: `fanout`
-//! (S1–S3), `idle` (S4), `storm` (S5: every client drops and resumes at once).
+//! (S1–S3), `idle` (S4), `storm` (S5: every client drops and resumes at once). With
+//! `--syscalls`, the server's system calls are counted over a window of the publishing and
+//! reported per delivery (see syscalls.rs).
 
 mod client;
 mod procstat;
 mod publisher;
+mod syscalls;
 mod wire;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -108,6 +111,20 @@ struct Args {
     /// A label for the report (scenario name).
     #[arg(long, default_value = "")]
     label: String,
+    /// Count the server's system calls (perf, else strace) over a window of the publishing
+    /// and report them per delivery. Needs --server-pid.
+    #[arg(long)]
+    syscalls: bool,
+    /// Seconds after publishing starts that the syscall window opens (default: a quarter of
+    /// --duration).
+    #[arg(long)]
+    syscalls_at: Option<f64>,
+    /// Seconds the syscall window stays open (default: half of --duration; it always closes
+    /// before publishing ends).
+    #[arg(long)]
+    syscalls_window: Option<f64>,
+    #[arg(long, value_enum, default_value = "auto")]
+    syscalls_tool: syscalls::Tool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -121,10 +138,15 @@ struct Report {
     channels: usize,
     connect_secs: f64,
     rate_target: f64,
+    /// Messages per publish request as sent (1 for targets without batches).
+    batch: usize,
+    publishers: usize,
     published: u64,
     publish_secs: f64,
     publish_rate: f64,
     publish_errors: u64,
+    /// Publisher connections opened again after the server closed one with its answer.
+    publish_reconnects: u64,
     publish_answer_p50_ms: f64,
     publish_answer_p99_ms: f64,
     expected: u64,
@@ -149,6 +171,8 @@ struct Report {
     jitter_cuts: Option<u64>,
     storm_recovered: Option<usize>,
     storm_not_recovered: Option<usize>,
+    syscalls: Option<syscalls::SyscallReport>,
+    syscalls_error: Option<String>,
 }
 
 fn main() {
@@ -267,6 +291,12 @@ fn main() {
         channels: args.channels,
         connect_secs,
         rate_target: args.rate,
+        batch: if args.target.batches() {
+            args.batch.max(1)
+        } else {
+            1
+        },
+        publishers: args.publishers.max(1),
         server_rss_kib_before: before_connect.server_rss_kib,
         ..Report::default()
     };
@@ -312,7 +342,35 @@ fn main() {
         duration: Duration::from_secs_f64(args.duration),
         pad: "x".repeat(args.payload),
     };
+    let publish_start = Instant::now();
     let publisher = std::thread::spawn(move || publisher::run(plan));
+    let counter = match (args.syscalls, args.server_pid) {
+        (true, Some(pid)) => {
+            let at = args.syscalls_at.unwrap_or(args.duration / 4.0).max(0.0);
+            let window = args
+                .syscalls_window
+                .unwrap_or(args.duration / 2.0)
+                .min(args.duration - at)
+                .max(0.1);
+            let (tool, progress) = (args.syscalls_tool, progress.clone());
+            let pids = procstat::with_children(pid);
+            Some(std::thread::spawn(move || {
+                syscalls::count_window(
+                    tool,
+                    pids,
+                    &progress.received,
+                    publish_start,
+                    Duration::from_secs_f64(at),
+                    Duration::from_secs_f64(window),
+                )
+            }))
+        }
+        (true, None) => {
+            report.syscalls_error = Some("--syscalls needs --server-pid".into());
+            None
+        }
+        _ => None,
+    };
     if args.jitter_secs > 0.0 {
         progress.jitter.store(true, Ordering::Relaxed);
     }
@@ -374,6 +432,7 @@ fn main() {
     report.publish_secs = published.elapsed.as_secs_f64();
     report.publish_rate = per(report.published as f64, report.publish_secs);
     report.publish_errors = published.errors;
+    report.publish_reconnects = published.reconnects;
     report.publish_answer_p50_ms = ms(published.answer_us.value_at_quantile(0.5));
     report.publish_answer_p99_ms = ms(published.answer_us.value_at_quantile(0.99));
     report.expected = expected;
@@ -409,6 +468,21 @@ fn main() {
         report.storm_recovery_secs = storm_recovery;
         report.storm_recovered = Some(progress.recovered.load(Ordering::Relaxed));
         report.storm_not_recovered = Some(progress.not_recovered.load(Ordering::Relaxed));
+    }
+    if let Some(counter) = counter {
+        match counter.join().expect("syscall counter thread") {
+            Ok(r) => {
+                eprintln!(
+                    "syscalls ({}): {} in {:.1} s over {} deliveries, {:.2} per delivery",
+                    r.tool, r.total, r.window_secs, r.deliveries, r.per_delivery
+                );
+                report.syscalls = Some(r);
+            }
+            Err(e) => {
+                eprintln!("syscalls: {e}");
+                report.syscalls_error = Some(e);
+            }
+        }
     }
     finish(&args, &report);
     std::process::exit(0);

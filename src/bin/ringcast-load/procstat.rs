@@ -37,7 +37,7 @@ pub fn sample(pid: Option<u32>) -> Sample {
 }
 
 /// `pid` and its direct children.
-fn with_children(pid: u32) -> Vec<u32> {
+pub fn with_children(pid: u32) -> Vec<u32> {
     let mut pids = vec![pid];
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for task in tasks.flatten() {

@@ -1,6 +1,9 @@
 //! The paced publisher: K keep-alive HTTP connections, each publishing its share of the
 //! messages on an absolute schedule, one request in flight per connection (an in-order
-//! publisher, as an application backend would be).
+//! publisher, as an application backend would be). A connection the server closes after an
+//! answer (`Connection: close`, e.g. ringcast's limit of requests per keep-alive socket) is
+//! opened again before the next request, as an HTTP client library would; the reconnects are
+//! counted.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
@@ -33,6 +36,8 @@ pub struct Published {
     pub per_channel: Vec<u64>,
     pub requests: u64,
     pub errors: u64,
+    /// Connections opened again after the server closed one with its answer.
+    pub reconnects: u64,
     pub elapsed: Duration,
     /// Time from sending a publish request to its answer.
     pub answer_us: Histogram<u64>,
@@ -62,13 +67,15 @@ pub fn run(plan: Plan) -> Published {
             per_channel: Vec::new(),
             requests: 0,
             errors: 0,
+            reconnects: 0,
             elapsed: Duration::ZERO,
             answer_us: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
         };
         for t in tasks {
-            let (requests, errors, hist) = t.await;
+            let (requests, errors, reconnects, hist) = t.await;
             published.requests += requests;
             published.errors += errors;
+            published.reconnects += reconnects;
             let _ = published.answer_us.add(&hist);
         }
         published.elapsed = start.elapsed();
@@ -94,19 +101,20 @@ async fn connection(
     j: usize,
     counts: Arc<Vec<AtomicU64>>,
     start: Instant,
-) -> (u64, u64, Histogram<u64>) {
+) -> (u64, u64, u64, Histogram<u64>) {
     let mut hist = Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds");
     let channels = my_channels(&plan, j);
     if channels.is_empty() {
-        return (0, 0, hist);
+        return (0, 0, 0, hist);
     }
     let mut stream = match connect(Ipv4Addr::new(127, 0, 0, 1), plan.addr).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("publisher {j}: connect: {e}");
-            return (0, 1, hist);
+            return (0, 1, 0, hist);
         }
     };
+    let mut reconnects = 0u64;
     let share = if plan.target.server_assigns_seq() {
         plan.connections
     } else {
@@ -152,13 +160,31 @@ async fn connection(
         }
         let req = wire::publish_request(plan.target, &host, &plan.api_key, &msgs);
         let (res, _) = stream.write_all(req).await;
-        if res.is_err() || !read_response(&mut stream, &mut buf).await {
+        let answer = match res {
+            Ok(_) => read_response(&mut stream, &mut buf).await,
+            Err(_) => None,
+        };
+        let Some(closing) = answer else {
             errors += 1;
             eprintln!("publisher {j}: connection lost after {requests} requests");
             break;
-        }
+        };
         let _ = hist.record((now_us() - sent_us).max(1));
         requests += 1;
+        let mut lost = false;
+        if closing {
+            match connect(Ipv4Addr::new(127, 0, 0, 1), plan.addr).await {
+                Ok(s) => {
+                    stream = s;
+                    reconnects += 1;
+                }
+                Err(e) => {
+                    errors += 1;
+                    eprintln!("publisher {j}: reconnect after {requests} requests: {e}");
+                    lost = true; // the answer just read still counts below
+                }
+            }
+        }
         // 200 from most; Nchan answers 201 (delivered) or 202 (queued, no subscriber).
         if buf.starts_with(b"HTTP/1.1 20") {
             for (c, _, _) in &names {
@@ -171,12 +197,16 @@ async fn connection(
                 eprintln!("publisher {j}: {head}");
             }
         }
+        if lost {
+            break;
+        }
     }
-    (requests, errors, hist)
+    (requests, errors, reconnects, hist)
 }
 
-/// Reads one HTTP response (head + Content-Length body) into `buf`.
-async fn read_response(stream: &mut monoio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+/// Reads one HTTP response (head + Content-Length body) into `buf`: `None` if the connection
+/// failed first, else whether the server closes the connection after it.
+async fn read_response(stream: &mut monoio::net::TcpStream, buf: &mut Vec<u8>) -> Option<bool> {
     buf.clear();
     loop {
         if let Some(end) = wire::memfind(buf, b"\r\n\r\n") {
@@ -187,7 +217,11 @@ async fn read_response(stream: &mut monoio::net::TcpStream, buf: &mut Vec<u8>) -
                 .and_then(|v| v.trim().parse::<usize>().ok())
                 .unwrap_or(0);
             if buf.len() >= end + 4 + len {
-                return true;
+                let closing = head.lines().any(|l| {
+                    l.strip_prefix("connection:")
+                        .is_some_and(|v| v.trim() == "close")
+                });
+                return Some(closing);
             }
         }
         if buf.capacity() - buf.len() < 1024 {
@@ -198,7 +232,7 @@ async fn read_response(stream: &mut monoio::net::TcpStream, buf: &mut Vec<u8>) -
         let (res, slice) = stream.read(owned.slice_mut(len..)).await;
         *buf = slice.into_inner();
         if !matches!(res, Ok(n) if n > 0) {
-            return false;
+            return None;
         }
     }
 }

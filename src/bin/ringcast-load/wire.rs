@@ -61,17 +61,20 @@ pub fn publish_request(
 ) -> Vec<u8> {
     let (path, body) = match target {
         Target::Ringcast => {
-            let mut body = String::from("[");
-            for (i, m) in msgs.iter().enumerate() {
-                if i > 0 {
-                    body.push(',');
-                }
-                body.push_str(&format!(
+            let one = |m: &Outgoing<'_>| {
+                format!(
                     r#"{{"channel":"{}","event":"bench","data":{{"t":{},"p":"{}"}}}}"#,
                     m.channel, m.sent_us, m.pad
-                ));
-            }
-            body.push(']');
+                )
+            };
+            // One message travels as a plain object (the single-message API, as the peers
+            // get it), several as an array (a batch).
+            let body = if let [m] = msgs {
+                one(m)
+            } else {
+                let all: Vec<String> = msgs.iter().map(one).collect();
+                format!("[{}]", all.join(","))
+            };
             ("/api/v1/publish".to_string(), body)
         }
         Target::Floor | Target::Nchan | Target::Socketio => {
