@@ -602,6 +602,9 @@ impl Session {
 
     /// Queues the `dropped` notices due once the client has caught up; true if any.
     fn queue_dropped_notices(&mut self) -> bool {
+        if !self.is_live() {
+            return false; // nothing goes after the close frame
+        }
         let notices = self.queue.take_dropped_if_drained();
         let any = !notices.is_empty();
         for (channel, count) in notices {
@@ -790,11 +793,10 @@ impl Session {
             }
             let mut count = 0;
             for d in &replay.deliveries {
-                if self.wants(d) {
-                    // Never dropped; a paused connection skips it like a live one.
-                    if self.takes(d, ctx.now, ctx.config) {
-                        self.queue.push_replay(d.clone());
-                    }
+                // Never dropped; a paused connection skips it like a live one (and `count`
+                // says how many were re-sent).
+                if self.wants(d) && self.takes(d, ctx.now, ctx.config) {
+                    self.queue.push_replay(d.clone());
                     count += 1;
                 }
             }
@@ -1064,8 +1066,19 @@ impl Session {
             .as_mut()
             .and_then(|c| c.paused.take())
             .unwrap_or_default();
-        self.queue.purge(|d| skipped.skips(d));
-        self.cold().paused = Some(skipped);
+        // A skipped critical event was never sent: it is not waiting for an ack either.
+        let mut lost: Vec<(Arc<str>, u64)> = Vec::new();
+        self.queue.purge(|d| {
+            let skips = skipped.skips(d);
+            if skips && d.priority == Priority::Critical {
+                lost.push((d.channel.clone(), d.seq));
+            }
+            skips
+        });
+        let cold = self.cold();
+        cold.unacked
+            .retain(|(d, _, _)| !lost.iter().any(|(c, s)| *s == d.seq && *c == d.channel));
+        cold.paused = Some(skipped);
         self.control(Control::Paused, ctx);
     }
 
@@ -1129,8 +1142,10 @@ impl Session {
         let now = ctx.now;
         // An idle connection keeps no queue memory from its last burst.
         self.queue.release_if_empty();
+        // Only while live: once closing, the backlog ends with our close frame, which must not
+        // be cleared with it (the close grace bounds how long the backlog is kept).
         let behind_since = self.cold.as_ref().and_then(|c| c.behind_since);
-        if let Some(since) = behind_since {
+        if let Some(since) = behind_since.filter(|_| self.is_live()) {
             if now.duration_since(since) >= ctx.config.slow_client_timeout {
                 self.cold().behind_since = None;
                 self.queue.clear();
