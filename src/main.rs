@@ -20,7 +20,6 @@ use ringcast::runtime::worker::{self, Driver, Handler};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    disable_transparent_huge_pages();
     let level = match log_level(std::env::var("RINGCAST_LOG").ok().as_deref()) {
         Ok(level) => level,
         Err(e) => {
@@ -67,6 +66,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = Config::load(flags)?;
     let open_files = raise_open_file_limit();
     fit_to_open_files(&mut config, open_files);
+    if !config.transparent_huge_pages {
+        disable_transparent_huge_pages();
+    }
     let dev_mode = config.is_dev_mode();
     // Development mode signs with a random secret; otherwise the configured keys decide.
     let jwt_secret = config.jwt_secret.clone().unwrap_or_else(random_secret);
@@ -166,10 +168,11 @@ fn listen_error(addr: std::net::SocketAddr, e: &std::io::Error) -> String {
     }
 }
 
-/// Freed memory must leave the process: with transparent huge pages the kernel folds the few
-/// pages still in use of each 2 MiB range back into a whole huge page (khugepaged, every 10 s),
-/// so RSS grew again after the state of a million channels had been freed. A failure (old
-/// kernel) only costs that.
+/// Freed memory must leave the process, and a small allocation must not pin a huge page: with
+/// transparent huge pages the kernel folds the few pages still in use of each 2 MiB range back
+/// into a whole huge page (khugepaged, every 10 s), so RSS grew again after the state of a
+/// million channels had been freed, and idle connections cost ~1.8 KiB more each. A failure
+/// (old kernel) only costs that.
 fn disable_transparent_huge_pages() {
     // SAFETY: prctl with integer arguments only.
     unsafe {

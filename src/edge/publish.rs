@@ -79,7 +79,7 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Rep
         Err(message) => return Reply::error(400, &message),
     };
     let channels: Vec<Arc<str>> = publications.iter().map(|p| p.channel.clone()).collect();
-    let results = match core.shared.publish(publications, Source::Api).await {
+    let results = match core.publish(publications, Source::Api).await {
         Ok(seqs) => channels
             .into_iter()
             .zip(seqs)

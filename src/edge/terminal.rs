@@ -246,7 +246,7 @@ impl Output<'_> {
         // back on the producer) rather than drop it, for up to `BEHIND_PATIENCE`.
         let deadline = Instant::now() + BEHIND_PATIENCE;
         loop {
-            match self.core.shared.publish(vec![p.clone()], Source::Api).await {
+            match self.core.publish(vec![p.clone()], Source::Api).await {
                 Ok(_) => return Ok(()),
                 Err(NotSequenced::ShuttingDown) => return Err("node is shutting down"),
                 Err(NotSequenced::Behind) if Instant::now() >= deadline => return Err(BEHIND),

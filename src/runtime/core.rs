@@ -7,7 +7,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -222,6 +222,10 @@ pub struct Core {
     rooms: RefCell<Rooms<Rc<Conn>>>,
     conns: RefCell<HashMap<u64, Rc<Conn>>>,
     next_conn: Cell<u64>,
+    /// This core itself (for the tasks it spawns).
+    pub(super) me: Weak<Core>,
+    /// A run of deliveries of one channel being fanned out together (kept for its allocation).
+    runs: Cell<Vec<Arc<Delivery>>>,
     /// Writes what this core's connections have queued (see `runtime::writer`).
     pub(super) writer: Writer,
     /// Claims of this core's connections, one copy for all that present the same (see
@@ -244,7 +248,7 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn new(id: usize, shared: Arc<Shared>) -> Core {
+    pub fn new(id: usize, shared: Arc<Shared>, me: Weak<Core>) -> Core {
         let node_share = shared
             .settings
             .node_rate_limit
@@ -257,6 +261,8 @@ impl Core {
             rooms: RefCell::new(Rooms::default()),
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
+            me,
+            runs: Cell::new(Vec::new()),
             writer: Writer::default(),
             effects: Cell::new(Vec::new()),
             claims: RefCell::new(HashSet::new()),
@@ -476,6 +482,35 @@ impl Core {
         );
     }
 
+    /// Handles a batch of mesh messages in order; consecutive deliveries of one channel are
+    /// fanned out together, so each subscriber is visited once and gets them in one write.
+    pub fn handle_batch(&self, batch: &mut Vec<MeshMsg>) {
+        let mut run = self.runs.take();
+        for msg in batch.drain(..) {
+            match msg {
+                MeshMsg::Deliver(d) => {
+                    if run.last().is_some_and(|last| last.channel != d.channel) {
+                        self.deliver(&run);
+                        run.clear();
+                    }
+                    run.push(d);
+                }
+                other => {
+                    if !run.is_empty() {
+                        self.deliver(&run);
+                        run.clear();
+                    }
+                    self.handle(other);
+                }
+            }
+        }
+        if !run.is_empty() {
+            self.deliver(&run);
+            run.clear();
+        }
+        self.runs.set(run);
+    }
+
     /// Handles one message from the mesh.
     pub fn handle(&self, msg: MeshMsg) {
         match msg {
@@ -506,7 +541,7 @@ impl Core {
                 // The publisher may have gone away; the messages are sequenced regardless.
                 let _ = reply.send(seqs);
             }
-            MeshMsg::Deliver(delivery) => self.deliver(&delivery),
+            MeshMsg::Deliver(delivery) => self.deliver(std::slice::from_ref(&delivery)),
             MeshMsg::Subscribe {
                 channel,
                 core,
@@ -569,14 +604,28 @@ impl Core {
         }
     }
 
-    fn deliver(&self, d: &Arc<Delivery>) {
-        let now = Instant::now();
-        let config = &self.shared.session;
+    /// Fans out deliveries of one channel (in seq order) to the channel's room, and writes
+    /// each subscriber's share at once: one visit and one `send` per subscriber, like the
+    /// floor, while what a slow subscriber cannot take waits in its queue.
+    fn deliver(&self, run: &[Arc<Delivery>]) {
+        let Some(channel) = run.first().map(|d| &d.channel) else {
+            return;
+        };
+        let ctx = self.ctx(Instant::now());
         let mut queued = 0;
-        for conn in self.rooms.borrow().members(&d.channel) {
-            if conn.session.borrow_mut().deliver(d, now, config) {
-                self.schedule(conn);
-                queued += 1;
+        for conn in self.rooms.borrow().members(channel) {
+            let mut wants = false;
+            {
+                let mut session = conn.session.borrow_mut();
+                for d in run {
+                    if session.deliver(d, ctx.now, ctx.config) {
+                        wants = true;
+                        queued += 1;
+                    }
+                }
+            }
+            if wants {
+                self.write_now(conn, &ctx);
             }
         }
         self.shared.stats.frames_queued.add(queued);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::delivery::{channel, Publication};
 
-use super::core::{AdminAnswer, AdminCmd, Shared};
+use super::core::{AdminAnswer, AdminCmd, Core, Shared};
 use super::mesh::{MeshMsg, Source};
 
 /// Why messages were not sequenced.
@@ -17,15 +17,17 @@ pub enum NotSequenced {
     ShuttingDown,
 }
 
-impl Shared {
+impl Core {
     /// Sends each message to its channel's owner core and waits for the seqs (in the order
     /// of `publications`); refuses the whole request (nothing sent) while a core is behind.
+    /// Messages this core owns are sequenced at once, without a trip through its own inbox
+    /// (their deliveries still take it, so the hand-over order holds).
     pub async fn publish(
         &self,
         publications: Vec<Publication>,
         source: Source,
     ) -> Result<Vec<u64>, NotSequenced> {
-        let mesh = &self.mesh;
+        let mesh = &self.shared.mesh;
         if mesh.is_behind() {
             return Err(NotSequenced::Behind);
         }
@@ -46,7 +48,11 @@ impl Shared {
                 reply,
                 source,
             };
-            mesh.send(owner, msg);
+            if owner == self.id {
+                self.handle(msg);
+            } else {
+                mesh.send(owner, msg);
+            }
             waits.push(answer);
         }
         for answer in waits {
@@ -56,7 +62,9 @@ impl Shared {
         }
         Ok(seqs)
     }
+}
 
+impl Shared {
     /// Runs `cmd` on every core and collects their answers.
     pub async fn admin(&self, cmd: AdminCmd) -> Vec<AdminAnswer> {
         let cmd = Arc::new(cmd);

@@ -10,7 +10,7 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -21,33 +21,36 @@ use monoio::net::TcpStream;
 /// ended does nothing rather than touch a descriptor number the kernel may have reused.
 pub struct Socket {
     stream: TcpStream,
+    /// `stream`'s descriptor, kept next to it: a write reads it without following the
+    /// stream's own shared handle.
+    fd: RawFd,
 }
 
 impl Socket {
     pub fn new(stream: TcpStream) -> Rc<Socket> {
-        Rc::new(Socket { stream })
+        let fd = stream.as_raw_fd();
+        Rc::new(Socket { stream, fd })
+    }
+
+    /// One non-blocking send of (a prefix of) `buf`.
+    pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: `fd` belongs to `self.stream`, which `&self` keeps open for this call;
+        // `buf` is only read. MSG_NOSIGNAL: a peer that left is an error here, never a
+        // SIGPIPE.
+        let n = unsafe {
+            libc::send(
+                self.fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
     /// For readiness (`readable`) and `recv`.
     pub fn stream(&self) -> &TcpStream {
         &self.stream
-    }
-
-    /// Writes all of `buf`: sends what the kernel takes at once, and waits for room only when
-    /// it takes nothing (so a client that keeps up costs one `send` per write).
-    pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
-        while !buf.is_empty() {
-            match send(&self.stream, buf) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => buf = &buf[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.stream.writable(false).await?
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
     }
 
     /// Cuts the connection both ways: a pending read or write fails and both loops end.
@@ -68,21 +71,6 @@ pub fn recv(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
             buf.as_mut_ptr().cast(),
             buf.len(),
             libc::MSG_DONTWAIT,
-        )
-    };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-/// One non-blocking send of (a prefix of) `buf`.
-pub fn send(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: as in `recv`; `buf` is only read. MSG_NOSIGNAL: a peer that left is an error
-    // here, never a SIGPIPE.
-    let n = unsafe {
-        libc::send(
-            stream.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
     };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())

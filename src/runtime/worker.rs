@@ -36,7 +36,7 @@ pub enum Driver {
 }
 
 /// Most mesh messages handled before yielding to connection tasks.
-const MESH_BATCH: usize = 256;
+const MESH_BATCH: usize = 64;
 /// Listen backlog per worker (somaxconn caps it).
 const BACKLOG: i32 = 4096;
 
@@ -102,7 +102,7 @@ pub fn start(
                 if let Some(core_id) = pin_to {
                     core_affinity::set_for_current(core_id);
                 }
-                let core = Rc::new(Core::new(id, shared));
+                let core = Rc::new_cyclic(|me| Core::new(id, shared, me.clone()));
                 let work = serve(core, listener, inbox, handler);
                 if let Err(e) = run_on(driver, work, &started) {
                     let _ = started.send(Err(e));
@@ -307,9 +307,7 @@ async fn mesh_loop(core: Rc<Core>, inbox: Inbox) {
     let mut batch: Vec<MeshMsg> = Vec::with_capacity(MESH_BATCH);
     loop {
         inbox.recv_batch(&mut batch, MESH_BATCH).await;
-        for msg in batch.drain(..) {
-            core.handle(msg);
-        }
+        core.handle_batch(&mut batch);
         // Let the connection tasks write what was just queued before taking more.
         yield_now().await;
     }
@@ -369,7 +367,7 @@ impl ChannelSweep {
 }
 
 /// Gives the other ready tasks of this core a turn.
-async fn yield_now() {
+pub(super) async fn yield_now() {
     let mut yielded = false;
     std::future::poll_fn(|cx| {
         if yielded {

@@ -15,7 +15,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::rc::{Rc, Weak};
@@ -24,14 +24,17 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::delivery::session::Transmit;
+use crate::delivery::session::{Ctx, Transmit};
 
 use super::conn::{Conn, Writing};
 use super::core::Core;
-use super::socket::{self, Socket};
+use super::socket::Socket;
 
 /// Most bytes one connection writes per flush.
 const MAX_WRITE_BATCH: usize = 256 * 1024;
+/// Connections one turn of the flush task writes to before the core's other tasks (a publish
+/// waiting for its seq, a subscribe) get a turn.
+const FLUSH_TURN: usize = 256;
 /// Largest coalescing buffer the core keeps between flushes.
 const KEPT_BUFFER: usize = 1024 * 1024;
 
@@ -61,7 +64,7 @@ impl Ord for Due {
 #[derive(Default)]
 pub struct Writer {
     /// Connections with output, in the order they got it.
-    scheduled: RefCell<Vec<Rc<Conn>>>,
+    scheduled: RefCell<VecDeque<Rc<Conn>>>,
     /// The flush task, waiting for `scheduled` to fill.
     flusher: Cell<Option<Waker>>,
     /// The coalescing buffer every connection's writes go through.
@@ -86,36 +89,42 @@ impl Core {
             return;
         }
         conn.set_writing(Writing::Scheduled);
-        self.writer.scheduled.borrow_mut().push(conn.clone());
+        self.writer.scheduled.borrow_mut().push_back(conn.clone());
         if let Some(w) = self.writer.flusher.take() {
             w.wake();
         }
     }
 
-    /// Writes what every scheduled connection has queued.
-    fn flush(self: &Rc<Self>) {
-        let mut due = std::mem::take(&mut *self.writer.scheduled.borrow_mut());
-        let now = Instant::now();
-        for conn in due.drain(..) {
+    /// Writes what the connection has queued now, unless it waits for its turn in the flush
+    /// list or for its socket.
+    pub(super) fn write_now(&self, conn: &Rc<Conn>, ctx: &Ctx) {
+        if conn.writing() == Writing::Idle {
+            self.write_out(conn, ctx);
+        }
+    }
+
+    /// Writes what the first `FLUSH_TURN` scheduled connections have queued.
+    fn flush(&self) {
+        let ctx = self.ctx(Instant::now());
+        for _ in 0..FLUSH_TURN {
+            let Some(conn) = self.writer.scheduled.borrow_mut().pop_front() else {
+                break;
+            };
             if conn.writing() == Writing::Scheduled {
                 conn.set_writing(Writing::Idle);
-                self.write_out(&conn, now);
+                self.write_out(&conn, &ctx);
             }
-        }
-        // Keep the list's allocation for the next flush.
-        let mut scheduled = self.writer.scheduled.borrow_mut();
-        if scheduled.is_empty() {
-            *scheduled = due;
         }
     }
 
     /// One connection's turn: its backlog first, then what the session gives, coalesced.
-    fn write_out(self: &Rc<Self>, conn: &Rc<Conn>, now: Instant) {
+    fn write_out(&self, conn: &Rc<Conn>, ctx: &Ctx) {
+        let now = ctx.now;
         let Some(socket) = conn.socket() else {
             return;
         };
         if let Some(rest) = conn.take_backlog() {
-            match socket::send(socket.stream(), &rest) {
+            match socket.send(&rest) {
                 Ok(n) if n == rest.len() => {}
                 Ok(n) => return self.wait_writable(conn, socket, rest.slice(n..)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -125,7 +134,6 @@ impl Core {
             }
             conn.session.borrow_mut().on_written();
         }
-        let ctx = self.ctx(now);
         let mut written = 0;
         loop {
             let mut buf = self.writer.buf.borrow_mut();
@@ -135,7 +143,7 @@ impl Core {
                 let mut bucket = self.bucket.borrow_mut();
                 let mut out = Out::Nothing;
                 let last = loop {
-                    match session.poll_transmit(&ctx, &mut bucket) {
+                    match session.poll_transmit(ctx, &mut bucket) {
                         Transmit::Frame { prefix, frame } => {
                             for frame in prefix.into_iter().chain([frame]) {
                                 out = match out {
@@ -179,7 +187,7 @@ impl Core {
                 Out::One(frame) => frame,
                 Out::Many => &buf,
             };
-            match socket::send(socket.stream(), data) {
+            match socket.send(data) {
                 Ok(n) if n == data.len() => {
                     written += n;
                 }
@@ -221,10 +229,13 @@ impl Core {
     }
 
     /// The kernel took part of a write: keep the rest, and go on once the socket takes more.
-    fn wait_writable(self: &Rc<Self>, conn: &Rc<Conn>, socket: Rc<Socket>, rest: Bytes) {
+    fn wait_writable(&self, conn: &Rc<Conn>, socket: Rc<Socket>, rest: Bytes) {
         conn.set_backlog(rest);
         conn.set_writing(Writing::Blocked);
-        let (core, conn) = (self.clone(), conn.clone());
+        let Some(core) = self.me.upgrade() else {
+            return; // the core is going away
+        };
+        let conn = conn.clone();
         monoio::spawn(async move {
             let ready = socket.stream().writable(false).await;
             drop(socket);
@@ -243,7 +254,7 @@ impl Core {
     fn schedule_always(&self, conn: &Rc<Conn>) {
         if conn.writing() == Writing::Idle {
             conn.set_writing(Writing::Scheduled);
-            self.writer.scheduled.borrow_mut().push(conn.clone());
+            self.writer.scheduled.borrow_mut().push_back(conn.clone());
             if let Some(w) = self.writer.flusher.take() {
                 w.wake();
             }
@@ -282,6 +293,7 @@ pub async fn flush_loop(core: Rc<Core>) {
         })
         .await;
         core.flush();
+        super::worker::yield_now().await;
     }
 }
 
