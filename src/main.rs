@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+use ringcast::delivery::session::SessionConfig;
 use ringcast::edge::config::{Command, Config, Flags, IoDriver, TokenSettings};
 use ringcast::edge::http::{self, Edge};
 use ringcast::edge::jwt::{self, Key, Rules, Verifier};
@@ -229,23 +230,25 @@ fn verifier(config: &Config, dev_secret: Option<&str>) -> Result<Verifier, Strin
 fn settings(config: &Config) -> Settings {
     Settings {
         ring: config.ring,
-        heartbeat: config.heartbeat,
+        session: SessionConfig {
+            heartbeat: config.heartbeat,
+            max_channels_per_connection: config.max_channels_per_connection,
+            max_queue_bytes: config.max_queue_bytes,
+            max_client_messages_per_sec: config.max_client_messages_per_sec,
+            queue_threshold: config.queue_threshold,
+            slow_client_timeout: config.slow_client_timeout,
+            connection_rate_limit: config.connection_rate_limit,
+            key_interval: config.key_interval,
+            queue_ttl: config.queue_ttl,
+            ack_timeout: config.ack_timeout,
+            ack_max_sends: config.ack_max_sends,
+        },
         drain_timeout: config.drain_timeout,
         max_message_bytes: config.max_message_bytes,
-        max_channels_per_connection: config.max_channels_per_connection,
-        max_queue_bytes: config.max_queue_bytes,
-        max_client_messages_per_sec: config.max_client_messages_per_sec,
-        queue_threshold: config.queue_threshold,
-        slow_client_timeout: config.slow_client_timeout,
-        ack_timeout: config.ack_timeout,
-        connection_rate_limit: config.connection_rate_limit,
         node_rate_limit: config.node_rate_limit,
-        queue_ttl: config.queue_ttl,
-        key_interval: config.key_interval,
         compress_over: config.compress_over,
         terminal_max_bytes_per_sec: config.terminal_max_bytes_per_sec,
         max_inflated_bytes_per_sec: config.max_inflated_bytes_per_sec,
-        ack_max_sends: config.ack_max_sends,
         edge: config.edge,
         release_memory,
     }

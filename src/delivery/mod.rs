@@ -12,6 +12,7 @@ use crate::proto::ws::deflate;
 
 pub mod access;
 pub mod channel;
+pub mod deadline;
 pub mod filter;
 pub mod heartbeat;
 pub mod limits;

@@ -66,33 +66,8 @@ impl ChannelState {
     }
 }
 
-/// When a queued channel's oldest ring entry ages out. Ordered by that time alone: names are
-/// never compared.
-#[derive(Debug)]
-struct Due {
-    at_ms: u64,
-    channel: Arc<str>,
-}
-
-impl PartialEq for Due {
-    fn eq(&self, other: &Self) -> bool {
-        self.at_ms == other.at_ms
-    }
-}
-
-impl Eq for Due {}
-
-impl PartialOrd for Due {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Due {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.at_ms.cmp(&other.at_ms)
-    }
-}
+/// When a queued channel's oldest ring entry ages out (Unix ms).
+type Due = super::deadline::Due<u64, Arc<str>>;
 
 /// All channels one core owns.
 #[derive(Debug)]
@@ -202,7 +177,10 @@ impl Sequencer {
             if !state.queued {
                 state.queued = true;
                 let at_ms = state.ring.expires_at_ms().expect("just pushed");
-                self.expiry.push(Reverse(Due { at_ms, channel }));
+                self.expiry.push(Reverse(Due {
+                    at: at_ms,
+                    item: channel,
+                }));
             }
         }
         seq
@@ -255,16 +233,19 @@ impl Sequencer {
     pub fn evict(&mut self, now_ms: u64, budget: usize) -> bool {
         for _ in 0..budget {
             match self.expiry.peek() {
-                Some(Reverse(due)) if due.at_ms <= now_ms => {}
+                Some(Reverse(due)) if due.at <= now_ms => {}
                 _ => break,
             }
-            let Reverse(Due { channel, .. }) = self.expiry.pop().expect("peeked");
+            let Reverse(Due { item: channel, .. }) = self.expiry.pop().expect("peeked");
             let Some(state) = self.channels.get_mut(&channel) else {
                 continue;
             };
             state.ring.evict(now_ms);
             match state.ring.expires_at_ms() {
-                Some(at_ms) => self.expiry.push(Reverse(Due { at_ms, channel })),
+                Some(at_ms) => self.expiry.push(Reverse(Due {
+                    at: at_ms,
+                    item: channel,
+                })),
                 None => {
                     state.queued = false;
                     self.free_if_idle(&channel);
@@ -274,7 +255,7 @@ impl Sequencer {
         if self
             .expiry
             .peek()
-            .is_some_and(|Reverse(due)| due.at_ms <= now_ms)
+            .is_some_and(|Reverse(due)| due.at <= now_ms)
         {
             return true;
         }

@@ -83,7 +83,7 @@ pub async fn serve(
     // An event stream cannot answer pings: a peer that vanished is found by the kernel when
     // the comment pings (or events) stay unacknowledged this long, as a WebSocket that stops
     // answering pongs would be.
-    let hb = &core.shared.settings.heartbeat;
+    let hb = &core.shared.settings.session.heartbeat;
     let dead_after = hb.ping_interval + hb.pong_timeout * hb.max_missed;
     set_user_timeout(&stream, dead_after);
     let format = Format {

@@ -176,7 +176,7 @@ pub(super) fn start(
     let settings = &core.shared.settings;
     let now = std::time::Instant::now();
     let claims = core.share_claims(opening.claims);
-    let mut session = Session::new(id, peer, claims, format, &core.shared.session, now);
+    let mut session = Session::new(id, peer, claims, format, &core.shared.settings.session, now);
     let transport = if sse.is_some() { "sse" } else { "websocket" };
     if let Some(sse) = sse {
         session.set_sse(sse);
@@ -199,7 +199,7 @@ pub(super) fn start(
     let welcome = Control::Welcome {
         connection_id: &format!("{id:x}"),
         epoch: &core.shared.epoch,
-        heartbeat_ms: settings.heartbeat.ping_interval.as_millis() as u64,
+        heartbeat_ms: settings.session.heartbeat.ping_interval.as_millis() as u64,
         channels: &opening.channels,
         encoding: encoding.name(),
         note: opening.encoding_note.as_deref(),
@@ -292,7 +292,7 @@ pub(super) fn open(
             }
         }
     }
-    let max = core.shared.settings.max_channels_per_connection;
+    let max = core.shared.settings.session.max_channels_per_connection;
     if channels.len() > max {
         return Err(Reply::error(
             400,

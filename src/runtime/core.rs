@@ -14,7 +14,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::delivery::access::{Authenticator, Claims, Overrides};
 use crate::delivery::channel;
-use crate::delivery::heartbeat::HeartbeatConfig;
 use crate::delivery::limits::{LimitConfig, Limits, Refused};
 use crate::delivery::queue::Bucket;
 use crate::delivery::ring::RingBounds;
@@ -37,38 +36,20 @@ use super::writer::Writer;
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub ring: RingBounds,
-    pub heartbeat: HeartbeatConfig,
+    /// What every connection's session reads (heartbeat, queue bounds, rates, acks).
+    pub session: SessionConfig,
     pub drain_timeout: Duration,
     pub max_message_bytes: usize,
-    pub max_channels_per_connection: usize,
-    /// Bytes a connection may have waiting to be written before it is closed as too slow.
-    pub max_queue_bytes: usize,
-    /// Client messages per second before `rate_limited`; twice that closes the connection.
-    pub max_client_messages_per_sec: u32,
-    /// Queued messages past which a client is behind (low, then normal events yield).
-    pub queue_threshold: usize,
-    /// How long a client may stay behind before it is closed with 1008.
-    pub slow_client_timeout: Duration,
-    /// Event frames per second per connection (0: no limit).
-    pub connection_rate_limit: u32,
     /// Event frames per second on the whole node (0: no limit), shared evenly by the cores.
     pub node_rate_limit: u32,
-    /// Least time between two events of one `coalesce_key` to one connection (zero: no pacing).
-    pub key_interval: Duration,
     /// permessage-deflate: event frames larger than this go compressed (`None`: not offered).
     pub compress_over: Option<u32>,
     /// Bytes per second per terminal output stream (0: no cap).
     pub terminal_max_bytes_per_sec: u64,
     /// Inflated bytes of compressed client messages per connection per second (0: no budget).
     pub max_inflated_bytes_per_sec: u64,
-    /// How long an event may wait in a connection's queue (unless its `ttl_ms` says otherwise).
-    pub queue_ttl: Duration,
     /// Bounds of the HTTP edge: deadlines and counts of sockets that are not connections.
     pub edge: EdgeLimits,
-    /// `ack=critical`: re-send an unacknowledged critical event after this long...
-    pub ack_timeout: Duration,
-    /// ...until it has been sent this many times.
-    pub ack_max_sends: u32,
     /// Asks the process's allocator to give this thread's free memory back to the OS
     /// (`true`: all of it now, not only what has been free for a while).
     pub release_memory: fn(bool),
@@ -91,8 +72,6 @@ pub struct Stats {
 /// State shared by all cores.
 pub struct Shared {
     pub settings: Settings,
-    /// What every connection's session reads from the settings.
-    pub session: SessionConfig,
     /// Changes at every start: positions from another epoch cannot be resumed exactly.
     pub epoch: String,
     pub(super) mesh: Mesh,
@@ -115,21 +94,7 @@ impl Shared {
         limits: LimitConfig,
         audit_trail: Audit,
     ) -> Shared {
-        let session = SessionConfig {
-            heartbeat: settings.heartbeat,
-            max_channels_per_connection: settings.max_channels_per_connection,
-            max_queue_bytes: settings.max_queue_bytes,
-            max_client_messages_per_sec: settings.max_client_messages_per_sec,
-            queue_threshold: settings.queue_threshold,
-            slow_client_timeout: settings.slow_client_timeout,
-            connection_rate_limit: settings.connection_rate_limit,
-            key_interval: settings.key_interval,
-            queue_ttl: settings.queue_ttl,
-            ack_timeout: settings.ack_timeout,
-            ack_max_sends: settings.ack_max_sends,
-        };
         Shared {
-            session,
             audit_trail,
             limits: Limits::new(limits),
             settings,
@@ -325,7 +290,7 @@ impl Core {
         Ctx {
             now,
             unix_secs: now_ms() / 1000,
-            config: &self.shared.session,
+            config: &self.shared.settings.session,
             epoch: &self.shared.epoch,
             auth: &*self.shared.auth,
         }

@@ -314,7 +314,7 @@ async fn mesh_loop(core: Rc<Core>, inbox: Inbox) {
 }
 
 async fn sweep_loop(core: Rc<Core>) {
-    let ping = core.shared.settings.heartbeat.ping_interval;
+    let ping = core.shared.settings.session.heartbeat.ping_interval;
     let tick = (ping / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut last_evict = Instant::now();
     let mut channels = ChannelSweep::default();

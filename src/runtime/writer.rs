@@ -39,27 +39,7 @@ const FLUSH_TURN: usize = 256;
 const KEPT_BUFFER: usize = 1024 * 1024;
 
 /// A connection's rate-limit wake-up.
-struct Due {
-    at: Instant,
-    conn: Weak<Conn>,
-}
-
-impl PartialEq for Due {
-    fn eq(&self, other: &Self) -> bool {
-        self.at == other.at
-    }
-}
-impl Eq for Due {}
-impl PartialOrd for Due {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Due {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.at.cmp(&other.at)
-    }
-}
+type Due = crate::delivery::deadline::Due<Instant, Weak<Conn>>;
 
 #[derive(Default)]
 pub struct Writer {
@@ -270,7 +250,7 @@ impl Core {
         let earliest = timers.peek().is_none_or(|Reverse(d)| at < d.at);
         timers.push(Reverse(Due {
             at,
-            conn: Rc::downgrade(conn),
+            item: Rc::downgrade(conn),
         }));
         if earliest {
             if let Some(w) = self.writer.timer_task.take() {
@@ -307,7 +287,7 @@ pub async fn timer_loop(core: Rc<Core>) {
                 let Some(Reverse(due)) = core.writer.timers.borrow_mut().pop() else {
                     continue;
                 };
-                if let Some(conn) = due.conn.upgrade() {
+                if let Some(conn) = due.item.upgrade() {
                     conn.timer_set.set(false);
                     core.schedule_always(&conn);
                 }
