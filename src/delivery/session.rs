@@ -627,6 +627,8 @@ impl Session {
             self.shed_cold();
         }
         self.queue_dropped_notices();
+        // A client that keeps up holds no queue memory between messages.
+        self.queue.release_if_empty();
     }
 
     /// The reader is done (the peer closed, or the socket failed): what is queued is flushed,
@@ -656,6 +658,8 @@ impl Session {
         } else {
             SubState::Pending(sub)
         };
+        // Most connections hold one or a few channels: room for exactly what they hold.
+        self.subs.reserve_exact(1);
         self.subs.push((channel.clone(), state));
         out.push(Effect::Subscribe {
             channel,

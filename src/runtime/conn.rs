@@ -39,9 +39,9 @@ pub(super) enum Writing {
 pub struct Conn {
     pub session: RefCell<Session>,
     /// The socket, until writing is over.
-    socket: RefCell<Option<Rc<Socket>>>,
+    socket: Cell<Option<Rc<Socket>>>,
     /// The rest of a write the kernel did not take yet.
-    backlog: RefCell<Option<Bytes>>,
+    backlog: Cell<Option<Bytes>>,
     writing: Cell<Writing>,
     /// A rate-limit wake-up is due for this connection (see `Core::wake_at`).
     pub(super) timer_set: Cell<bool>,
@@ -53,8 +53,8 @@ impl Conn {
     pub fn new(session: Session, socket: Rc<Socket>) -> Conn {
         Conn {
             session: RefCell::new(session),
-            socket: RefCell::new(Some(socket)),
-            backlog: RefCell::new(None),
+            socket: Cell::new(Some(socket)),
+            backlog: Cell::new(None),
             writing: Cell::new(Writing::Idle),
             timer_set: Cell::new(false),
             over_waiter: Cell::new(None),
@@ -74,22 +74,24 @@ impl Conn {
     }
 
     pub(super) fn socket(&self) -> Option<Rc<Socket>> {
-        self.socket.borrow().clone()
+        let socket = self.socket.take();
+        self.socket.set(socket.clone());
+        socket
     }
 
     pub(super) fn take_backlog(&self) -> Option<Bytes> {
-        self.backlog.borrow_mut().take()
+        self.backlog.take()
     }
 
     pub(super) fn set_backlog(&self, rest: Bytes) {
-        *self.backlog.borrow_mut() = Some(rest);
+        self.backlog.set(Some(rest));
     }
 
     /// Writing is over: the socket is let go (it closes once the reader lets go too).
     pub(super) fn end_writing(&self) {
         self.writing.set(Writing::Over);
-        self.backlog.borrow_mut().take();
-        self.socket.borrow_mut().take();
+        self.backlog.take();
+        self.socket.take();
         if let Some(w) = self.over_waiter.take() {
             w.wake();
         }
@@ -97,7 +99,7 @@ impl Conn {
 
     /// Cuts the socket both ways: the reader's next wait fails and writing is over.
     pub(super) fn cut(&self) {
-        if let Some(socket) = self.socket.borrow().as_ref() {
+        if let Some(socket) = self.socket() {
             socket.shutdown();
         }
         self.end_writing();
