@@ -627,8 +627,6 @@ impl Session {
             self.shed_cold();
         }
         self.queue_dropped_notices();
-        // A client that keeps up holds no queue memory between messages.
-        self.queue.release_if_empty();
     }
 
     /// The reader is done (the peer closed, or the socket failed): what is queued is flushed,
