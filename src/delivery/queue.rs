@@ -30,6 +30,13 @@ enum Entry {
     Mark(Arc<str>, u64),
 }
 
+/// What one queued entry costs besides its frame's bytes: the entry and, for a small
+/// control frame, its own allocation.
+pub const ENTRY_BYTES: usize = 64;
+
+/// First byte of a WebSocket pong frame (FIN + opcode 0xA).
+const PONG_HEADER: u8 = 0x8A;
+
 /// The frame of a `Mark`.
 static NOTHING: Bytes = Bytes::new();
 
@@ -357,8 +364,24 @@ impl SendQueue {
         self.entries.is_empty()
     }
 
+    /// What the queue holds against a connection's bound: its frames' bytes plus
+    /// `ENTRY_BYTES` for each entry (so a flood of tiny frames is bounded by what it costs,
+    /// not by its few wire bytes).
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.entries.len() * ENTRY_BYTES
+    }
+
+    /// Queues a pong, or puts it in place of one still waiting at the back: a client that
+    /// pings faster than it reads gets an answer to its latest ping only (RFC 6455, 5.5.3).
+    pub fn push_pong(&mut self, frame: Bytes) {
+        if let Some(Entry::Control(last)) = self.entries.back_mut() {
+            if last.first() == Some(&PONG_HEADER) {
+                self.bytes = self.bytes - last.len() + frame.len();
+                *last = frame;
+                return;
+            }
+        }
+        self.push_control(frame);
     }
 
     /// Frees the queue's buffers if nothing waits in them.

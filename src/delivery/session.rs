@@ -437,7 +437,7 @@ impl Session {
     /// A client whose queue would pass `max_queue_bytes` is not keeping up whatever the
     /// priorities: its backlog is dropped and it is closed with 1008.
     fn over_byte_bound(&mut self, more: usize, now: Instant, config: &SessionConfig) -> bool {
-        let queued = self.queue.bytes() + more;
+        let queued = self.queue.bytes() + more + super::queue::ENTRY_BYTES;
         if queued <= config.max_queue_bytes {
             return false;
         }
@@ -909,7 +909,10 @@ impl Session {
                 self.error(ErrorCode::BinaryNotSupported, message, None, ctx)
             }
             Event::Ping(payload) => {
-                self.push_control(codec::pong_frame(&payload), ctx.now, ctx.config)
+                let pong = codec::pong_frame(&payload);
+                if !self.over_byte_bound(pong.len(), ctx.now, ctx.config) {
+                    self.queue.push_pong(pong);
+                }
             }
             Event::Pong(_) => self.heartbeat.handle_pong(),
             Event::Close { code, .. } => {

@@ -1661,3 +1661,31 @@ fn a_session_stays_within_its_size_budget() {
          connections never use belongs in Cold"
     );
 }
+
+#[test]
+fn a_client_that_pings_faster_than_it_reads_gets_one_pong_for_its_latest_ping() {
+    let mut h = Harness::new();
+    for i in 0..100_000u32 {
+        h.event(Event::Ping(Bytes::from(i.to_string())));
+    }
+    // One entry waits, however many pings came: the flood costs nothing that grows.
+    assert!(h.s.queued_bytes() < 256, "{}", h.s.queued_bytes());
+    assert_eq!(h.drain(), ["pong 99999"]);
+    // Once answered, the next ping gets its own pong.
+    h.event(Event::Ping(Bytes::from_static(b"again")));
+    assert_eq!(h.drain(), ["pong again"]);
+}
+
+#[test]
+fn every_queued_entry_counts_against_the_bound_with_what_it_costs() {
+    let mut h = Harness::new(); // 64 KiB
+    let frame = codec::close_frame(1000, ""); // 4 wire bytes
+    let mut pushed = 0;
+    while h.s.closed_with().0 != 1008 {
+        h.s.push_control(frame.clone(), h.now(), &h.config);
+        pushed += 1;
+        assert!(pushed < 64 * 1024, "tiny frames were never bounded");
+    }
+    // Bounded by their cost (64 bytes and more each), not by their 4 wire bytes.
+    assert!(pushed <= 64 * 1024 / super::super::queue::ENTRY_BYTES, "{pushed}");
+}
