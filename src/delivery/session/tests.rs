@@ -1687,5 +1687,8 @@ fn every_queued_entry_counts_against_the_bound_with_what_it_costs() {
         assert!(pushed < 64 * 1024, "tiny frames were never bounded");
     }
     // Bounded by their cost (64 bytes and more each), not by their 4 wire bytes.
-    assert!(pushed <= 64 * 1024 / super::super::queue::ENTRY_BYTES, "{pushed}");
+    assert!(
+        pushed <= 64 * 1024 / super::super::queue::ENTRY_BYTES,
+        "{pushed}"
+    );
 }
