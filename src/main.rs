@@ -13,8 +13,8 @@ use ringcast::edge::http::{self, Edge};
 use ringcast::edge::jwt::{self, Key, Rules, Verifier};
 use ringcast::edge::token;
 use ringcast::runtime::audit::Audit;
-use ringcast::runtime::core::{Settings, Shared};
 use ringcast::runtime::mesh;
+use ringcast::runtime::shared::{Settings, Shared};
 use ringcast::runtime::worker::{self, Driver, Handler};
 
 #[global_allocator]

@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 
 use crate::delivery::{channel, Publication};
 
-use super::core::now_ms;
 use super::mesh::{Mesh, MeshMsg, Source};
+use super::shared::now_ms;
 
 /// The channel audit events travel on (admins only, by the channel rules).
 pub const AUDIT_CHANNEL: &str = "audit";

@@ -8,125 +8,26 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
-use crate::delivery::access::{Authenticator, Claims, Overrides};
+use crate::delivery::access::{Claims, Overrides};
 use crate::delivery::channel;
-use crate::delivery::limits::{LimitConfig, Limits, Refused};
+use crate::delivery::limits::Refused;
 use crate::delivery::queue::Bucket;
-use crate::delivery::ring::RingBounds;
 use crate::delivery::rooms::Rooms;
 use crate::delivery::sequencer::{Sequencer, SubscribeAck};
-use crate::delivery::session::{Ctx, Effect, Flow, Session, SessionConfig};
-use crate::delivery::tally::Tally;
+use crate::delivery::session::{Ctx, Effect, Flow, Session};
 use crate::delivery::Delivery;
 use crate::proto::msg::{Control, Encoding};
 use crate::proto::ws::codec::Event;
 
-use super::audit::Audit;
 use super::conn::Conn;
-use super::mesh::{Mesh, MeshMsg, Source};
-use super::pending::{EdgeLimits, Pending};
+use super::mesh::{MeshMsg, Source};
+use super::pending::Pending;
+use super::shared::{now_ms, Shared};
 use super::socket;
 use super::writer::Writer;
-
-/// What the runtime needs from the configuration.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub ring: RingBounds,
-    /// What every connection's session reads (heartbeat, queue bounds, rates, acks).
-    pub session: SessionConfig,
-    pub drain_timeout: Duration,
-    pub max_message_bytes: usize,
-    /// Event frames per second on the whole node (0: no limit), shared evenly by the cores.
-    pub node_rate_limit: u32,
-    /// permessage-deflate: event frames larger than this go compressed (`None`: not offered).
-    pub compress_over: Option<u32>,
-    /// Bytes per second per terminal output stream (0: no cap).
-    pub terminal_max_bytes_per_sec: u64,
-    /// Inflated bytes of compressed client messages per connection per second (0: no budget).
-    pub max_inflated_bytes_per_sec: u64,
-    /// Bounds of the HTTP edge: deadlines and counts of sockets that are not connections.
-    pub edge: EdgeLimits,
-    /// Asks the process's allocator to give this thread's free memory back to the OS
-    /// (`true`: all of it now, not only what has been free for a while).
-    pub release_memory: fn(bool),
-}
-
-/// Node-wide counters, each core adding to shards of its own (for metrics, not for logic).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub connections: Tally,
-    pub connections_total: Tally,
-    /// Messages sequenced that came through the publish API or a terminal stream.
-    pub published: Tally,
-    /// Audit records sequenced on the `audit` channel.
-    pub audit_published: Tally,
-    pub frames_queued: Tally,
-    /// Channel states the owner cores hold (each core adds its changes as it makes them).
-    pub channels: Tally,
-}
-
-/// State shared by all cores.
-pub struct Shared {
-    pub settings: Settings,
-    /// Changes at every start: positions from another epoch cannot be resumed exactly.
-    pub epoch: String,
-    pub(super) mesh: Mesh,
-    pub(super) draining: AtomicBool,
-    pub stats: Stats,
-    /// Checks the tokens of in-band `refresh` messages.
-    pub auth: Arc<dyn Authenticator>,
-    /// Connection limits of the whole node (counted once per connect and per disconnect).
-    pub limits: Limits,
-    pub audit_trail: Audit,
-    /// Sockets of the whole node that are not connections (see `runtime::pending`).
-    pub pending_sockets: Arc<Tally>,
-}
-
-impl Shared {
-    pub fn new(
-        settings: Settings,
-        mesh: Mesh,
-        auth: Arc<dyn Authenticator>,
-        limits: LimitConfig,
-        audit_trail: Audit,
-    ) -> Shared {
-        Shared {
-            audit_trail,
-            limits: Limits::new(limits),
-            settings,
-            epoch: new_epoch(),
-            mesh,
-            draining: AtomicBool::new(false),
-            stats: Stats::default(),
-            auth,
-            pending_sockets: Arc::new(Tally::new()),
-        }
-    }
-
-    /// Records an audit event (see `runtime::audit`).
-    pub fn audit(&self, kind: &str, fields: serde_json::Value) {
-        self.audit_trail.record(&self.mesh, kind, fields);
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-}
-
-fn new_epoch() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// What an admin asks of every core (see the admin API in docs/protocol.md).
 #[derive(Debug, Clone)]

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use crate::delivery::{channel, Publication};
 
-use super::core::{AdminAnswer, AdminCmd, Core, Shared};
+use super::core::{AdminAnswer, AdminCmd, Core};
 use super::mesh::{MeshMsg, Source};
+use super::shared::Shared;
 
 /// Why messages were not sequenced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,8 +19,9 @@ use monoio::net::{TcpListener, TcpStream};
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::core::{now_ms, Core, Shared};
+use super::core::Core;
 use super::mesh::{Inbox, MeshMsg};
+use super::shared::{now_ms, Shared};
 
 /// Serves one accepted socket on its core (the edge decides HTTP or WebSocket).
 pub type Handler =
