@@ -1094,6 +1094,13 @@ impl Session {
             .as_mut()
             .and_then(|c| c.paused.take())
             .unwrap_or_default();
+        // Unacknowledged events get a full timeout again from now: the client could not
+        // acknowledge what it was not sent while paused.
+        if let Some(cold) = self.cold.as_mut() {
+            for (_, at, _) in cold.unacked.iter_mut() {
+                *at = ctx.now;
+            }
+        }
         self.shed_cold();
         self.control(
             Control::Resumed {

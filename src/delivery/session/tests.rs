@@ -1084,6 +1084,19 @@ fn a_paused_client_gets_no_resends() {
         h.tick();
         assert!(h.drain().is_empty());
     }
+    // At resume the event gets a full timeout again: no resend until it has passed.
+    h.send(json!({"type": "resume"}));
+    assert_eq!(briefs(&h.drain()), ["resumed"]);
+    let timeout = h.config.ack_timeout;
+    h.advance(timeout - ms(1));
+    h.tick();
+    assert!(
+        h.drain().is_empty(),
+        "resent before its timeout after resume"
+    );
+    h.advance(ms(1));
+    h.tick();
+    assert_eq!(briefs(&h.drain()), ["task:a#1"]);
 }
 
 // ---- rate limits ----------------------------------------------------------------------------
