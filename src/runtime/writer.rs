@@ -65,13 +65,8 @@ enum Out {
 impl Core {
     /// Puts the connection on the flush list if it has something to write.
     pub fn schedule(&self, conn: &Rc<Conn>) {
-        if conn.writing() != Writing::Idle || !conn.session.borrow().wants_transmit() {
-            return;
-        }
-        conn.set_writing(Writing::Scheduled);
-        self.writer.scheduled.borrow_mut().push_back(conn.clone());
-        if let Some(w) = self.writer.flusher.take() {
-            w.wake();
+        if conn.session.borrow().wants_transmit() {
+            self.schedule_always(conn);
         }
     }
 
@@ -230,7 +225,8 @@ impl Core {
         });
     }
 
-    /// Schedules a connection whose backlog waits, even if its session has nothing new.
+    /// Puts the connection on the flush list unless it is on it or waits for its socket (a
+    /// backlog or an elapsed rate-limit wait may need a flush with nothing new queued).
     fn schedule_always(&self, conn: &Rc<Conn>) {
         if conn.writing() == Writing::Idle {
             conn.set_writing(Writing::Scheduled);
@@ -292,28 +288,18 @@ pub async fn timer_loop(core: Rc<Core>) {
                     core.schedule_always(&conn);
                 }
             }
-            Some(at) => {
-                // Until the earliest deadline, or until an earlier one is set.
-                let mut sleep = std::pin::pin!(monoio::time::sleep_until(at.into()));
+            next => {
+                // Until the earliest deadline (if any), or until an earlier one is set.
+                let mut sleep = next.map(|at| Box::pin(monoio::time::sleep_until(at.into())));
                 let mut first = true;
                 poll_fn(|cx| {
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(());
+                    if let Some(sleep) = sleep.as_mut() {
+                        if sleep.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(());
+                        }
                     }
                     if !first && core.writer.timer_task.take().is_none() {
                         return Poll::Ready(()); // woken by `wake_at`
-                    }
-                    first = false;
-                    core.writer.timer_task.set(Some(cx.waker().clone()));
-                    Poll::Pending
-                })
-                .await;
-            }
-            None => {
-                let mut first = true;
-                poll_fn(|cx| {
-                    if !first && core.writer.timer_task.take().is_none() {
-                        return Poll::Ready(());
                     }
                     first = false;
                     core.writer.timer_task.set(Some(cx.waker().clone()));
