@@ -13,6 +13,7 @@
 //! (seq, frame built once, ring append) → every core with subscribers, over crossbeam → each
 //! subscriber's send queue (a clone of the same `Bytes`) → one write per connection per batch.
 
+pub mod cluster;
 pub mod delivery;
 pub mod edge;
 pub mod proto;

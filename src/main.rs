@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+use ringcast::cluster::{ClusterSettings, Redis};
 use ringcast::delivery::session::SessionConfig;
 use ringcast::edge::config::{Command, Config, Flags, IoDriver, TokenSettings};
 use ringcast::edge::http::{self, Edge};
@@ -14,6 +15,7 @@ use ringcast::edge::jwt::{self, Key, Rules, Verifier};
 use ringcast::edge::token;
 use ringcast::runtime::audit::Audit;
 use ringcast::runtime::mesh;
+use ringcast::runtime::node::Broker;
 use ringcast::runtime::shared::{Settings, Shared};
 use ringcast::runtime::worker::{self, Driver, Handler};
 
@@ -77,6 +79,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     let verifier = Arc::new(verifier(&config, dev_mode.then_some(jwt_secret.as_str()))?);
     let (mesh, inboxes) = mesh::mesh(config.workers, config.mesh_queue_bytes);
+    let broker = match &config.redis {
+        None => Broker::Local,
+        Some(redis) => Broker::Redis(Redis::start(
+            ClusterSettings {
+                url: redis.url.clone(),
+                prefix: redis.prefix.clone(),
+                timeout: redis.timeout,
+                ring: config.ring,
+            },
+            mesh.clone(),
+        )?),
+    };
     let shared = Arc::new(Shared::new(
         settings(&config),
         mesh,
@@ -92,6 +106,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     .display()
             )
         })?,
+        broker,
     ));
     let listeners = worker::bind_listeners(config.listen, config.workers)
         .map_err(|e| listen_error(config.listen, &e))?;

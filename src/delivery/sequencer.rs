@@ -25,6 +25,9 @@ use super::ring::{Replay, Ring, RingBounds};
 use super::{Delivery, Publication};
 use crate::proto::msg;
 
+mod cluster;
+pub use cluster::{Answer, Subscribed};
+
 /// Slots of the freed-seq table (a power of two): 256 KiB per core.
 const FREED_SLOTS: usize = 1 << 15;
 
@@ -58,11 +61,18 @@ struct ChannelState {
     interest: Box<[u32]>,
     /// Has an entry in `expiry`; such a state is freed only when that entry comes due.
     queued: bool,
+    /// Cluster mode: the seq the channel's life in Redis started after (0: not known yet).
+    life: u64,
+    /// Cluster mode: what waits for a read from Redis (a gap being filled, resumes).
+    fill: Option<Box<cluster::Fill>>,
 }
 
 impl ChannelState {
     fn idle(&self) -> bool {
-        !self.queued && self.ring.is_empty() && self.interest.iter().all(|&n| n == 0)
+        !self.queued
+            && self.fill.is_none()
+            && self.ring.is_empty()
+            && self.interest.iter().all(|&n| n == 0)
     }
 }
 
@@ -82,6 +92,8 @@ pub struct Sequencer {
     freed_seq: Box<[u64]>,
     slot_hasher: RandomState,
     progress: Progress,
+    /// Seqs come from Redis: a channel's state starts unknown, not from `freed_seq`.
+    cluster: bool,
 }
 
 impl Sequencer {
@@ -94,6 +106,16 @@ impl Sequencer {
             freed_seq: vec![0; FREED_SLOTS].into_boxed_slice(),
             slot_hasher: RandomState::new(),
             progress: Progress::default(),
+            cluster: false,
+        }
+    }
+
+    /// A sequencer for cluster mode: Redis assigns the seqs (see `apply`).
+    pub fn for_cluster(cores: usize, bounds: RingBounds) -> Self {
+        Sequencer {
+            cluster: true,
+            freed_seq: Box::new([]),
+            ..Sequencer::new(cores, bounds)
         }
     }
 
@@ -103,12 +125,18 @@ impl Sequencer {
 
     fn state(&mut self, channel: &Arc<str>) -> &mut ChannelState {
         if !self.channels.contains_key(channel) {
-            let after = self.freed_seq[self.slot(channel)];
+            let after = if self.cluster {
+                0
+            } else {
+                self.freed_seq[self.slot(channel)]
+            };
             let state = ChannelState {
                 last_seq: after,
                 ring: Ring::continuing(self.bounds, after),
                 interest: vec![0; self.cores].into_boxed_slice(),
                 queued: false,
+                life: 0,
+                fill: None,
             };
             self.channels.insert(channel.clone(), state);
         }
@@ -124,8 +152,10 @@ impl Sequencer {
         if state.idle() {
             let last_seq = state.last_seq;
             self.channels.remove(channel);
-            let slot = self.slot(channel);
-            self.freed_seq[slot] = self.freed_seq[slot].max(last_seq);
+            if !self.cluster {
+                let slot = self.slot(channel);
+                self.freed_seq[slot] = self.freed_seq[slot].max(last_seq);
+            }
         }
     }
 
@@ -139,51 +169,63 @@ impl Sequencer {
     ) -> u64 {
         // Progress events that ask for it gain a server-computed ETA (docs/events.md); all
         // other data passes exactly as sent.
-        let annotated = p
-            .compute_eta
-            .then(|| {
-                let key = p.coalesce_key.as_deref().unwrap_or(&p.channel);
-                self.progress.annotate(key, &p.data, now_ms)
-            })
-            .flatten();
-        let data = annotated.as_deref().unwrap_or(&p.data);
+        let annotated = self.annotation(&p, now_ms);
         let channel = p.channel.clone();
         let state = self.state(&channel);
-        state.last_seq += 1;
-        let seq = state.last_seq;
-        let frame = msg::event_frame(&p.channel, seq, &p.event, now_ms, data);
-        let delivery = Arc::new(Delivery {
-            channel: p.channel,
-            seq,
-            frame,
-            project_id: p.project_id,
-            user_id: p.user_id,
-            agent_id: p.agent_id,
-            event: p.event,
-            priority: p.priority,
-            coalesce_key: p.coalesce_key,
-            ttl: p.ttl,
-            twins: Default::default(),
-        });
+        let seq = state.last_seq + 1;
+        let delivery = delivery(p, annotated.as_deref(), seq, now_ms);
+        self.keep_and_send(&channel, delivery, now_ms, &mut to_core);
+        seq
+    }
+
+    /// Makes `delivery` the channel's latest message: sends it to every core with
+    /// subscribers and keeps it for replay unless it is ephemeral.
+    fn keep_and_send(
+        &mut self,
+        channel: &Arc<str>,
+        delivery: (Arc<Delivery>, bool),
+        at_ms: u64,
+        to_core: &mut impl FnMut(usize, &Arc<Delivery>),
+    ) {
+        let (delivery, ephemeral) = delivery;
+        let state = self.state(channel);
+        state.last_seq = delivery.seq;
         for (core, &n) in state.interest.iter().enumerate() {
             if n > 0 {
                 to_core(core, &delivery);
             }
         }
-        if p.ephemeral {
-            self.free_if_idle(&channel);
+        if ephemeral {
+            self.free_if_idle(channel);
         } else {
-            state.ring.push(delivery, now_ms);
+            state.ring.push(delivery, at_ms);
             if !state.queued {
                 state.queued = true;
                 let at_ms = state.ring.expires_at_ms().expect("just pushed");
                 self.expiry.push(Reverse(Due {
                     at: at_ms,
-                    item: channel,
+                    item: channel.clone(),
                 }));
             }
         }
-        seq
+    }
+
+    /// The progress event's data with its server-computed ETA, if it asked for one.
+    fn annotation(&mut self, p: &Publication, now_ms: u64) -> Option<String> {
+        p.compute_eta
+            .then(|| {
+                let key = p.coalesce_key.as_deref().unwrap_or(&p.channel);
+                self.progress.annotate(key, &p.data, now_ms)
+            })
+            .flatten()
+    }
+
+    /// The same, written into the publication (for a message another store sequences).
+    pub fn annotate(&mut self, p: &mut Publication, now_ms: u64) {
+        if let Some(data) = self.annotation(p, now_ms) {
+            p.data = data.into();
+        }
+        p.compute_eta = false;
     }
 
     /// Registers one subscription from `core` and answers with the hand-over point.
@@ -221,9 +263,11 @@ impl Sequencer {
     /// The channel's latest seq (0 before the first message; for a freed channel, where it
     /// would go on from).
     pub fn last_seq(&self, channel: &str) -> u64 {
-        self.channels
-            .get(channel)
-            .map_or_else(|| self.freed_seq[self.slot(channel)], |s| s.last_seq)
+        match self.channels.get(channel) {
+            Some(s) => s.last_seq,
+            None if self.cluster => 0,
+            None => self.freed_seq[self.slot(channel)],
+        }
     }
 
     /// Ages out the replay entries that are due and frees the channels left idle (call now and
@@ -268,6 +312,26 @@ impl Sequencer {
         }
         false
     }
+}
+
+/// The message as subscribers get it (its frame built here, once), and whether it is
+/// ephemeral. `data` replaces the publisher's data when given (an annotated progress event).
+fn delivery(p: Publication, data: Option<&str>, seq: u64, ts: u64) -> (Arc<Delivery>, bool) {
+    let frame = msg::event_frame(&p.channel, seq, &p.event, ts, data.unwrap_or(&p.data));
+    let delivery = Delivery {
+        channel: p.channel,
+        seq,
+        frame,
+        project_id: p.project_id,
+        user_id: p.user_id,
+        agent_id: p.agent_id,
+        event: p.event,
+        priority: p.priority,
+        coalesce_key: p.coalesce_key,
+        ttl: p.ttl,
+        twins: Default::default(),
+    };
+    (Arc::new(delivery), p.ephemeral)
 }
 
 #[cfg(test)]

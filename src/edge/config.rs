@@ -70,9 +70,15 @@ pub struct Flags {
     /// Key publishers send as `Authorization: Bearer <key>`, at least 16 bytes [default: none; on loopback a random one (development mode)]
     #[arg(long, env = "RINGCAST_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Redis URL for cluster mode: not built yet, setting it refuses to start [default: none]
+    /// Redis URL for cluster mode, e.g. redis://127.0.0.1:6379 [default: none, a single node in memory]
     #[arg(long, env = "RINGCAST_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Cluster mode: prefix of every Redis key and Pub/Sub channel of this deployment [default: ringcast]
+    #[arg(long, env = "RINGCAST_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Cluster mode: bound of every Redis call; a publish Redis has not taken by then gets 503 [default: 1000]
+    #[arg(long, env = "RINGCAST_REDIS_TIMEOUT_MS")]
+    pub redis_timeout_ms: Option<u64>,
     /// io driver: io_uring with an epoll fallback, io_uring or refuse, or epoll [default: auto]
     #[arg(long, env = "RINGCAST_IO_DRIVER", value_enum)]
     pub io_driver: Option<IoDriver>,
@@ -298,6 +304,8 @@ struct FileSettings {
     jwt_issuer: Option<String>,
     api_key: Option<String>,
     redis_url: Option<String>,
+    redis_prefix: Option<String>,
+    redis_timeout_ms: Option<u64>,
     io_driver: Option<IoDriver>,
     replay_max_messages: Option<usize>,
     replay_max_age_secs: Option<u64>,
@@ -386,6 +394,16 @@ pub struct Config {
     pub transparent_huge_pages: bool,
     /// Inflated bytes of compressed client messages per connection per second (0: no budget).
     pub max_inflated_bytes_per_sec: u64,
+    /// Cluster mode (`None`: a single node in memory).
+    pub redis: Option<RedisConfig>,
+}
+
+/// How a node of a cluster reaches its Redis.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub prefix: String,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -411,13 +429,39 @@ impl Config {
             Some(path) => read_file(path)?,
             None => FileSettings::default(),
         };
-        if flags.redis_url.or(file.redis_url).is_some() {
-            return Err(ConfigError::Invalid(
-                "RINGCAST_REDIS_URL is set, but cluster mode is not built yet in this version; \
-                 unset it to run a single node"
-                    .into(),
-            ));
-        }
+        let redis = match flags.redis_url.or(file.redis_url).filter(|u| !u.is_empty()) {
+            None => None,
+            Some(url) => {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(ConfigError::Invalid(format!(
+                        "redis_url must start with redis:// or rediss://, not {url:?}"
+                    )));
+                }
+                let prefix = flags
+                    .redis_prefix
+                    .or(file.redis_prefix)
+                    .unwrap_or_else(|| "ringcast".into());
+                if prefix.is_empty() || prefix.contains(['{', '}', ' ']) {
+                    return Err(ConfigError::Invalid(
+                        "redis_prefix must be non-empty, without braces or spaces".into(),
+                    ));
+                }
+                let timeout_ms = flags
+                    .redis_timeout_ms
+                    .or(file.redis_timeout_ms)
+                    .unwrap_or(1000);
+                if timeout_ms == 0 {
+                    return Err(ConfigError::Invalid(
+                        "redis_timeout_ms must be at least 1".into(),
+                    ));
+                }
+                Some(RedisConfig {
+                    url,
+                    prefix,
+                    timeout: Duration::from_millis(timeout_ms),
+                })
+            }
+        };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let file_listen = match file.listen {
             Some(s) => {
@@ -540,6 +584,7 @@ impl Config {
                 .max_inflated_bytes_per_sec
                 .or(file.max_inflated_bytes_per_sec)
                 .unwrap_or(8 << 20),
+            redis,
             compress_over: flags
                 .compression
                 .or(file.compression)
@@ -909,10 +954,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("workers"), "{err}");
-        assert!(Config::load(Flags {
+        let err = Config::load(Flags {
+            redis_url: Some("127.0.0.1:6379".into()),
+            ..Flags::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("redis://"), "{err}");
+        let config = Config::load(Flags {
             redis_url: Some("redis://127.0.0.1".into()),
             ..Flags::default()
         })
-        .is_err());
+        .unwrap();
+        let redis = config.redis.unwrap();
+        assert_eq!(
+            (redis.prefix.as_str(), redis.timeout),
+            ("ringcast", Duration::from_secs(1))
+        );
     }
 }

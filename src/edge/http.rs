@@ -444,6 +444,8 @@ async fn route(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
         ("GET" | "HEAD", "/readyz") => {
             if core.shared.is_draining() {
                 Reply::text(503, "draining")
+            } else if !core.shared.broker_ready() {
+                Reply::text(503, "redis unavailable")
             } else {
                 Reply::text(200, "ready")
             }

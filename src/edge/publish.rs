@@ -89,6 +89,13 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Rep
             return Reply::error(503, BEHIND).with_header("Retry-After", RETRY_AFTER_SECS)
         }
         Err(NotSequenced::ShuttingDown) => return Reply::error(503, "node is shutting down"),
+        Err(NotSequenced::Unavailable) => {
+            return Reply::error(
+                503,
+                "redis did not take the messages in time; nothing was delivered",
+            )
+            .with_header("Retry-After", RETRY_AFTER_SECS)
+        }
     };
     let body = if single {
         serde_json::to_vec(&results[0])

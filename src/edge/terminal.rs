@@ -249,6 +249,10 @@ impl Output<'_> {
             match self.core.publish(vec![p.clone()], Source::Api).await {
                 Ok(_) => return Ok(()),
                 Err(NotSequenced::ShuttingDown) => return Err("node is shutting down"),
+                // Not retried: the chunk may have been stored, and a repeat would garble.
+                Err(NotSequenced::Unavailable) => {
+                    return Err("redis did not take the output in time")
+                }
                 Err(NotSequenced::Behind) if Instant::now() >= deadline => return Err(BEHIND),
                 Err(NotSequenced::Behind) => monoio::time::sleep(BEHIND_RETRY).await,
             }

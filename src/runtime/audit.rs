@@ -5,16 +5,13 @@
 //! Invariant: an audit event names who (user, IP, connection) and what, never a token or a
 //! secret.
 
-use std::io::Write;
-use std::path::Path;
-use std::sync::Arc;
-
 use crossbeam_channel::Sender;
 use serde_json::{json, Value};
+use std::io::Write;
+use std::path::Path;
 
-use crate::delivery::{channel, Publication};
+use crate::delivery::Publication;
 
-use super::mesh::{Mesh, MeshMsg, Source};
 use super::shared::now_ms;
 
 /// The channel audit events travel on (admins only, by the channel rules).
@@ -51,9 +48,9 @@ impl Audit {
         Ok(Audit { file: Some(tx) })
     }
 
-    /// Records one event of `kind` (`connect`, `auth_failure`, `disconnect`,
+    /// Writes one event of `kind` (`connect`, `auth_failure`, `disconnect`,
     /// `subscribe_denied`, `limit_hit`, `permission_change`) with its fields.
-    pub fn record(&self, mesh: &Mesh, kind: &str, mut fields: Value) {
+    pub fn record(&self, kind: &str, mut fields: Value) -> Publication {
         let ts = now_ms();
         if let Some(obj) = fields.as_object_mut() {
             obj.insert("type".into(), json!(kind));
@@ -63,18 +60,6 @@ impl Audit {
         if let Some(file) = &self.file {
             let _ = file.send(line.clone());
         }
-        let channel: Arc<str> = AUDIT_CHANNEL.into();
-        let owner = channel::owner_core(AUDIT_CHANNEL, mesh.cores());
-        // Nobody waits for the seq of an audit event.
-        let (reply, _) = futures_channel::oneshot::channel();
-        let publication = Publication::new(channel, &format!("audit:{kind}"), &line);
-        mesh.send(
-            owner,
-            MeshMsg::Publish {
-                batch: vec![(0, publication)],
-                reply,
-                source: Source::Audit,
-            },
-        );
+        Publication::new(AUDIT_CHANNEL.into(), &format!("audit:{kind}"), &line)
     }
 }

@@ -16,14 +16,15 @@ use crate::delivery::channel;
 use crate::delivery::limits::Refused;
 use crate::delivery::queue::Bucket;
 use crate::delivery::rooms::Rooms;
-use crate::delivery::sequencer::{Sequencer, SubscribeAck};
+use crate::delivery::sequencer::{Answer, Sequencer, SubscribeAck, Subscribed};
 use crate::delivery::session::{Ctx, Effect, Flow, Session};
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, Publication};
 use crate::proto::msg::{Control, Encoding};
 use crate::proto::ws::codec::Event;
 
 use super::conn::Conn;
 use super::mesh::{MeshMsg, Source};
+use super::node::Broker;
 use super::pending::Pending;
 use super::shared::{now_ms, Shared};
 use super::socket;
@@ -123,7 +124,10 @@ impl Core {
         let bounds = shared.settings.ring;
         Core {
             id,
-            sequencer: RefCell::new(Sequencer::new(cores, bounds)),
+            sequencer: RefCell::new(match shared.broker {
+                Broker::Local => Sequencer::new(cores, bounds),
+                Broker::Redis(_) => Sequencer::for_cluster(cores, bounds),
+            }),
             rooms: RefCell::new(Rooms::default()),
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
@@ -399,11 +403,7 @@ impl Core {
                     .collect::<Vec<_>>();
                 drop(sequencer);
                 self.report_channels();
-                let counter = match source {
-                    Source::Api => &self.shared.stats.published,
-                    Source::Audit => &self.shared.stats.audit_published,
-                };
-                counter.add(seqs.len() as i64);
+                self.count_published(source, seqs.len());
                 // The publisher may have gone away; the messages are sequenced regardless.
                 let _ = reply.send(seqs);
             }
@@ -415,18 +415,71 @@ impl Core {
                 sub,
                 resume,
             } => {
-                let ack = self
-                    .sequencer
-                    .borrow_mut()
-                    .subscribe(&channel, core, resume, now_ms());
-                self.report_channels();
-                let ack = MeshMsg::SubscribeAck {
-                    channel,
-                    conn,
-                    sub,
-                    ack,
+                let now = now_ms();
+                let mut sequencer = self.sequencer.borrow_mut();
+                let ack = match &self.shared.broker {
+                    Broker::Local => sequencer.subscribe(&channel, core, resume, now),
+                    Broker::Redis(redis) => {
+                        match sequencer.subscribe_cluster(&channel, (core, conn, sub), resume, now)
+                        {
+                            Subscribed::Now(ack) => ack,
+                            Subscribed::Later(read) => {
+                                if let Some(after) = read {
+                                    redis.read(channel, after, self.id);
+                                }
+                                return;
+                            }
+                        }
+                    }
                 };
-                self.shared.mesh.send(core, ack);
+                drop(sequencer);
+                self.report_channels();
+                self.answer_subscribe(
+                    Answer {
+                        core,
+                        conn,
+                        sub,
+                        ack,
+                    },
+                    channel,
+                );
+            }
+            MeshMsg::Remote(batch) => {
+                let channel = batch.channel.clone();
+                let mesh = &self.shared.mesh;
+                let read = self.sequencer.borrow_mut().apply(batch, |core, d| {
+                    mesh.send(core, MeshMsg::Deliver(d.clone()))
+                });
+                self.report_channels();
+                if let (Some(after), Broker::Redis(redis)) = (read, &self.shared.broker) {
+                    redis.read(channel, after, self.id);
+                }
+            }
+            MeshMsg::Read {
+                channel,
+                after,
+                read,
+            } => {
+                let mesh = &self.shared.mesh;
+                let answers = self.sequencer.borrow_mut().on_read(
+                    &channel,
+                    after,
+                    read,
+                    now_ms(),
+                    |core, d| mesh.send(core, MeshMsg::Deliver(d.clone())),
+                );
+                self.report_channels();
+                for answer in answers {
+                    self.answer_subscribe(answer, channel.clone());
+                }
+            }
+            MeshMsg::Resync => {
+                let reads = self.sequencer.borrow_mut().resync();
+                if let Broker::Redis(redis) = &self.shared.broker {
+                    for (channel, after) in reads {
+                        redis.read(channel, after, self.id);
+                    }
+                }
             }
             MeshMsg::SubscribeAck {
                 channel,
@@ -449,6 +502,31 @@ impl Core {
             MeshMsg::Drain => self.drain(),
             MeshMsg::ForceClose => self.force_close(),
         }
+    }
+
+    /// Sends an owner's answer to a subscription to the subscribing core.
+    fn answer_subscribe(&self, answer: Answer, channel: Arc<str>) {
+        let msg = MeshMsg::SubscribeAck {
+            channel,
+            conn: answer.conn,
+            sub: answer.sub,
+            ack: answer.ack,
+        };
+        self.shared.mesh.send(answer.core, msg);
+    }
+
+    /// Counts messages sequenced for `source`.
+    pub(super) fn count_published(&self, source: Source, n: usize) {
+        let counter = match source {
+            Source::Api => &self.shared.stats.published,
+            Source::Audit => &self.shared.stats.audit_published,
+        };
+        counter.add(n as i64);
+    }
+
+    /// Adds a progress event's server-computed ETA to its data, if it asked for one.
+    pub(super) fn annotate(&self, p: &mut Publication, now_ms: u64) {
+        self.sequencer.borrow_mut().annotate(p, now_ms);
     }
 
     fn conn(&self, id: u64) -> Option<Rc<Conn>> {

@@ -67,6 +67,18 @@ pub enum MeshMsg {
         code: u16,
         reason: &'static str,
     },
+    /// Cluster mode, from the Redis thread to the channel's owner core: one publish batch.
+    Remote(crate::cluster::wire::Batch),
+    /// Cluster mode, the same: the answer to a read of a channel's stream (`None`: Redis did
+    /// not answer).
+    Read {
+        channel: Arc<str>,
+        after: u64,
+        read: Option<crate::cluster::wire::Read>,
+    },
+    /// Cluster mode, to every core: the Pub/Sub connection came back, messages may have been
+    /// missed.
+    Resync,
     /// Begin the graceful drain: notify every connection.
     Drain,
     /// End of the drain: close the connections still open with 1012.
@@ -95,6 +107,11 @@ impl MeshMsg {
                 .map(|(_, p)| p.data.len() + p.event.len() + p.channel.len() + OVERHEAD_BYTES)
                 .sum(),
             MeshMsg::Deliver(d) => d.frame.len() + OVERHEAD_BYTES,
+            MeshMsg::Remote(b) => b
+                .entries
+                .iter()
+                .map(|e| e.data.len() + e.event.len() + OVERHEAD_BYTES)
+                .sum(),
             _ => 0,
         }
     }

@@ -1,13 +1,27 @@
 //! What the rest of the program asks of the node's cores: publish, run an admin command on
 //! every core, drain. The edge calls these and never speaks the mesh protocol itself.
+//!
+//! Every publisher (the publish API, terminal streams, the audit trail) goes through
+//! `Core::publish` or `Shared::publish_detached`, and those through the node's broker: in
+//! memory, each channel's owner core assigns its seqs; in cluster mode, Redis does, and every
+//! node's owner cores receive the messages back from it (see `cluster`).
 
 use std::sync::Arc;
 
+use crate::cluster::Redis;
 use crate::delivery::{channel, Publication};
 
 use super::core::{AdminAnswer, AdminCmd, Core};
 use super::mesh::{MeshMsg, Source};
-use super::shared::Shared;
+use super::shared::{now_ms, Shared};
+
+/// Who assigns seqs and carries messages to the cores that have subscribers.
+pub enum Broker {
+    /// This node alone: each channel's owner core.
+    Local,
+    /// A cluster of nodes sharing one Redis.
+    Redis(Redis),
+}
 
 /// Why messages were not sequenced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +30,9 @@ pub enum NotSequenced {
     Behind,
     /// The node stopped before answering.
     ShuttingDown,
+    /// Cluster mode: Redis did not take the messages within its timeout (nothing was
+    /// delivered; the messages may still have been stored, see the operations guide).
+    Unavailable,
 }
 
 impl Core {
@@ -25,12 +42,27 @@ impl Core {
     /// (their deliveries still take it, so the hand-over order holds).
     pub async fn publish(
         &self,
-        publications: Vec<Publication>,
+        mut publications: Vec<Publication>,
         source: Source,
     ) -> Result<Vec<u64>, NotSequenced> {
         let mesh = &self.shared.mesh;
         if mesh.is_behind() {
             return Err(NotSequenced::Behind);
+        }
+        if let Broker::Redis(redis) = &self.shared.broker {
+            // The ETA of a progress event is computed by the core that took the publish.
+            let now = now_ms();
+            for p in &mut publications {
+                self.annotate(p, now);
+            }
+            let n = publications.len();
+            let answer = redis.publish(publications, now).await;
+            let mut seqs = vec![0; n];
+            for (i, seq) in answer.map_err(|_| NotSequenced::Unavailable)? {
+                seqs[i] = seq;
+            }
+            self.count_published(source, n);
+            return Ok(seqs);
         }
         let mut seqs = vec![0; publications.len()];
         let mut per_owner: Vec<Vec<(usize, Publication)>> =
@@ -66,6 +98,41 @@ impl Core {
 }
 
 impl Shared {
+    /// Publishes one message nobody waits for (an audit record): dropped if the node is behind
+    /// or Redis is away.
+    pub fn publish_detached(&self, publication: Publication, source: Source) {
+        match &self.broker {
+            Broker::Local => {
+                let owner = channel::owner_core(&publication.channel, self.mesh.cores());
+                let (reply, _) = futures_channel::oneshot::channel();
+                let batch = vec![(0, publication)];
+                self.mesh.send(
+                    owner,
+                    MeshMsg::Publish {
+                        batch,
+                        reply,
+                        source,
+                    },
+                );
+            }
+            Broker::Redis(redis) => {
+                redis.publish_detached(vec![publication], now_ms());
+                match source {
+                    Source::Api => self.stats.published.add(1),
+                    Source::Audit => self.stats.audit_published.add(1),
+                }
+            }
+        }
+    }
+
+    /// Whether the broker can take publishes (always, in memory).
+    pub fn broker_ready(&self) -> bool {
+        match &self.broker {
+            Broker::Local => true,
+            Broker::Redis(redis) => redis.is_up(),
+        }
+    }
+
     /// Runs `cmd` on every core and collects their answers.
     pub async fn admin(&self, cmd: AdminCmd) -> Vec<AdminAnswer> {
         let cmd = Arc::new(cmd);

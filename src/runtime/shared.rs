@@ -13,6 +13,7 @@ use crate::delivery::tally::Tally;
 
 use super::audit::Audit;
 use super::mesh::Mesh;
+use super::node::Broker;
 use super::pending::EdgeLimits;
 
 /// What the runtime needs from the configuration.
@@ -55,9 +56,12 @@ pub struct Stats {
 /// State shared by all cores.
 pub struct Shared {
     pub settings: Settings,
-    /// Changes at every start: positions from another epoch cannot be resumed exactly.
+    /// Positions from another epoch cannot be resumed exactly. A single node takes a new one
+    /// at every start; a cluster shares one, kept in Redis.
     pub epoch: String,
     pub(super) mesh: Mesh,
+    /// Where publishes go: this node's owner cores, or Redis.
+    pub broker: Broker,
     pub(super) draining: AtomicBool,
     pub stats: Stats,
     /// Checks the tokens of in-band `refresh` messages.
@@ -76,12 +80,17 @@ impl Shared {
         auth: Arc<dyn Authenticator>,
         limits: LimitConfig,
         audit_trail: Audit,
+        broker: Broker,
     ) -> Shared {
         Shared {
             audit_trail,
             limits: Limits::new(limits),
             settings,
-            epoch: new_epoch(),
+            epoch: match &broker {
+                Broker::Local => new_epoch(),
+                Broker::Redis(redis) => redis.epoch.clone(),
+            },
+            broker,
             mesh,
             draining: AtomicBool::new(false),
             stats: Stats::default(),
@@ -90,9 +99,10 @@ impl Shared {
         }
     }
 
-    /// Records an audit event (see `runtime::audit`).
+    /// Records an audit event (see `runtime::audit`) and publishes it on the `audit` channel.
     pub fn audit(&self, kind: &str, fields: serde_json::Value) {
-        self.audit_trail.record(&self.mesh, kind, fields);
+        let publication = self.audit_trail.record(kind, fields);
+        self.publish_detached(publication, super::mesh::Source::Audit);
     }
 
     pub fn is_draining(&self) -> bool {

@@ -2,6 +2,8 @@
 //! port of its own, real clients (tokio-tungstenite, raw TCP), and a tiny HTTP client.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

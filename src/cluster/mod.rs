@@ -1,0 +1,624 @@
+//! Cluster mode: the Redis broker.
+//!
+//! The Redis client (redis-rs) runs on one thread of its own with a single-threaded tokio
+//! runtime; the cores talk to it through an unbounded channel and it answers through the mesh
+//! (reads, Pub/Sub batches) or a oneshot (publish answers). So a Redis that answers slowly or
+//! not at all never blocks an io_uring worker: what waits is a future on the worker, bounded
+//! by `timeout`.
+//!
+//! - Publish: all requests that reach the thread in one wake-up go out in one pipeline, one
+//!   script call per request (atomic on one Redis: every channel of the request or none). The
+//!   script assigns seqs, appends to the channels' streams and publishes one batch per channel
+//!   to the nodes (see `wire`).
+//! - Fan-out: one Pub/Sub subscription per node; each batch goes to the owner core of its
+//!   channel, which delivers it in seq order (see `delivery::sequencer`).
+//! - After the Pub/Sub connection comes back, every core re-reads its channels (`Resync`).
+//!
+//! Bound: the queue to the thread holds one entry per publish request in flight (each is a
+//! request on an open HTTP connection, and those are bounded) and one per stream read in
+//! flight (at most one per channel and resume position).
+
+pub mod wire;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Script, Value};
+
+use crate::delivery::channel;
+use crate::delivery::ring::RingBounds;
+use crate::delivery::Publication;
+use crate::runtime::mesh::{Mesh, MeshMsg};
+use wire::{Batch, Entry, Keys, Read, Stored};
+
+/// How the node reaches Redis.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub url: String,
+    /// Prefix of every key and Pub/Sub channel of this deployment.
+    pub prefix: String,
+    /// Bound of every Redis call (and of a publish's answer).
+    pub timeout: Duration,
+    /// The replay bounds: the stream's length and the channel keys' time to live.
+    pub ring: RingBounds,
+}
+
+/// Redis did not take a publish (away, stalled, or it answered an error).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+/// Seqs of a publish: (index in the request, seq) per message.
+type Seqs = Vec<(usize, u64)>;
+
+/// Where a publish's answer goes.
+type Reply = futures_channel::oneshot::Sender<Result<Seqs, Unavailable>>;
+
+/// The messages of one channel in a publish request, in the request's order.
+struct Group {
+    channel: Arc<str>,
+    /// Each message's index in the request.
+    indexes: Vec<usize>,
+    /// Each message's script argument (`Entry::encode`).
+    entries: Vec<Vec<u8>>,
+}
+
+enum Cmd {
+    Publish {
+        groups: Vec<Group>,
+        reply: Option<Reply>,
+    },
+    Read {
+        channel: Arc<str>,
+        after: u64,
+        core: usize,
+    },
+}
+
+/// The cores' handle on the Redis thread.
+pub struct Redis {
+    tx: tokio::sync::mpsc::UnboundedSender<Cmd>,
+    health: Arc<Health>,
+    /// The cluster's epoch: the same on every node of the deployment.
+    pub epoch: String,
+}
+
+#[derive(Default)]
+struct Health {
+    pubsub: AtomicBool,
+    commands: AtomicBool,
+}
+
+/// Assigns seqs, appends to each channel's stream and sends each channel's batch to the nodes,
+/// for every channel of one publish request at once (see `wire` for the layout).
+const PUBLISH: &str = r#"
+local events, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+local a = 4
+for g = 1, #KEYS / 2 do
+  local meta, stream = KEYS[2 * g - 1], KEYS[2 * g]
+  local channel, n = ARGV[a], tonumber(ARGV[a + 1])
+  a = a + 2
+  local life = redis.call('HGET', meta, 'l')
+  if not life then
+    local t = redis.call('TIME')
+    life = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+    redis.call('DEL', stream)
+    redis.call('HSET', meta, 'l', life, 's', life, 'p', life)
+  end
+  local last = redis.call('HINCRBY', meta, 's', n)
+  local first = last - n + 1
+  local prev = redis.call('HGET', meta, 'p')
+  local parts = {life, ' ', string.format('%d', first), ' ', channel, ' '}
+  for i = 0, n - 1 do
+    local e = ARGV[a + i]
+    if string.byte(e, 1) == 100 then
+      local seq = string.format('%d', first + i)
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-0', 'p', prev, 'e', e)
+      prev = seq
+    end
+    parts[#parts + 1] = string.format('%d', string.len(e)) .. ':' .. e
+  end
+  a = a + n
+  redis.call('HSET', meta, 'p', prev)
+  redis.call('PEXPIRE', meta, ttl)
+  redis.call('PEXPIRE', stream, ttl)
+  redis.call('PUBLISH', events, table.concat(parts))
+  out[g] = {life, string.format('%d', first)}
+end
+return out
+"#;
+
+/// A channel's life and last seq, and a page of its stream from ARGV[1] on.
+const READ: &str = r#"
+local m = redis.call('HMGET', KEYS[1], 'l', 's')
+if not m[1] then return {} end
+return {m[1], m[2], redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])}
+"#;
+
+/// Entries per page of a stream read.
+const PAGE: usize = 1000;
+/// How long the node waits for Redis when it starts.
+const START_WAIT: Duration = Duration::from_secs(10);
+
+impl Redis {
+    /// Connects, agrees on the cluster's epoch and subscribes to the nodes' Pub/Sub channel,
+    /// then keeps doing so on a thread of its own. Fails if Redis cannot be reached within
+    /// a few seconds.
+    pub fn start(settings: ClusterSettings, mesh: Mesh) -> Result<Redis, String> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| format!("RINGCAST_REDIS_URL: {e}"))?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<String, String>>();
+        let health = Arc::new(Health::default());
+        let thread_health = health.clone();
+        std::thread::Builder::new()
+            .name("ringcast-redis".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime");
+                rt.block_on(run(client, settings, mesh, rx, thread_health, started_tx));
+            })
+            .map_err(|e| format!("cannot start the Redis thread: {e}"))?;
+        let epoch = started_rx
+            .recv()
+            .map_err(|_| "the Redis thread ended".to_owned())??;
+        Ok(Redis { tx, health, epoch })
+    }
+
+    /// Whether Redis is reachable as of the last check (both connections).
+    pub fn is_up(&self) -> bool {
+        self.health.pubsub.load(Ordering::Relaxed) && self.health.commands.load(Ordering::Relaxed)
+    }
+
+    /// Publishes a request's messages (published at `ts`); answers their seqs once Redis has
+    /// stored them and sent them to the nodes, or `Unavailable` within the timeout.
+    pub async fn publish(
+        &self,
+        publications: Vec<Publication>,
+        ts: u64,
+    ) -> Result<Seqs, Unavailable> {
+        let (reply, answer) = futures_channel::oneshot::channel();
+        self.send_publish(publications, ts, Some(reply));
+        answer
+            .await
+            .unwrap_or_else(|_| Err(Unavailable("the Redis thread ended".into())))
+    }
+
+    /// The same, with nobody waiting for the answer (the audit trail).
+    pub fn publish_detached(&self, publications: Vec<Publication>, ts: u64) {
+        self.send_publish(publications, ts, None);
+    }
+
+    fn send_publish(&self, publications: Vec<Publication>, ts: u64, reply: Option<Reply>) {
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, p) in publications.into_iter().enumerate() {
+            let channel = p.channel.clone();
+            let entry = Entry::new(p, ts).encode();
+            match groups.iter_mut().find(|g| g.channel == channel) {
+                Some(g) => {
+                    g.indexes.push(i);
+                    g.entries.push(entry);
+                }
+                None => groups.push(Group {
+                    channel,
+                    indexes: vec![i],
+                    entries: vec![entry],
+                }),
+            }
+        }
+        if let Err(e) = self.tx.send(Cmd::Publish { groups, reply }) {
+            if let Cmd::Publish {
+                reply: Some(reply), ..
+            } = e.0
+            {
+                let _ = reply.send(Err(Unavailable("the Redis thread ended".into())));
+            }
+        }
+    }
+
+    /// Asks for `channel`'s stream after `after`; the answer reaches `core` as `MeshMsg::Read`.
+    pub fn read(&self, channel: Arc<str>, after: u64, core: usize) {
+        let _ = self.tx.send(Cmd::Read {
+            channel,
+            after,
+            core,
+        });
+    }
+}
+
+/// Everything the Redis thread does.
+async fn run(
+    client: redis::Client,
+    settings: ClusterSettings,
+    mesh: Mesh,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Cmd>,
+    health: Arc<Health>,
+    started: std::sync::mpsc::Sender<Result<String, String>>,
+) {
+    let keys = Keys {
+        prefix: settings.prefix.clone(),
+    };
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(settings.timeout))
+        .set_response_timeout(Some(settings.timeout))
+        .set_max_delay(Duration::from_secs(2));
+    let first = tokio::time::timeout(START_WAIT, async {
+        let mut conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let epoch =
+            agree_on_epoch(&mut conn, &keys, &format!("{:016x}", rand::random::<u64>())).await?;
+        RedisResult::Ok((conn, epoch))
+    })
+    .await;
+    let (conn, epoch) = match first {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            let _ = started.send(Err(format!("cannot reach Redis at {}: {e}", settings.url)));
+            return;
+        }
+        Err(_) => {
+            let _ = started.send(Err(format!(
+                "cannot reach Redis at {} within {} s",
+                settings.url,
+                START_WAIT.as_secs()
+            )));
+            return;
+        }
+    };
+    health.commands.store(true, Ordering::Relaxed);
+    let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+    let ctx = Arc::new(Ctx {
+        settings,
+        keys,
+        mesh,
+        health,
+        publish: Script::new(PUBLISH),
+        read: Script::new(READ),
+        epoch: epoch.clone(),
+    });
+    tokio::spawn(pubsub_loop(
+        client,
+        ctx.clone(),
+        conn.clone(),
+        subscribed_tx,
+    ));
+    if subscribed_rx.await.is_err() {
+        let _ = started.send(Err("cannot subscribe to Redis Pub/Sub".into()));
+        return;
+    }
+    tokio::spawn(health_loop(ctx.clone(), conn.clone()));
+    let _ = started.send(Ok(epoch));
+    let mut publishes = Vec::new();
+    while let Some(cmd) = rx.recv().await {
+        let mut next = Some(cmd);
+        while let Some(cmd) = next.take().or_else(|| rx.try_recv().ok()) {
+            match cmd {
+                Cmd::Publish { groups, reply } => publishes.push((groups, reply)),
+                Cmd::Read {
+                    channel,
+                    after,
+                    core,
+                } => {
+                    let (ctx, mut conn) = (ctx.clone(), conn.clone());
+                    tokio::spawn(async move {
+                        let read = read_stream(&ctx, &mut conn, &channel, after).await;
+                        let owner = channel::owner_core(&channel, ctx.mesh.cores());
+                        debug_assert_eq!(owner, core);
+                        ctx.mesh.send(
+                            core,
+                            MeshMsg::Read {
+                                channel,
+                                after,
+                                read: read.ok(),
+                            },
+                        );
+                    });
+                }
+            }
+        }
+        if !publishes.is_empty() {
+            let batch = std::mem::take(&mut publishes);
+            tokio::spawn(publish_all(ctx.clone(), conn.clone(), batch));
+        }
+    }
+}
+
+struct Ctx {
+    settings: ClusterSettings,
+    keys: Keys,
+    mesh: Mesh,
+    health: Arc<Health>,
+    publish: Script,
+    read: Script,
+    epoch: String,
+}
+
+type Request = (Vec<Group>, Option<Reply>);
+
+/// Sets the cluster's epoch if Redis has none (a new deployment, or Redis lost its data:
+/// then this node's epoch carries on) and returns the one in force.
+async fn agree_on_epoch(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    mine: &str,
+) -> RedisResult<String> {
+    let (_, epoch): (Value, String) = redis::pipe()
+        .cmd("SET")
+        .arg(keys.epoch())
+        .arg(mine)
+        .arg("NX")
+        .cmd("GET")
+        .arg(keys.epoch())
+        .query_async(conn)
+        .await?;
+    Ok(epoch)
+}
+
+/// One pipeline for every request of a wake-up; a script Redis has forgotten (it restarted)
+/// is loaded and the requests that met it are sent again.
+async fn publish_all(ctx: Arc<Ctx>, mut conn: ConnectionManager, requests: Vec<Request>) {
+    let timeout = ctx.settings.timeout;
+    let outcome = tokio::time::timeout(timeout, async {
+        let mut results = run_publishes(&ctx, &mut conn, &requests).await?;
+        let forgotten: Vec<usize> = (0..results.len())
+            .filter(|&i| matches!(&results[i], Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)))
+            .collect();
+        if !forgotten.is_empty() {
+            ctx.publish.prepare_invoke().load_async(&mut conn).await?;
+            let again: Vec<&Request> = forgotten.iter().map(|&i| &requests[i]).collect();
+            let retried = run_publishes(&ctx, &mut conn, again).await?;
+            for (i, r) in forgotten.into_iter().zip(retried) {
+                results[i] = r;
+            }
+        }
+        RedisResult::Ok(results)
+    })
+    .await;
+    let results: Vec<Result<Value, String>> = match outcome {
+        Ok(Ok(results)) => results
+            .into_iter()
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect(),
+        Ok(Err(e)) => vec![Err(e.to_string()); requests.len()],
+        Err(_) => vec![Err(format!("no answer within {} ms", timeout.as_millis())); requests.len()],
+    };
+    let failed = results.iter().any(|r| r.is_err());
+    ctx.health.commands.store(!failed, Ordering::Relaxed);
+    for ((groups, reply), result) in requests.into_iter().zip(results) {
+        let answer = result.map_err(Unavailable).and_then(|v| {
+            seqs_of(&groups, &v).ok_or_else(|| Unavailable("unexpected answer from Redis".into()))
+        });
+        if let Err(e) = &answer {
+            tracing::warn!(error = %e, "publish to Redis failed");
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+async fn run_publishes<'a>(
+    ctx: &Ctx,
+    conn: &mut ConnectionManager,
+    requests: impl IntoIterator<Item = &'a Request>,
+) -> RedisResult<Vec<RedisResult<Value>>> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    let mut n = 0;
+    for (groups, _) in requests {
+        let mut inv = ctx.publish.prepare_invoke();
+        inv.arg(ctx.keys.events())
+            .arg(ctx.settings.ring.max_messages)
+            .arg(ctx.settings.ring.max_age_ms.max(1));
+        for g in groups {
+            inv.key(ctx.keys.meta(&g.channel))
+                .key(ctx.keys.stream(&g.channel))
+                .arg(&*g.channel)
+                .arg(g.indexes.len());
+            for e in &g.entries {
+                inv.arg(e.as_slice());
+            }
+        }
+        pipe.invoke_script(&inv);
+        n += 1;
+    }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    pipe.query_async(conn).await
+}
+
+/// The seqs of a request from the script's answer: per channel, its first seq.
+fn seqs_of(groups: &[Group], answer: &Value) -> Option<Seqs> {
+    let Value::Array(per_channel) = answer else {
+        return None;
+    };
+    let mut seqs = Vec::new();
+    for (g, v) in groups.iter().zip(per_channel) {
+        let Value::Array(pair) = v else { return None };
+        let first = number(pair.get(1)?)?;
+        seqs.extend(
+            g.indexes
+                .iter()
+                .enumerate()
+                .map(|(k, &i)| (i, first + k as u64)),
+        );
+    }
+    (seqs.len() == groups.iter().map(|g| g.indexes.len()).sum::<usize>()).then_some(seqs)
+}
+
+fn number(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// `channel`'s life, last seq and its durable entries after `after`, page by page.
+async fn read_stream(
+    ctx: &Ctx,
+    conn: &mut ConnectionManager,
+    channel: &str,
+    after: u64,
+) -> Result<Read, String> {
+    let mut read = Read::default();
+    let mut from = after + 1;
+    loop {
+        let mut inv = ctx.read.key(ctx.keys.meta(channel));
+        inv.key(ctx.keys.stream(channel)).arg(from).arg(PAGE);
+        let page: Value = tokio::time::timeout(ctx.settings.timeout, inv.invoke_async(conn))
+            .await
+            .map_err(|_| "no answer".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let Value::Array(parts) = page else {
+            return Err("unexpected answer".into());
+        };
+        if parts.is_empty() {
+            return Ok(Read::default()); // no such channel in Redis
+        }
+        let (life, last) = match (
+            parts.first().and_then(number),
+            parts.get(1).and_then(number),
+        ) {
+            (Some(l), Some(s)) => (l, s),
+            _ => return Err("unexpected meta".into()),
+        };
+        if read.life != 0 && read.life != life {
+            return Ok(Read::default()); // the channel started a new life while we read
+        }
+        read.life = life;
+        read.last = last;
+        let entries = match parts.get(2) {
+            Some(Value::Array(e)) => e,
+            _ => return Err("unexpected entries".into()),
+        };
+        for e in entries {
+            match stored(e) {
+                Some(s) => read.entries.push(s),
+                None => return Err("unreadable stream entry".into()),
+            }
+        }
+        if entries.len() < PAGE {
+            return Ok(read);
+        }
+        from = read.entries.last().map_or(from, |s| s.seq + 1);
+    }
+}
+
+/// One `XRANGE` item: `[id, [field, value, …]]`.
+fn stored(v: &Value) -> Option<Stored> {
+    let Value::Array(item) = v else { return None };
+    let id = match item.first()? {
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?,
+        _ => return None,
+    };
+    let seq = id.split_once('-')?.0.parse().ok()?;
+    let Value::Array(fields) = item.get(1)? else {
+        return None;
+    };
+    let (mut prev, mut entry) = (None, None);
+    for pair in fields.chunks(2) {
+        match (&pair[0], pair.get(1)) {
+            (Value::BulkString(k), Some(v)) if k == b"p" => prev = number(v),
+            (Value::BulkString(k), Some(Value::BulkString(v))) if k == b"e" => {
+                entry = Entry::decode(v).ok()
+            }
+            _ => {}
+        }
+    }
+    Some(Stored {
+        seq,
+        prev: prev?,
+        entry: entry?,
+    })
+}
+
+/// Keeps one Pub/Sub subscription for the node, reconnecting with backoff; after a reconnect
+/// every core re-reads its channels. The first subscription is reported on `subscribed`.
+async fn pubsub_loop(
+    client: redis::Client,
+    ctx: Arc<Ctx>,
+    mut conn: ConnectionManager,
+    subscribed: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut subscribed = Some(subscribed);
+    let mut backoff = Duration::from_millis(50);
+    let events = ctx.keys.events();
+    loop {
+        let connected = tokio::time::timeout(ctx.settings.timeout, async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&events).await?;
+            RedisResult::Ok(pubsub)
+        })
+        .await;
+        let mut pubsub = match connected {
+            Ok(Ok(p)) => p,
+            _ => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        ctx.health.pubsub.store(true, Ordering::Relaxed);
+        match subscribed.take() {
+            Some(first) => {
+                let _ = first.send(());
+            }
+            None => {
+                // Redis may have lost everything (a restart without persistence): the epoch
+                // carries on, and every channel is read again.
+                if let Err(e) = agree_on_epoch(&mut conn, &ctx.keys, &ctx.epoch).await {
+                    tracing::warn!(error = %e, "cannot check the cluster epoch in Redis");
+                }
+                tracing::info!("Redis Pub/Sub is back; reading every channel's stream again");
+                for core in 0..ctx.mesh.cores() {
+                    ctx.mesh.send(core, MeshMsg::Resync);
+                }
+            }
+        }
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            match Batch::parse(msg.get_payload_bytes()) {
+                Ok(batch) => {
+                    let owner = channel::owner_core(&batch.channel, ctx.mesh.cores());
+                    ctx.mesh.send(owner, MeshMsg::Remote(batch));
+                }
+                Err(e) => tracing::warn!(error = %e, "unreadable message on Redis Pub/Sub"),
+            }
+        }
+        ctx.health.pubsub.store(false, Ordering::Relaxed);
+        tracing::warn!("lost the Redis Pub/Sub connection; reconnecting");
+    }
+}
+
+/// Checks Redis once a second, so that a stalled Redis shows in `/readyz` even while nobody
+/// publishes.
+async fn health_loop(ctx: Arc<Ctx>, mut conn: ConnectionManager) {
+    let mut was_up = true;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let ping = tokio::time::timeout(
+            ctx.settings.timeout,
+            redis::cmd("PING").query_async::<Value>(&mut conn),
+        )
+        .await;
+        let up = matches!(ping, Ok(Ok(_)));
+        ctx.health.commands.store(up, Ordering::Relaxed);
+        if up != was_up {
+            if up {
+                tracing::info!("Redis answers again");
+            } else {
+                tracing::warn!("Redis does not answer; publishes get 503 until it does");
+            }
+            was_up = up;
+        }
+    }
+}

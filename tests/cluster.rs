@@ -1,0 +1,301 @@
+//! End to end in cluster mode: several ringcast nodes on one real `redis-server` (started by
+//! each test on a free loopback port, without persistence), real WebSocket clients.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use support::redis::Redis;
+use support::*;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+
+fn node(redis: &Redis) -> Server {
+    node_with(redis, &[])
+}
+
+fn node_with(redis: &Redis, extra: &[(&str, &str)]) -> Server {
+    let url = redis.url();
+    let mut env = vec![
+        ("RINGCAST_REDIS_URL", url.as_str()),
+        ("RINGCAST_REDIS_TIMEOUT_MS", "500"),
+    ];
+    env.extend_from_slice(extra);
+    Server::start_with(&env)
+}
+
+fn reader() -> String {
+    token(json!({"sub": "reader", "projects": ["*"]}))
+}
+
+/// Connects to `channel` on `server` and waits for its `subscribed`; returns the socket, the
+/// welcome and the subscribed seq.
+async fn subscribe(server: &Server, channel: &str) -> (Ws, Value, u64) {
+    let (mut ws, welcome) =
+        connect(server, &format!("channels={channel}&token={}", reader())).await;
+    let sub = recv_json(&mut ws).await;
+    assert_eq!(sub["type"], "subscribed", "{sub}");
+    (ws, welcome, sub["seq"].as_u64().unwrap())
+}
+
+async fn publish_data(server: &Server, channel: &str, data: Value) -> u64 {
+    server.publish_one(channel, "e", data).await
+}
+
+async fn readyz(server: &Server) -> u16 {
+    server.http("GET", "/readyz", &[], "").await.0
+}
+
+/// Waits until `/readyz` answers `status`.
+async fn until_ready(server: &Server, status: u16) {
+    let deadline = Instant::now() + WAIT;
+    while readyz(server).await != status {
+        assert!(Instant::now() < deadline, "/readyz never answered {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads `n` events of one channel; returns their (seq, data).
+async fn events(ws: &mut Ws, n: usize) -> Vec<(u64, Value)> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let v = recv_json(ws).await;
+        assert!(v["type"].is_null(), "an event, not {v}");
+        out.push((v["seq"].as_u64().unwrap(), v["data"].clone()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_deliver_every_message_to_every_subscriber_in_order_exactly_once() {
+    const SUBSCRIBERS: usize = 1000;
+    const CHANNELS: usize = 10;
+    const ROUNDS: usize = 20;
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
+    let epochs: Vec<String> = {
+        let mut e = Vec::new();
+        for n in &nodes {
+            let (_, welcome) = connect(n, &format!("token={}", reader())).await;
+            e.push(welcome["epoch"].as_str().unwrap().to_owned());
+        }
+        e
+    };
+    assert!(
+        epochs.iter().all(|e| *e == epochs[0]),
+        "one epoch per cluster: {epochs:?}"
+    );
+
+    let mut subs = JoinSet::new();
+    let nodes = std::sync::Arc::new(nodes);
+    for i in 0..SUBSCRIBERS {
+        let nodes = nodes.clone();
+        subs.spawn(async move {
+            let channel = format!("project:c{}", i % CHANNELS);
+            let (ws, _, seq) = subscribe(&nodes[i % 3], &channel).await;
+            (i, ws, seq)
+        });
+    }
+    let mut sockets = Vec::new();
+    while let Some(r) = subs.join_next().await {
+        sockets.push(r.unwrap());
+    }
+    // Every message is published on one of the three nodes, in turn.
+    for round in 0..ROUNDS {
+        for c in 0..CHANNELS {
+            let on = &nodes[(round + c) % 3];
+            publish_data(on, &format!("project:c{c}"), json!({"round": round})).await;
+        }
+    }
+    let mut checks = JoinSet::new();
+    for (i, mut ws, subscribed) in sockets {
+        checks.spawn(async move {
+            let got = events(&mut ws, ROUNDS).await;
+            for (k, (seq, data)) in got.iter().enumerate() {
+                assert_eq!(data["round"], k, "subscriber {i}: in publish order");
+                assert_eq!(
+                    *seq,
+                    got[0].0 + k as u64,
+                    "subscriber {i}: no gap, no duplicate"
+                );
+                assert!(*seq > subscribed);
+            }
+            // Nothing more: exactly once.
+            let more = tokio::time::timeout(Duration::from_millis(50), ws.next()).await;
+            assert!(
+                more.is_err(),
+                "subscriber {i}: nothing after the last: {more:?}"
+            );
+        });
+    }
+    while let Some(r) = checks.join_next().await {
+        r.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_node_with_nothing_missing_and_nothing_twice() {
+    let redis = Redis::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    let channel = "project:resume";
+    let (mut ws, welcome, _) = subscribe(&a, channel).await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    for i in 0..5 {
+        publish_data(&a, channel, json!(i)).await;
+    }
+    let seen = events(&mut ws, 5).await;
+    drop(ws);
+    // The client kept the second event as its position; three more are published meanwhile.
+    let position = seen[1].0;
+    for i in 5..8 {
+        publish_data(&b, channel, json!(i)).await;
+    }
+    // On node B (which holds the channel in its ring) and on node C, started after all of it,
+    // which must read the channel's stream from Redis.
+    let c = node(&redis);
+    let mut resumed = Vec::new();
+    for (name, server) in [("b", &b), ("c", &c)] {
+        let query = format!(
+            "channels={channel}&token={}&last_sequence_id={position}&epoch={epoch}",
+            reader()
+        );
+        let (mut ws, welcome) = connect(server, &query).await;
+        assert_eq!(welcome["epoch"], epoch.as_str(), "{name}");
+        let sub = recv_json(&mut ws).await;
+        assert_eq!(sub["type"], "subscribed", "{name}: {sub}");
+        let replayed = events(&mut ws, 6).await;
+        let data: Vec<Value> = replayed.iter().map(|(_, d)| d.clone()).collect();
+        assert_eq!(data, (2..8).map(|i| json!(i)).collect::<Vec<_>>(), "{name}");
+        assert_eq!(replayed[0].0, position + 1, "{name}");
+        assert_eq!(
+            sub["seq"], replayed[5].0,
+            "{name}: subscribed names the hand-over seq"
+        );
+        let done = recv_json(&mut ws).await;
+        assert_eq!(
+            (
+                done["type"].as_str(),
+                done["recovered"].as_bool(),
+                done["count"].as_u64()
+            ),
+            (Some("replayed"), Some(true), Some(6)),
+            "{name}: {done}"
+        );
+        resumed.push((name, ws, replayed[5].0));
+    }
+    // Live after the replay, published on the other node: no gap at the seam.
+    let live = publish_data(&a, channel, json!("live")).await;
+    for (name, mut ws, handed_over) in resumed {
+        assert_eq!(live, handed_over + 1, "{name}");
+        assert_eq!(events(&mut ws, 1).await[0], (live, json!("live")), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_redis_that_lost_its_data_gives_recovered_false_and_the_epoch_stays() {
+    let mut redis = Redis::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    let channel = "project:lost";
+    let (mut ws, welcome, _) = subscribe(&a, channel).await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    let mut last = 0;
+    for i in 0..3 {
+        last = publish_data(&a, channel, json!(i)).await;
+    }
+    events(&mut ws, 3).await;
+    redis.restart(); // SIGKILL, then a new empty Redis on the same port
+    until_ready(&a, 200).await;
+    until_ready(&b, 200).await;
+    // The first publish after the loss starts a new life of the channel, far above the old.
+    let fresh = publish_data(&a, channel, json!("after")).await;
+    assert!(fresh > last + 1, "{fresh} continues above {last}");
+    let next = events(&mut ws, 1).await;
+    assert_eq!(
+        next[0],
+        (fresh, json!("after")),
+        "a live subscriber goes on"
+    );
+    let query = format!(
+        "channels={channel}&token={}&last_sequence_id={last}&epoch={epoch}",
+        reader()
+    );
+    let (mut ws, welcome) = connect(&b, &query).await;
+    assert_eq!(
+        welcome["epoch"],
+        epoch.as_str(),
+        "the nodes carry the epoch over"
+    );
+    let sub = recv_json(&mut ws).await;
+    assert_eq!(sub["seq"], fresh);
+    let done = recv_json(&mut ws).await;
+    assert_eq!(
+        (done["type"].as_str(), done["recovered"].as_bool()),
+        (Some("replayed"), Some(false)),
+        "{done}"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_redis_gets_503_in_bounded_time_and_delivery_goes_on_after() {
+    let redis = Redis::start();
+    let a = node_with(&redis, &[("RINGCAST_REDIS_TIMEOUT_MS", "300")]);
+    let channel = "project:stall";
+    let (mut ws, _, _) = subscribe(&a, channel).await;
+    let first = publish_data(&a, channel, json!("before")).await;
+    assert_eq!(events(&mut ws, 1).await[0].0, first);
+
+    redis.signal(libc::SIGSTOP);
+    let started = Instant::now();
+    let auth = format!("Bearer {API_KEY}");
+    let body = json!({"channel": channel, "event": "e", "data": "during"}).to_string();
+    let (status, head, reply) = a
+        .http(
+            "POST",
+            "/api/v1/publish",
+            &[("Authorization", &auth)],
+            &body,
+        )
+        .await;
+    let took = started.elapsed();
+    assert_eq!(status, 503, "{reply}");
+    assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
+    assert!(took < Duration::from_secs(2), "answered in {took:?}");
+    until_ready(&a, 503).await;
+    // Local clients stay connected and answered.
+    ws.send(Message::Ping(b"still-there".to_vec().into()))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Pong(p) => break p,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("a pong while Redis is stalled");
+    assert_eq!(&pong[..], b"still-there");
+
+    redis.signal(libc::SIGCONT);
+    until_ready(&a, 200).await;
+    let after = publish_data(&a, channel, json!("after")).await;
+    // The stalled publish may have been stored once Redis went on (it was in Redis's input);
+    // either way the subscriber sees every seq in order up to the new one.
+    let mut seqs = vec![];
+    loop {
+        let (seq, data) = events(&mut ws, 1).await.remove(0);
+        seqs.push(seq);
+        if data == json!("after") {
+            break;
+        }
+        assert_eq!(data, json!("during"));
+    }
+    assert_eq!(*seqs.last().unwrap(), after);
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert_eq!(seqs[0], first + 1);
+}
