@@ -299,3 +299,117 @@ async fn a_stalled_redis_gets_503_in_bounded_time_and_delivery_goes_on_after() {
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
     assert_eq!(seqs[0], first + 1);
 }
+
+/// One subscriber of the drain test: follows its channel on `first`, moves to `second` when
+/// told `shutdown`, resumes there, and returns the `round`s it received, in order.
+async fn follow_through_drain(
+    first: std::net::SocketAddr,
+    second: std::net::SocketAddr,
+    channel: String,
+    rounds: u64,
+    ready: tokio::sync::mpsc::Sender<()>,
+) -> (Vec<u64>, bool) {
+    let url = |addr, extra: &str| {
+        format!(
+            "ws://{addr}/ws?channels={channel}&token={}{extra}",
+            reader()
+        )
+    };
+    let (mut ws, _) = ws_connect(url(first, "")).await.expect("connect");
+    let welcome = recv_json(&mut ws).await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    let sub = recv_json(&mut ws).await;
+    let mut last = sub["seq"].as_u64().unwrap();
+    ready.send(()).await.unwrap();
+    let mut got = Vec::new();
+    let mut moved = false;
+    while got.last().is_none_or(|&r| r + 1 < rounds) {
+        let v = recv_json(&mut ws).await;
+        match v["type"].as_str() {
+            None => {
+                let seq = v["seq"].as_u64().unwrap();
+                assert!(seq > last, "{channel}: {seq} after {last}");
+                last = seq;
+                got.push(v["data"]["round"].as_u64().unwrap());
+            }
+            Some("shutdown") if !moved => {
+                moved = true;
+                let _ = ws.close(None).await;
+                let resume = format!("&last_sequence_id={last}&epoch={epoch}");
+                let (next, _) = ws_connect(url(second, &resume)).await.expect("reconnect");
+                ws = next;
+                let welcome = recv_json(&mut ws).await;
+                assert_eq!(welcome["epoch"], epoch.as_str());
+            }
+            Some("subscribed") => {}
+            Some("replayed") => assert_eq!(v["recovered"], true, "{channel}: {v}"),
+            other => panic!("{channel}: unexpected {other:?}: {v}"),
+        }
+    }
+    (got, moved)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_under_live_publishing_loses_nothing() {
+    const CLIENTS: usize = 2000;
+    const CHANNELS: usize = 20;
+    const ROUNDS: u64 = 100;
+    let redis = Redis::start();
+    // 100 clients per project, on one node at a time.
+    let per_project = ("RINGCAST_MAX_CONNECTIONS_PER_PROJECT", "0");
+    let mut a = node_with(
+        &redis,
+        &[("RINGCAST_DRAIN_TIMEOUT_MS", "20000"), per_project],
+    );
+    let b = node_with(&redis, &[per_project]);
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(CLIENTS);
+    let mut clients = JoinSet::new();
+    for i in 0..CLIENTS {
+        let channel = format!("project:d{}", i % CHANNELS);
+        clients.spawn(follow_through_drain(
+            a.addr,
+            b.addr,
+            channel,
+            ROUNDS,
+            ready_tx.clone(),
+        ));
+    }
+    drop(ready_tx);
+    for i in 0..CLIENTS {
+        let ready = tokio::time::timeout(WAIT, ready_rx.recv()).await;
+        assert!(
+            matches!(ready, Ok(Some(()))),
+            "client {i} of {CLIENTS} did not subscribe"
+        );
+    }
+    // Publishing goes on, on node B, while node A drains.
+    let b = std::sync::Arc::new(b);
+    let publisher = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            for round in 0..ROUNDS {
+                let batch: Vec<Value> = (0..CHANNELS)
+                    .map(|c| json!({"channel": format!("project:d{c}"), "event": "e", "data": {"round": round}}))
+                    .collect();
+                let (status, reply) = b.publish(&Value::Array(batch)).await;
+                assert_eq!(status, 200, "{reply}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.terminate();
+    publisher.await.unwrap();
+    let mut moved = 0;
+    while let Some(r) = clients.join_next().await {
+        let (got, was_moved) = r.unwrap();
+        assert_eq!(
+            got,
+            (0..ROUNDS).collect::<Vec<_>>(),
+            "every round, in order, once"
+        );
+        moved += usize::from(was_moved);
+    }
+    assert_eq!(moved, CLIENTS, "every client was moved by the drain");
+    assert!(a.wait_exit(WAIT).success());
+}

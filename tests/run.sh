@@ -8,6 +8,7 @@
 # Needs Rust (cargo) already; installs with apt-get, through sudo when not root:
 #   chromium      tests/browser.rs drives it over the DevTools protocol
 #   curl          tests/sse.rs reads Server-Sent Events with `curl -N`
+#   redis-server  tests/cluster.rs starts its own Redis servers on free loopback ports
 #   python3-venv  tests/python_client.rs builds a virtualenv and installs `websockets` from PyPI
 #   gcc           a C compiler and linker for the crates with C parts
 #   g++           libFuzzer (the fuzz targets' engine) is C++; fuzz/run.sh installs cargo-fuzz
@@ -22,6 +23,7 @@ command -v cargo >/dev/null 2>&1 || {
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v c++ >/dev/null 2>&1 || need+=(g++)

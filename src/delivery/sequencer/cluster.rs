@@ -249,9 +249,13 @@ impl Sequencer {
                         let rest = ring.replay(from, last_seq, now_ms);
                         let newest = deliveries.last().map_or(w.since, |d| d.seq);
                         deliveries.extend(rest.deliveries.into_iter().filter(|d| d.seq > newest));
+                        let recovered = r.recovered(w.since, oldest_ms)
+                            && (last_seq <= r.last || rest.recovered);
+                        if !recovered {
+                            deliveries.clear(); // as from the ring: nothing re-sent
+                        }
                         Replay {
-                            recovered: r.recovered(w.since, oldest_ms)
-                                && (last_seq <= r.last || rest.recovered),
+                            recovered,
                             deliveries,
                         }
                     }
