@@ -87,6 +87,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 prefix: redis.prefix.clone(),
                 timeout: redis.timeout,
                 ring: config.ring,
+                ingest: redis.ingest.clone(),
             },
             mesh.clone(),
         )?),

@@ -18,9 +18,10 @@
 //! request on an open HTTP connection, and those are bounded) and one per stream read in
 //! flight (at most one per channel and resume position).
 
+pub mod ingest;
 pub mod wire;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +45,8 @@ pub struct ClusterSettings {
     pub timeout: Duration,
     /// The replay bounds: the stream's length and the channel keys' time to live.
     pub ring: RingBounds,
+    /// Redis streams and Pub/Sub channels whose messages are published (see `ingest`).
+    pub ingest: Vec<ingest::Source>,
 }
 
 /// Redis did not take a publish (away, stalled, or it answered an error).
@@ -90,6 +93,10 @@ pub struct Redis {
 struct Health {
     pubsub: AtomicBool,
     commands: AtomicBool,
+    /// Messages published from the ingest sources.
+    ingested: AtomicU64,
+    /// Ingest messages that could not be published (malformed); logged.
+    ingest_refused: AtomicU64,
 }
 
 /// Assigns seqs, appends to each channel's stream and sends each channel's batch to the nodes,
@@ -155,6 +162,7 @@ impl Redis {
         let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<String, String>>();
         let health = Arc::new(Health::default());
         let thread_health = health.clone();
+        let commands = tx.clone();
         std::thread::Builder::new()
             .name("ringcast-redis".into())
             .spawn(move || {
@@ -162,7 +170,14 @@ impl Redis {
                     .enable_all()
                     .build()
                     .expect("a tokio runtime");
-                rt.block_on(run(client, settings, mesh, rx, thread_health, started_tx));
+                rt.block_on(run(
+                    client,
+                    settings,
+                    mesh,
+                    (commands, rx),
+                    thread_health,
+                    started_tx,
+                ));
             })
             .map_err(|e| format!("cannot start the Redis thread: {e}"))?;
         let epoch = started_rx
@@ -174,6 +189,14 @@ impl Redis {
     /// Whether Redis is reachable as of the last check (both connections).
     pub fn is_up(&self) -> bool {
         self.health.pubsub.load(Ordering::Relaxed) && self.health.commands.load(Ordering::Relaxed)
+    }
+
+    /// Messages published from the ingest sources, and those refused, since start.
+    pub fn ingest_counts(&self) -> (u64, u64) {
+        (
+            self.health.ingested.load(Ordering::Relaxed),
+            self.health.ingest_refused.load(Ordering::Relaxed),
+        )
     }
 
     /// Publishes a request's messages (published at `ts`); answers their seqs once Redis has
@@ -196,22 +219,7 @@ impl Redis {
     }
 
     fn send_publish(&self, publications: Vec<Publication>, ts: u64, reply: Option<Reply>) {
-        let mut groups: Vec<Group> = Vec::new();
-        for (i, p) in publications.into_iter().enumerate() {
-            let channel = p.channel.clone();
-            let entry = Entry::new(p, ts).encode();
-            match groups.iter_mut().find(|g| g.channel == channel) {
-                Some(g) => {
-                    g.indexes.push(i);
-                    g.entries.push(entry);
-                }
-                None => groups.push(Group {
-                    channel,
-                    indexes: vec![i],
-                    entries: vec![entry],
-                }),
-            }
-        }
+        let groups = groups(publications, ts);
         if let Err(e) = self.tx.send(Cmd::Publish { groups, reply }) {
             if let Cmd::Publish {
                 reply: Some(reply), ..
@@ -232,12 +240,36 @@ impl Redis {
     }
 }
 
+/// A request's messages grouped by channel, in the request's order.
+fn groups(publications: Vec<Publication>, ts: u64) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    for (i, p) in publications.into_iter().enumerate() {
+        let channel = p.channel.clone();
+        let entry = Entry::new(p, ts).encode();
+        match groups.iter_mut().find(|g| g.channel == channel) {
+            Some(g) => {
+                g.indexes.push(i);
+                g.entries.push(entry);
+            }
+            None => groups.push(Group {
+                channel,
+                indexes: vec![i],
+                entries: vec![entry],
+            }),
+        }
+    }
+    groups
+}
+
 /// Everything the Redis thread does.
 async fn run(
     client: redis::Client,
     settings: ClusterSettings,
     mesh: Mesh,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Cmd>,
+    (commands, mut rx): (
+        tokio::sync::mpsc::UnboundedSender<Cmd>,
+        tokio::sync::mpsc::UnboundedReceiver<Cmd>,
+    ),
     health: Arc<Health>,
     started: std::sync::mpsc::Sender<Result<String, String>>,
 ) {
@@ -280,9 +312,10 @@ async fn run(
         publish: Script::new(PUBLISH),
         read: Script::new(READ),
         epoch: epoch.clone(),
+        commands,
     });
     tokio::spawn(pubsub_loop(
-        client,
+        client.clone(),
         ctx.clone(),
         conn.clone(),
         subscribed_tx,
@@ -292,6 +325,7 @@ async fn run(
         return;
     }
     tokio::spawn(health_loop(ctx.clone(), conn.clone()));
+    ingest::start(&ctx, &client, &ctx.settings.ingest);
     let _ = started.send(Ok(epoch));
     let mut publishes = Vec::new();
     while let Some(cmd) = rx.recv().await {
@@ -336,6 +370,8 @@ struct Ctx {
     publish: Script,
     read: Script,
     epoch: String,
+    /// The way into this thread's command loop (for the ingest's publishes).
+    commands: tokio::sync::mpsc::UnboundedSender<Cmd>,
 }
 
 type Request = (Vec<Group>, Option<Reply>);

@@ -206,6 +206,8 @@ impl Read {
     /// durable entry after it was trimmed (each entry's `prev` is the one before it) and none
     /// after it has aged out.
     pub fn recovered(&self, since: u64, oldest_ms: u64) -> bool {
+        // Position 0: the client saw the channel before it had messages.
+        let since = if since == 0 { self.life } else { since };
         if self.life == 0 || since < self.life || since > self.last {
             return false;
         }

@@ -79,6 +79,9 @@ pub struct Flags {
     /// Cluster mode: bound of every Redis call; a publish Redis has not taken by then gets 503 [default: 1000]
     #[arg(long, env = "RINGCAST_REDIS_TIMEOUT_MS")]
     pub redis_timeout_ms: Option<u64>,
+    /// Cluster mode: Redis sources whose messages are published, comma-separated stream:KEY or pubsub:CHANNEL [default: none]
+    #[arg(long, env = "RINGCAST_REDIS_INGEST")]
+    pub redis_ingest: Option<String>,
     /// io driver: io_uring with an epoll fallback, io_uring or refuse, or epoll [default: auto]
     #[arg(long, env = "RINGCAST_IO_DRIVER", value_enum)]
     pub io_driver: Option<IoDriver>,
@@ -306,6 +309,7 @@ struct FileSettings {
     redis_url: Option<String>,
     redis_prefix: Option<String>,
     redis_timeout_ms: Option<u64>,
+    redis_ingest: Option<String>,
     io_driver: Option<IoDriver>,
     replay_max_messages: Option<usize>,
     replay_max_age_secs: Option<u64>,
@@ -404,6 +408,7 @@ pub struct RedisConfig {
     pub url: String,
     pub prefix: String,
     pub timeout: Duration,
+    pub ingest: Vec<crate::cluster::ingest::Source>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -455,10 +460,21 @@ impl Config {
                         "redis_timeout_ms must be at least 1".into(),
                     ));
                 }
+                let ingest = flags
+                    .redis_ingest
+                    .or(file.redis_ingest)
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(crate::cluster::ingest::Source::parse)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(ConfigError::Invalid)?;
                 Some(RedisConfig {
                     url,
                     prefix,
                     timeout: Duration::from_millis(timeout_ms),
+                    ingest,
                 })
             }
         };

@@ -15,6 +15,7 @@ use monoio::net::TcpStream;
 
 use crate::proto::http::{self, HeadError, Parse, Request};
 use crate::runtime::core::{Core, Received};
+use crate::runtime::node::Broker;
 use crate::runtime::pending::{Expired, Full, Stage, Ticket};
 
 use super::jwt::Verifier;
@@ -474,7 +475,7 @@ async fn route(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
 fn metrics(core: &Core) -> Reply {
     // Each core counts in shards of its own; this sums them, whichever core serves the scrape.
     let s = &core.shared.stats;
-    let text = format!(
+    let mut text = format!(
         "# HELP ringcast_connections Open WebSocket connections.\n\
          # TYPE ringcast_connections gauge\n\
          ringcast_connections {}\n\
@@ -508,6 +509,21 @@ fn metrics(core: &Core) -> Reply {
         s.channels.sum(),
         u8::from(core.shared.is_draining()),
     );
+    if let Broker::Redis(redis) = &core.shared.broker {
+        let (ingested, refused) = redis.ingest_counts();
+        text += &format!(
+            "# HELP ringcast_redis_up 1 while Redis answers (cluster mode).\n\
+             # TYPE ringcast_redis_up gauge\n\
+             ringcast_redis_up {}\n\
+             # HELP ringcast_ingested_total Messages published from the Redis ingest sources since start.\n\
+             # TYPE ringcast_ingested_total counter\n\
+             ringcast_ingested_total {ingested}\n\
+             # HELP ringcast_ingest_refused_total Ingest messages that could not be published (malformed) since start.\n\
+             # TYPE ringcast_ingest_refused_total counter\n\
+             ringcast_ingest_refused_total {refused}\n",
+            u8::from(redis.is_up()),
+        );
+    }
     Reply {
         status: 200,
         content_type: "text/plain; version=0.0.4",

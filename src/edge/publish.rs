@@ -57,25 +57,8 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Rep
     if core.shared.is_draining() {
         return Reply::error(503, "node is draining; publish to another node");
     }
-    let (incoming, single) = match parse_body(body) {
+    let (publications, single) = match publications(body) {
         Ok(parsed) => parsed,
-        Err(message) => return Reply::error(400, &message),
-    };
-    let publications = match incoming
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| {
-            check(m).map_err(|e| {
-                if single {
-                    e
-                } else {
-                    format!("message {i}: {e}")
-                }
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(p) => p,
         Err(message) => return Reply::error(400, &message),
     };
     let channels: Vec<Arc<str>> = publications.iter().map(|p| p.channel.clone()).collect();
@@ -103,6 +86,26 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Rep
         serde_json::to_vec(&results)
     };
     Reply::json(200, body.expect("json"))
+}
+
+/// A publish body (one message or an array) checked and made publications, and whether it
+/// was one message; the error says what is wrong, naming the message of a batch.
+pub fn publications(body: &[u8]) -> Result<(Vec<Publication>, bool), String> {
+    let (incoming, single) = parse_body(body)?;
+    let publications = incoming
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            check(m).map_err(|e| {
+                if single {
+                    e
+                } else {
+                    format!("message {i}: {e}")
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((publications, single))
 }
 
 #[derive(serde::Serialize)]

@@ -246,7 +246,11 @@ async fn read_loop(
                                 };
                                 events += 1;
                                 sub.events += 1;
-                                if seq <= sub.last_seq {
+                                if sub.last_seq == 0 {
+                                    // The first event: seqs need not start at 1 (a
+                                    // cluster's start far above); the count says what is lost.
+                                    sub.last_seq = seq;
+                                } else if seq <= sub.last_seq {
                                     sub.dups += 1;
                                 } else {
                                     sub.gaps += seq - sub.last_seq - 1;

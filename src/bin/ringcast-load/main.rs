@@ -51,6 +51,9 @@ struct Args {
     mode: Mode,
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
+    /// Where publishers send (another node of a cluster); default: --addr.
+    #[arg(long)]
+    publish_addr: Option<SocketAddr>,
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
     #[arg(long, default_value_t = 1)]
@@ -333,7 +336,7 @@ fn main() {
     let before = procstat::sample(args.server_pid);
     let plan = publisher::Plan {
         target: args.target,
-        addr: args.addr,
+        addr: args.publish_addr.unwrap_or(args.addr),
         api_key: args.api_key.clone(),
         rate: args.rate,
         batch: args.batch,
@@ -422,8 +425,7 @@ fn main() {
             dups += sub.dups;
             gaps += sub.gaps;
             let published_here = published.per_channel.get(sub.channel).copied().unwrap_or(0);
-            let seen_up_to = sub.last_seq.min(published_here);
-            lost += published_here - seen_up_to + sub.gaps;
+            lost += published_here.saturating_sub(sub.events - sub.dups);
         }
     }
     let window = delivered_at.duration_since(before.at).as_secs_f64();

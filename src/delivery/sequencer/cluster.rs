@@ -16,6 +16,10 @@ use crate::cluster::wire::{Batch, Read};
 use crate::delivery::ring::{Replay, Ring};
 use crate::delivery::Delivery;
 
+/// The `since` of a live subscription waiting to learn the channel's seq from Redis: a read
+/// after it returns the channel's life and last seq and no entries (seqs are far below it).
+pub const LIVE: u64 = u64::MAX / 2;
+
 /// What waits on a channel for reads from Redis.
 #[derive(Debug, Default)]
 pub struct Fill {
@@ -121,6 +125,9 @@ impl Sequencer {
         state.interest[core] += 1;
         let last_seq = state.last_seq;
         let since = match resume {
+            // A channel this node has not seen yet: its seq comes from Redis, so that
+            // `subscribed` names a position the client can resume from.
+            Resume::Live if state.life == 0 && state.fill.is_none() => LIVE,
             Resume::Live => {
                 return Subscribed::Now(SubscribeAck {
                     last_seq,
@@ -133,9 +140,11 @@ impl Sequencer {
                     replay: Some(Replay::default()),
                 })
             }
+            // Position 0 (the channel had no messages): from the start of its current life.
+            Resume::After(0) if state.life != 0 => state.life,
             Resume::After(since) => since,
         };
-        if state.fill.is_none() && state.life != 0 {
+        if since != LIVE && state.fill.is_none() && state.life != 0 {
             if since < state.life {
                 // From an earlier life of the channel: that history is gone.
                 return Subscribed::Now(SubscribeAck {
@@ -237,6 +246,7 @@ impl Sequencer {
             .into_iter()
             .map(|w| {
                 let replay = match &read {
+                    _ if w.since == LIVE => None,
                     Some(r) => {
                         // Redis's entries up to what this node has delivered, then the ring's
                         // after them; later ones reach the subscriber live.
@@ -254,21 +264,18 @@ impl Sequencer {
                         if !recovered {
                             deliveries.clear(); // as from the ring: nothing re-sent
                         }
-                        Replay {
+                        Some(Replay {
                             recovered,
                             deliveries,
-                        }
+                        })
                     }
-                    None => Replay::default(),
+                    None => Some(Replay::default()),
                 };
                 Answer {
                     core: w.core,
                     conn: w.conn,
                     sub: w.sub,
-                    ack: SubscribeAck {
-                        last_seq,
-                        replay: Some(replay),
-                    },
+                    ack: SubscribeAck { last_seq, replay },
                 }
             })
             .collect()
@@ -337,9 +344,23 @@ mod tests {
     fn setup() -> (Sequencer, Arc<str>) {
         let mut s = Sequencer::for_cluster(2, RingBounds::default());
         let ch: Arc<str> = "c".into();
+        // A channel this node has not seen: its seq is asked of Redis, which has none.
         assert!(matches!(
             s.subscribe_cluster(&ch, (1, 7, 1), Resume::Live, 0),
-            Subscribed::Now(SubscribeAck { last_seq: 0, .. })
+            Subscribed::Later(Some(LIVE))
+        ));
+        let answers = s.on_read(&ch, LIVE, Some(Read::default()), 0, |_, _| {});
+        assert!(matches!(
+            &answers[..],
+            [Answer {
+                core: 1,
+                conn: 7,
+                ack: SubscribeAck {
+                    last_seq: 0,
+                    replay: None
+                },
+                ..
+            }]
         ));
         (s, ch)
     }
@@ -432,6 +453,34 @@ mod tests {
         assert_eq!(seqs, vec![1002, 1003, 1004, 1005, 1006]);
         assert!(replay.recovered);
         assert_eq!(a.ack.last_seq, 1006, "later ones are live");
+    }
+
+    #[test]
+    fn a_live_subscription_to_a_channel_new_to_this_node_learns_its_seq_from_redis() {
+        let mut s = Sequencer::for_cluster(2, RingBounds::default());
+        let ch: Arc<str> = "c".into();
+        let Subscribed::Later(Some(LIVE)) = s.subscribe_cluster(&ch, (0, 8, 1), Resume::Live, 0)
+        else {
+            panic!("asks Redis")
+        };
+        let read = Read {
+            life: LIFE,
+            last: 1003,
+            entries: vec![],
+        };
+        let answers = s.on_read(&ch, LIVE, Some(read), 20, |_, _| {});
+        assert_eq!(answers[0].ack.last_seq, 1003);
+        assert!(answers[0].ack.replay.is_none());
+        let mut got = vec![];
+        s.apply(batch(1004, 1), |_, d| got.push(d.seq));
+        assert_eq!(got, vec![1004], "continues from Redis's seq");
+        // Position 0 resumes from the start of the life.
+        let Subscribed::Later(Some(after)) =
+            s.subscribe_cluster(&ch, (0, 9, 1), Resume::After(0), 20)
+        else {
+            panic!("the ring does not go back to the life's start")
+        };
+        assert_eq!(after, LIFE);
     }
 
     #[test]
