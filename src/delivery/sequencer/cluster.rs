@@ -140,6 +140,13 @@ impl Sequencer {
                     replay: Some(Replay::default()),
                 })
             }
+            // No seq is that high (they are Redis's clock in µs): a position from elsewhere.
+            Resume::After(since) if since >= LIVE => {
+                return Subscribed::Now(SubscribeAck {
+                    last_seq,
+                    replay: Some(Replay::default()),
+                })
+            }
             // Position 0 (the channel had no messages): from the start of its current life.
             Resume::After(0) if state.life != 0 => state.life,
             Resume::After(since) => since,
