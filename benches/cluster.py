@@ -27,6 +27,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import scenarios  # noqa: E402  (the load generator's runner, shared)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 SECRET = "bench-secret-0123456789"
@@ -96,16 +99,7 @@ def load(label, sub_port, pub_port, server_pid, **kw):
             "--addr", f"127.0.0.1:{sub_port}", "--publish-addr", f"127.0.0.1:{pub_port}",
             "--server-pid", str(server_pid), "--json", "-", "--label", label,
             "--secret", SECRET, "--api-key", API_KEY]
-    for k, v in kw.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
-    print(f"  {label:10} {' '.join(args[1:])}", file=sys.stderr, flush=True)
-    out = subprocess.run(args, capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        print(out.stderr[-2000:], file=sys.stderr)
-        raise RuntimeError(f"ringcast-load failed: {label}")
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    report["command"] = " ".join(args)
-    return report
+    return scenarios.run_load(args, kw, f"{label:10}")
 
 
 def c1(q):

@@ -108,13 +108,19 @@ def load(server, label, **kw):
     args = [LOAD_BIN, "--target", server.target, "--addr", server.addr,
             "--server-pid", str(server.pid), "--json", "-", "--label", label,
             "--secret", SECRET, "--api-key", API_KEY]
+    return run_load(args, kw, f"{server.target:9} {label:12}", shown_from=13)
+
+
+def run_load(args, kw, title, shown_from=1):
+    """Runs the load generator with `args` and the options `kw`; returns its JSON report with
+    the exact command in it."""
     for k, v in kw.items():
-        args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
-    print(f"  {server.target:9} {label:12} {' '.join(args[13:])}", file=sys.stderr, flush=True)
+        args = args + [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    print(f"  {title} {' '.join(args[shown_from:])}", file=sys.stderr, flush=True)
     out = subprocess.run(args, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         print(out.stderr[-2000:], file=sys.stderr)
-        raise RuntimeError(f"ringcast-load failed for {server.target} {label}")
+        raise RuntimeError(f"ringcast-load failed: {title.strip()}")
     report = json.loads(out.stdout.strip().splitlines()[-1])
     report["command"] = " ".join(args)
     return report
