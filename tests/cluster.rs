@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use support::redis::Redis;
+use support::redis::{Redis, RedisCluster};
 use support::sse::Sse;
 use support::*;
 use tokio::task::JoinSet;
@@ -18,9 +18,12 @@ fn node(redis: &Redis) -> Server {
 }
 
 fn node_with(redis: &Redis, extra: &[(&str, &str)]) -> Server {
-    let url = redis.url();
+    node_at(&redis.url(), extra)
+}
+
+fn node_at(url: &str, extra: &[(&str, &str)]) -> Server {
     let mut env = vec![
-        ("RINGCAST_REDIS_URL", url.as_str()),
+        ("RINGCAST_REDIS_URL", url),
         ("RINGCAST_REDIS_TIMEOUT_MS", "500"),
     ];
     env.extend_from_slice(extra);
@@ -71,11 +74,53 @@ async fn events(ws: &mut Ws, n: usize) -> Vec<(u64, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_deliver_every_message_to_every_subscriber_in_order_exactly_once() {
-    const SUBSCRIBERS: usize = 1000;
-    const CHANNELS: usize = 10;
-    const ROUNDS: usize = 20;
     let redis = Redis::start();
     let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
+    every_message_in_order_exactly_once(nodes, 1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_three_master_redis_cluster_with_sharded_pubsub_the_same_holds() {
+    let cluster = RedisCluster::start(3);
+    let url = cluster.url();
+    let nodes: Vec<Server> = (0..3).map(|_| node_at(&url, &[])).collect();
+    // The channels' keys are spread over the three masters.
+    every_message_in_order_exactly_once(nodes, 300).await;
+
+    // A batch over channels of different slots, then a resume on another node from a
+    // position the node never held.
+    let a = node_at(&url, &[]);
+    let b = node_at(&url, &[]);
+    let (mut ws, welcome, _) = subscribe(&a, "project:x1").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    let batch: Vec<Value> = (0..6)
+        .map(|i| json!({"channel": format!("project:x{}", i % 3), "event": "e", "data": i}))
+        .collect();
+    let (status, reply) = a.publish(&Value::Array(batch)).await;
+    assert_eq!(status, 200, "{reply}");
+    let got = events(&mut ws, 2).await;
+    assert_eq!((&got[0].1, &got[1].1), (&json!(1), &json!(4)));
+    let query = format!(
+        "channels=project:x1&token={}&last_sequence_id={}&epoch={epoch}",
+        reader(),
+        got[0].0
+    );
+    let (mut ws, _) = connect(&b, &query).await;
+    let (done, before) = recv_until_type(&mut ws, "replayed").await;
+    assert_eq!(done["recovered"], true, "{done}");
+    let data: Vec<Value> = before
+        .iter()
+        .filter(|v| v["type"].is_null())
+        .map(|v| v["data"].clone())
+        .collect();
+    assert_eq!(data, vec![json!(4)]);
+}
+
+/// Subscribers spread over `nodes`, each on one of ten channels, get every message published
+/// on any node, in order, exactly once.
+async fn every_message_in_order_exactly_once(nodes: Vec<Server>, subscribers: usize) {
+    const CHANNELS: usize = 10;
+    const ROUNDS: usize = 20;
     let epochs: Vec<String> = {
         let mut e = Vec::new();
         for n in &nodes {
@@ -91,7 +136,7 @@ async fn three_nodes_deliver_every_message_to_every_subscriber_in_order_exactly_
 
     let mut subs = JoinSet::new();
     let nodes = std::sync::Arc::new(nodes);
-    for i in 0..SUBSCRIBERS {
+    for i in 0..subscribers {
         let nodes = nodes.clone();
         subs.spawn(async move {
             let channel = format!("project:c{}", i % CHANNELS);

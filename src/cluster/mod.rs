@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::ConnectionManager;
-use redis::{RedisResult, Script, Value};
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd as RedisCmd, Pipeline, RedisFuture, RedisResult, Script, Value};
 
 use crate::delivery::channel;
 use crate::delivery::ring::RingBounds;
@@ -79,6 +80,43 @@ enum Cmd {
         after: u64,
         core: usize,
     },
+    /// Sharded mode: this node no longer keeps the channel.
+    Unsubscribe(Arc<str>),
+}
+
+/// The command connection: to one Redis, or to a Redis Cluster (routed by key slot).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a RedisCmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// The cores' handle on the Redis thread.
@@ -87,6 +125,8 @@ pub struct Redis {
     health: Arc<Health>,
     /// The cluster's epoch: the same on every node of the deployment.
     pub epoch: String,
+    /// Redis runs as a Redis Cluster: each channel is subscribed on its own (sharded Pub/Sub).
+    sharded: bool,
 }
 
 #[derive(Default)]
@@ -97,6 +137,8 @@ struct Health {
     ingested: AtomicU64,
     /// Ingest messages that could not be published (malformed); logged.
     ingest_refused: AtomicU64,
+    /// Sharded mode: a connection was lost; subscribe every channel again on its next read.
+    resubscribe: AtomicBool,
 }
 
 /// Assigns seqs, appends to each channel's stream and sends each channel's batch to the nodes,
@@ -133,7 +175,12 @@ for g = 1, #KEYS / 2 do
   redis.call('HSET', meta, 'p', prev)
   redis.call('PEXPIRE', meta, ttl)
   redis.call('PEXPIRE', stream, ttl)
-  redis.call('PUBLISH', events, table.concat(parts))
+  if events == '' then
+    -- A Redis Cluster: the channel's own shard channel, in its keys' slot.
+    redis.call('SPUBLISH', string.sub(meta, 1, -2) .. 'p', table.concat(parts))
+  else
+    redis.call('PUBLISH', events, table.concat(parts))
+  end
   out[g] = {life, string.format('%d', first)}
 end
 return out
@@ -159,7 +206,7 @@ impl Redis {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| format!("RINGCAST_REDIS_URL: {e}"))?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<String, String>>();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(String, bool), String>>();
         let health = Arc::new(Health::default());
         let thread_health = health.clone();
         let commands = tx.clone();
@@ -180,10 +227,27 @@ impl Redis {
                 ));
             })
             .map_err(|e| format!("cannot start the Redis thread: {e}"))?;
-        let epoch = started_rx
+        let (epoch, sharded) = started_rx
             .recv()
             .map_err(|_| "the Redis thread ended".to_owned())??;
-        Ok(Redis { tx, health, epoch })
+        Ok(Redis {
+            tx,
+            health,
+            epoch,
+            sharded,
+        })
+    }
+
+    /// Whether each channel is subscribed in Redis on its own (a Redis Cluster).
+    pub fn sharded(&self) -> bool {
+        self.sharded
+    }
+
+    /// Sharded mode: stops receiving `channel`'s messages (this node forgot it).
+    pub fn unsubscribe(&self, channel: Arc<str>) {
+        if self.sharded {
+            let _ = self.tx.send(Cmd::Unsubscribe(channel));
+        }
     }
 
     /// Whether Redis is reachable as of the last check (both connections).
@@ -261,6 +325,34 @@ fn groups(publications: Vec<Publication>, ts: u64) -> Vec<Group> {
     groups
 }
 
+/// Connects to `client`'s Redis: a Redis Cluster (found by asking the node) gets a cluster
+/// connection with sharded Pub/Sub delivered to `pushes`.
+async fn connect(
+    client: &redis::Client,
+    settings: &ClusterSettings,
+    pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+) -> RedisResult<Conn> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(settings.timeout))
+        .set_response_timeout(Some(settings.timeout))
+        .set_max_delay(Duration::from_secs(2));
+    let mut single = ConnectionManager::new_with_config(client.clone(), config).await?;
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut single)
+        .await?;
+    if !info.contains("cluster_enabled:1") {
+        return Ok(Conn::Single(single));
+    }
+    let cluster = redis::cluster::ClusterClientBuilder::new(vec![settings.url.as_str()])
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(pushes)
+        .connection_timeout(settings.timeout)
+        .response_timeout(settings.timeout)
+        .build()?;
+    Ok(Conn::Cluster(cluster.get_async_connection().await?))
+}
+
 /// Everything the Redis thread does.
 async fn run(
     client: redis::Client,
@@ -271,17 +363,14 @@ async fn run(
         tokio::sync::mpsc::UnboundedReceiver<Cmd>,
     ),
     health: Arc<Health>,
-    started: std::sync::mpsc::Sender<Result<String, String>>,
+    started: std::sync::mpsc::Sender<Result<(String, bool), String>>,
 ) {
     let keys = Keys {
         prefix: settings.prefix.clone(),
     };
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(settings.timeout))
-        .set_response_timeout(Some(settings.timeout))
-        .set_max_delay(Duration::from_secs(2));
+    let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
     let first = tokio::time::timeout(START_WAIT, async {
-        let mut conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let mut conn = connect(&client, &settings, push_tx).await?;
         let epoch =
             agree_on_epoch(&mut conn, &keys, &format!("{:016x}", rand::random::<u64>())).await?;
         RedisResult::Ok((conn, epoch))
@@ -302,8 +391,8 @@ async fn run(
             return;
         }
     };
+    let sharded = matches!(conn, Conn::Cluster(_));
     health.commands.store(true, Ordering::Relaxed);
-    let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
     let ctx = Arc::new(Ctx {
         settings,
         keys,
@@ -313,51 +402,185 @@ async fn run(
         read: Script::new(READ),
         epoch: epoch.clone(),
         commands,
+        sharded,
     });
-    tokio::spawn(pubsub_loop(
-        client.clone(),
-        ctx.clone(),
-        conn.clone(),
-        subscribed_tx,
-    ));
-    if subscribed_rx.await.is_err() {
-        let _ = started.send(Err("cannot subscribe to Redis Pub/Sub".into()));
-        return;
-    }
+    // Reads go through the subscription task where each channel is subscribed on its own.
+    let subscriptions = if sharded {
+        ctx.health.pubsub.store(true, Ordering::Relaxed);
+        tokio::spawn(shard_messages(ctx.clone(), push_rx));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(subscription_loop(ctx.clone(), conn.clone(), rx));
+        Some(tx)
+    } else {
+        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(pubsub_loop(
+            client.clone(),
+            ctx.clone(),
+            conn.clone(),
+            subscribed_tx,
+        ));
+        if subscribed_rx.await.is_err() {
+            let _ = started.send(Err("cannot subscribe to Redis Pub/Sub".into()));
+            return;
+        }
+        None
+    };
     tokio::spawn(health_loop(ctx.clone(), conn.clone()));
-    ingest::start(&ctx, &client, &ctx.settings.ingest);
-    let _ = started.send(Ok(epoch));
+    if sharded && !ctx.settings.ingest.is_empty() {
+        tracing::warn!("redis_ingest is not supported on a Redis Cluster yet: ignored");
+    } else {
+        ingest::start(&ctx, &client, &ctx.settings.ingest);
+    }
+    let _ = started.send(Ok((epoch, sharded)));
     let mut publishes = Vec::new();
     while let Some(cmd) = rx.recv().await {
         let mut next = Some(cmd);
         while let Some(cmd) = next.take().or_else(|| rx.try_recv().ok()) {
             match cmd {
                 Cmd::Publish { groups, reply } => publishes.push((groups, reply)),
+                Cmd::Read { .. } | Cmd::Unsubscribe(_) if subscriptions.is_some() => {
+                    let _ = subscriptions.as_ref().expect("checked").send(cmd);
+                }
                 Cmd::Read {
                     channel,
                     after,
                     core,
                 } => {
-                    let (ctx, mut conn) = (ctx.clone(), conn.clone());
-                    tokio::spawn(async move {
-                        let read = read_stream(&ctx, &mut conn, &channel, after).await;
-                        let owner = channel::owner_core(&channel, ctx.mesh.cores());
-                        debug_assert_eq!(owner, core);
-                        ctx.mesh.send(
-                            core,
-                            MeshMsg::Read {
-                                channel,
-                                after,
-                                read: read.ok(),
-                            },
-                        );
-                    });
+                    tokio::spawn(read_and_answer(
+                        ctx.clone(),
+                        conn.clone(),
+                        channel,
+                        after,
+                        core,
+                    ));
                 }
+                Cmd::Unsubscribe(_) => {}
             }
         }
         if !publishes.is_empty() {
             let batch = std::mem::take(&mut publishes);
             tokio::spawn(publish_all(ctx.clone(), conn.clone(), batch));
+        }
+    }
+}
+
+/// Reads `channel`'s stream after `after` and sends the answer to its owner `core`.
+async fn read_and_answer(
+    ctx: Arc<Ctx>,
+    mut conn: Conn,
+    channel: Arc<str>,
+    after: u64,
+    core: usize,
+) {
+    let read = read_stream(&ctx, &mut conn, &channel, after).await;
+    debug_assert_eq!(channel::owner_core(&channel, ctx.mesh.cores()), core);
+    ctx.mesh.send(
+        core,
+        MeshMsg::Read {
+            channel,
+            after,
+            read: read.ok(),
+        },
+    );
+}
+
+/// Sharded mode: subscribes a channel before its first read and unsubscribes it when the node
+/// forgot it, one operation at a time, in the order the cores asked (so an unsubscribe and a
+/// new subscription of the same channel cannot overtake each other).
+async fn subscription_loop(
+    ctx: Arc<Ctx>,
+    mut conn: Conn,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Cmd>,
+) {
+    let mut subscribed: std::collections::HashSet<Arc<str>> = Default::default();
+    while let Some(cmd) = rx.recv().await {
+        let Conn::Cluster(cluster) = &mut conn else {
+            return;
+        };
+        match cmd {
+            Cmd::Read {
+                channel,
+                after,
+                core,
+            } => {
+                if ctx.health.resubscribe.swap(false, Ordering::Relaxed) {
+                    subscribed.clear(); // after a disconnection: subscribe everything again
+                }
+                if !subscribed.contains(&channel) {
+                    let shard = ctx.keys.shard_channel(&channel);
+                    let done =
+                        tokio::time::timeout(ctx.settings.timeout, cluster.ssubscribe(&shard))
+                            .await;
+                    if matches!(done, Ok(Ok(()))) {
+                        subscribed.insert(channel.clone());
+                    } else {
+                        // Not subscribed: the read fails too, and the next one tries again.
+                        ctx.mesh.send(
+                            core,
+                            MeshMsg::Read {
+                                channel,
+                                after,
+                                read: None,
+                            },
+                        );
+                        continue;
+                    }
+                }
+                tokio::spawn(read_and_answer(
+                    ctx.clone(),
+                    conn.clone(),
+                    channel,
+                    after,
+                    core,
+                ));
+            }
+            Cmd::Unsubscribe(channel) => {
+                if subscribed.remove(&channel) {
+                    let shard = ctx.keys.shard_channel(&channel);
+                    let _ =
+                        tokio::time::timeout(ctx.settings.timeout, cluster.sunsubscribe(&shard))
+                            .await;
+                }
+            }
+            Cmd::Publish { .. } => {}
+        }
+    }
+}
+
+/// Sharded mode: the messages of the channels this node subscribed, to their owner cores; a
+/// lost connection to a shard means messages may have been missed, so every core reads its
+/// channels again once it is back.
+async fn shard_messages(
+    ctx: Arc<Ctx>,
+    mut pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+) {
+    while let Some(push) = pushes.recv().await {
+        match push.kind {
+            redis::PushKind::SMessage => {
+                let Some(Value::BulkString(payload)) = push.data.get(1) else {
+                    continue;
+                };
+                match Batch::parse(payload) {
+                    Ok(batch) => {
+                        let owner = channel::owner_core(&batch.channel, ctx.mesh.cores());
+                        ctx.mesh.send(owner, MeshMsg::Remote(batch));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "unreadable message on Redis Pub/Sub"),
+                }
+            }
+            redis::PushKind::Disconnection => {
+                tracing::warn!("lost a Redis Cluster connection; reading every channel again");
+                ctx.health.resubscribe.store(true, Ordering::Relaxed);
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    // The client reconnects (and resubscribes) by itself; give it a moment.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    for core in 0..ctx.mesh.cores() {
+                        ctx.mesh.send(core, MeshMsg::Resync);
+                    }
+                });
+            }
+            _ => {}
         }
     }
 }
@@ -372,17 +595,15 @@ struct Ctx {
     epoch: String,
     /// The way into this thread's command loop (for the ingest's publishes).
     commands: tokio::sync::mpsc::UnboundedSender<Cmd>,
+    /// Redis is a Redis Cluster: one script call per channel, sharded Pub/Sub.
+    sharded: bool,
 }
 
 type Request = (Vec<Group>, Option<Reply>);
 
 /// Sets the cluster's epoch if Redis has none (a new deployment, or Redis lost its data:
 /// then this node's epoch carries on) and returns the one in force.
-async fn agree_on_epoch(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    mine: &str,
-) -> RedisResult<String> {
+async fn agree_on_epoch(conn: &mut Conn, keys: &Keys, mine: &str) -> RedisResult<String> {
     let (_, epoch): (Value, String) = redis::pipe()
         .cmd("SET")
         .arg(keys.epoch())
@@ -395,18 +616,32 @@ async fn agree_on_epoch(
     Ok(epoch)
 }
 
-/// One pipeline for every request of a wake-up; a script Redis has forgotten (it restarted)
-/// is loaded and the requests that met it are sent again.
-async fn publish_all(ctx: Arc<Ctx>, mut conn: ConnectionManager, requests: Vec<Request>) {
+/// One pipeline for every request of a wake-up, one script call per request (on a Redis
+/// Cluster: per channel, since a script's keys must share a slot); a script Redis has
+/// forgotten (it restarted) is loaded and the calls that met it are sent again.
+async fn publish_all(ctx: Arc<Ctx>, mut conn: Conn, requests: Vec<Request>) {
     let timeout = ctx.settings.timeout;
+    // Each call: (its request, the groups it carries).
+    let calls: Vec<(usize, &[Group])> = requests
+        .iter()
+        .enumerate()
+        .flat_map(|(r, (groups, _))| {
+            let calls: Vec<(usize, &[Group])> = if ctx.sharded {
+                groups.chunks(1).map(|g| (r, g)).collect()
+            } else {
+                vec![(r, &groups[..])]
+            };
+            calls
+        })
+        .collect();
     let outcome = tokio::time::timeout(timeout, async {
-        let mut results = run_publishes(&ctx, &mut conn, &requests).await?;
+        let mut results = run_publishes(&ctx, &mut conn, calls.iter().map(|c| c.1)).await?;
         let forgotten: Vec<usize> = (0..results.len())
             .filter(|&i| matches!(&results[i], Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)))
             .collect();
         if !forgotten.is_empty() {
             ctx.publish.prepare_invoke().load_async(&mut conn).await?;
-            let again: Vec<&Request> = forgotten.iter().map(|&i| &requests[i]).collect();
+            let again = forgotten.iter().map(|&i| calls[i].1);
             let retried = run_publishes(&ctx, &mut conn, again).await?;
             for (i, r) in forgotten.into_iter().zip(retried) {
                 results[i] = r;
@@ -420,15 +655,23 @@ async fn publish_all(ctx: Arc<Ctx>, mut conn: ConnectionManager, requests: Vec<R
             .into_iter()
             .map(|r| r.map_err(|e| e.to_string()))
             .collect(),
-        Ok(Err(e)) => vec![Err(e.to_string()); requests.len()],
-        Err(_) => vec![Err(format!("no answer within {} ms", timeout.as_millis())); requests.len()],
+        Ok(Err(e)) => vec![Err(e.to_string()); calls.len()],
+        Err(_) => vec![Err(format!("no answer within {} ms", timeout.as_millis())); calls.len()],
     };
     let failed = results.iter().any(|r| r.is_err());
     ctx.health.commands.store(!failed, Ordering::Relaxed);
-    for ((groups, reply), result) in requests.into_iter().zip(results) {
-        let answer = result.map_err(Unavailable).and_then(|v| {
-            seqs_of(&groups, &v).ok_or_else(|| Unavailable("unexpected answer from Redis".into()))
+    let mut answers: Vec<Result<Seqs, Unavailable>> = vec![Ok(Vec::new()); requests.len()];
+    for ((r, groups), result) in calls.iter().zip(results) {
+        let seqs = result.map_err(Unavailable).and_then(|v| {
+            seqs_of(groups, &v).ok_or_else(|| Unavailable("unexpected answer from Redis".into()))
         });
+        match (&mut answers[*r], seqs) {
+            (Ok(all), Ok(seqs)) => all.extend(seqs),
+            (answer @ Ok(_), Err(e)) => *answer = Err(e),
+            (Err(_), _) => {}
+        }
+    }
+    for ((_, reply), answer) in requests.into_iter().zip(answers) {
         if let Err(e) = &answer {
             tracing::warn!(error = %e, "publish to Redis failed");
         }
@@ -440,33 +683,48 @@ async fn publish_all(ctx: Arc<Ctx>, mut conn: ConnectionManager, requests: Vec<R
 
 async fn run_publishes<'a>(
     ctx: &Ctx,
-    conn: &mut ConnectionManager,
-    requests: impl IntoIterator<Item = &'a Request>,
+    conn: &mut Conn,
+    calls: impl IntoIterator<Item = &'a [Group]>,
 ) -> RedisResult<Vec<RedisResult<Value>>> {
+    if ctx.sharded {
+        // A cluster pipeline must stay in one slot: each call goes on its own, all at once
+        // (the cluster connection batches what goes to one master).
+        let calls = calls.into_iter().map(|groups| {
+            let mut conn = conn.clone();
+            let inv = invocation(ctx, "", groups);
+            async move { inv.invoke_async::<Value>(&mut conn).await }
+        });
+        return Ok(futures_util::future::join_all(calls).await);
+    }
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    let mut n = 0;
-    for (groups, _) in requests {
-        let mut inv = ctx.publish.prepare_invoke();
-        inv.arg(ctx.keys.events())
-            .arg(ctx.settings.ring.max_messages)
-            .arg(ctx.settings.ring.max_age_ms.max(1));
-        for g in groups {
-            inv.key(ctx.keys.meta(&g.channel))
-                .key(ctx.keys.stream(&g.channel))
-                .arg(&*g.channel)
-                .arg(g.indexes.len());
-            for e in &g.entries {
-                inv.arg(e.as_slice());
-            }
-        }
-        pipe.invoke_script(&inv);
-        n += 1;
+    let events = ctx.keys.events();
+    for groups in calls {
+        pipe.invoke_script(&invocation(ctx, &events, groups));
     }
-    if n == 0 {
+    if pipe.is_empty() {
         return Ok(Vec::new());
     }
     pipe.query_async(conn).await
+}
+
+/// The publish script's call for `groups`; `events` is the nodes' Pub/Sub channel, or empty
+/// for each channel's own shard channel (a Redis Cluster).
+fn invocation<'s>(ctx: &'s Ctx, events: &str, groups: &[Group]) -> redis::ScriptInvocation<'s> {
+    let mut inv = ctx.publish.prepare_invoke();
+    inv.arg(events)
+        .arg(ctx.settings.ring.max_messages)
+        .arg(ctx.settings.ring.max_age_ms.max(1));
+    for g in groups {
+        inv.key(ctx.keys.meta(&g.channel))
+            .key(ctx.keys.stream(&g.channel))
+            .arg(&*g.channel)
+            .arg(g.indexes.len());
+        for e in &g.entries {
+            inv.arg(e.as_slice());
+        }
+    }
+    inv
 }
 
 /// The seqs of a request from the script's answer: per channel, its first seq.
@@ -500,7 +758,7 @@ fn number(v: &Value) -> Option<u64> {
 /// `channel`'s life, last seq and its durable entries after `after`, page by page.
 async fn read_stream(
     ctx: &Ctx,
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     channel: &str,
     after: u64,
 ) -> Result<Read, String> {
@@ -581,7 +839,7 @@ fn stored(v: &Value) -> Option<Stored> {
 async fn pubsub_loop(
     client: redis::Client,
     ctx: Arc<Ctx>,
-    mut conn: ConnectionManager,
+    mut conn: Conn,
     subscribed: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut subscribed = Some(subscribed);
@@ -637,7 +895,7 @@ async fn pubsub_loop(
 
 /// Checks Redis once a second, so that a stalled Redis shows in `/readyz` even while nobody
 /// publishes.
-async fn health_loop(ctx: Arc<Ctx>, mut conn: ConnectionManager) {
+async fn health_loop(ctx: Arc<Ctx>, mut conn: Conn) {
     let mut was_up = true;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;

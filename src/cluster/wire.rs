@@ -243,7 +243,12 @@ impl Keys {
         format!("{}:{{{channel}}}:s", self.prefix)
     }
 
-    /// The Pub/Sub channel every node listens on.
+    /// A channel's own sharded Pub/Sub channel (on a Redis Cluster), in its keys' slot.
+    pub fn shard_channel(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:p", self.prefix)
+    }
+
+    /// The Pub/Sub channel every node listens on (one Redis).
     pub fn events(&self) -> String {
         format!("{}:events", self.prefix)
     }

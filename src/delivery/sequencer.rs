@@ -65,6 +65,9 @@ struct ChannelState {
     life: u64,
     /// Cluster mode: what waits for a read from Redis (a gap being filled, resumes).
     fill: Option<Box<cluster::Fill>>,
+    /// Cluster mode: this node receives the channel's messages from Redis (always, unless
+    /// each channel is subscribed on its own: then only after a read, which subscribes first).
+    listening: bool,
 }
 
 impl ChannelState {
@@ -94,6 +97,10 @@ pub struct Sequencer {
     progress: Progress,
     /// Seqs come from Redis: a channel's state starts unknown, not from `freed_seq`.
     cluster: bool,
+    /// Each channel is subscribed in Redis on its own (a Redis Cluster's sharded Pub/Sub):
+    /// channels forgotten here are listed in `freed`, for the node to unsubscribe.
+    sharded: bool,
+    freed: Vec<Arc<str>>,
 }
 
 impl Sequencer {
@@ -107,16 +114,25 @@ impl Sequencer {
             slot_hasher: RandomState::new(),
             progress: Progress::default(),
             cluster: false,
+            sharded: false,
+            freed: Vec::new(),
         }
     }
 
-    /// A sequencer for cluster mode: Redis assigns the seqs (see `apply`).
-    pub fn for_cluster(cores: usize, bounds: RingBounds) -> Self {
+    /// A sequencer for cluster mode: Redis assigns the seqs (see `apply`). `sharded`: each
+    /// channel is subscribed in Redis on its own.
+    pub fn for_cluster(cores: usize, bounds: RingBounds, sharded: bool) -> Self {
         Sequencer {
             cluster: true,
+            sharded,
             freed_seq: Box::new([]),
             ..Sequencer::new(cores, bounds)
         }
+    }
+
+    /// Channels forgotten since the last call (sharded cluster mode: to unsubscribe).
+    pub fn take_freed(&mut self) -> Vec<Arc<str>> {
+        std::mem::take(&mut self.freed)
     }
 
     fn slot(&self, channel: &str) -> usize {
@@ -137,6 +153,7 @@ impl Sequencer {
                 queued: false,
                 life: 0,
                 fill: None,
+                listening: !self.sharded,
             };
             self.channels.insert(channel.clone(), state);
         }
@@ -151,7 +168,11 @@ impl Sequencer {
         };
         if state.idle() {
             let last_seq = state.last_seq;
-            self.channels.remove(channel);
+            if let Some((name, _)) = self.channels.remove_entry(channel) {
+                if self.sharded {
+                    self.freed.push(name);
+                }
+            }
             if !self.cluster {
                 let slot = self.slot(channel);
                 self.freed_seq[slot] = self.freed_seq[slot].max(last_seq);

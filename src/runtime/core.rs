@@ -124,9 +124,9 @@ impl Core {
         let bounds = shared.settings.ring;
         Core {
             id,
-            sequencer: RefCell::new(match shared.broker {
+            sequencer: RefCell::new(match &shared.broker {
                 Broker::Local => Sequencer::new(cores, bounds),
-                Broker::Redis(_) => Sequencer::for_cluster(cores, bounds),
+                Broker::Redis(redis) => Sequencer::for_cluster(cores, bounds, redis.sharded()),
             }),
             rooms: RefCell::new(Rooms::default()),
             conns: RefCell::new(HashMap::new()),
@@ -540,11 +540,18 @@ impl Core {
 
     /// Brings this core's share of the node's channel gauge up to date (a write only when the
     /// count changed).
+    /// Also unsubscribes, in Redis, the channels this core forgot (sharded cluster mode).
     pub fn report_channels(&self) {
-        let count = self.sequencer.borrow().channel_count();
+        let mut sequencer = self.sequencer.borrow_mut();
+        let count = sequencer.channel_count();
         let before = self.channels_reported.replace(count);
         if count != before {
             self.shared.stats.channels.add(count as i64 - before as i64);
+        }
+        if let Broker::Redis(redis) = &self.shared.broker {
+            for channel in sequencer.take_freed() {
+                redis.unsubscribe(channel);
+            }
         }
     }
 

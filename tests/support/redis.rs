@@ -11,6 +11,8 @@ use super::WAIT;
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// More arguments for `redis-server` (a cluster node's).
+    extra: Vec<String>,
 }
 
 impl Redis {
@@ -20,7 +22,15 @@ impl Redis {
             .local_addr()
             .unwrap()
             .port();
-        let mut redis = Redis { child: None, port };
+        Redis::start_with(port, Vec::new())
+    }
+
+    fn start_with(port: u16, extra: Vec<String>) -> Redis {
+        let mut redis = Redis {
+            child: None,
+            port,
+            extra,
+        };
         redis.restart();
         redis
     }
@@ -35,6 +45,7 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -87,5 +98,77 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A Redis Cluster of `n` masters (no replicas) on free loopback ports, each node a `Redis`.
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    pub fn start(n: usize) -> RedisCluster {
+        let ports: Vec<u16> = (0..n)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let dir = std::env::temp_dir().join(format!("ringcast-redis-cluster-{}", ports[0]));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nodes: Vec<Redis> = ports
+            .iter()
+            .map(|&port| {
+                let conf = dir.join(format!("nodes-{port}.conf"));
+                let _ = std::fs::remove_file(&conf);
+                let extra = vec![
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    conf.display().to_string(),
+                    "--cluster-node-timeout".into(),
+                    "2000".into(),
+                ];
+                Redis::start_with(port, extra)
+            })
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for port in &ports {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (Debian package redis-tools) on the PATH");
+        assert!(out.status.success(), "redis-cli --cluster create: {out:?}");
+        let deadline = Instant::now() + WAIT;
+        for node in &nodes {
+            while !node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                assert!(
+                    Instant::now() < deadline,
+                    "the Redis Cluster did not come up"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        RedisCluster { nodes, dir }
+    }
+
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -127,7 +127,7 @@ impl Sequencer {
         let since = match resume {
             // A channel this node has not seen yet: its seq comes from Redis, so that
             // `subscribed` names a position the client can resume from.
-            Resume::Live if state.life == 0 && state.fill.is_none() => LIVE,
+            Resume::Live if state.life == 0 || !state.listening => LIVE,
             Resume::Live => {
                 return Subscribed::Now(SubscribeAck {
                     last_seq,
@@ -151,7 +151,7 @@ impl Sequencer {
             Resume::After(0) if state.life != 0 => state.life,
             Resume::After(since) => since,
         };
-        if since != LIVE && state.fill.is_none() && state.life != 0 {
+        if since != LIVE && state.fill.is_none() && state.life != 0 && state.listening {
             if since < state.life {
                 // From an earlier life of the channel: that history is gone.
                 return Subscribed::Now(SubscribeAck {
@@ -201,6 +201,8 @@ impl Sequencer {
             return Vec::new();
         };
         fill.reads.retain(|&a| a != after);
+        // Every read subscribes the channel first where channels are subscribed one by one.
+        state.listening = true;
         let read = read.filter(|r| r.life != 0);
         // The stored entries, each made a delivery once (for the gap and for replays).
         let stored: Vec<(Arc<Delivery>, u64)> = read
@@ -349,7 +351,7 @@ mod tests {
 
     /// A sequencer with one live subscriber on core 1, and what core 1 receives.
     fn setup() -> (Sequencer, Arc<str>) {
-        let mut s = Sequencer::for_cluster(2, RingBounds::default());
+        let mut s = Sequencer::for_cluster(2, RingBounds::default(), false);
         let ch: Arc<str> = "c".into();
         // A channel this node has not seen: its seq is asked of Redis, which has none.
         assert!(matches!(
@@ -464,7 +466,7 @@ mod tests {
 
     #[test]
     fn a_live_subscription_to_a_channel_new_to_this_node_learns_its_seq_from_redis() {
-        let mut s = Sequencer::for_cluster(2, RingBounds::default());
+        let mut s = Sequencer::for_cluster(2, RingBounds::default(), false);
         let ch: Arc<str> = "c".into();
         let Subscribed::Later(Some(LIVE)) = s.subscribe_cluster(&ch, (0, 8, 1), Resume::Live, 0)
         else {
