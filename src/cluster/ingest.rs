@@ -49,6 +49,11 @@ impl Source {
 
 /// Entries read per `XREADGROUP`.
 const BATCH: usize = 100;
+/// How long one `XREADGROUP` waits for new entries.
+const BLOCK: Duration = Duration::from_secs(1);
+/// Pub/Sub ingest messages being published at once; past it the node reads no more from
+/// Redis until some are done (Redis then buffers them, as for any slow subscriber).
+const IN_FLIGHT: usize = 256;
 /// An entry read by a node that has not acknowledged it for this long is taken by another.
 pub const CLAIM_IDLE: Duration = Duration::from_secs(30);
 /// How long the Pub/Sub ingest lease lasts without renewal.
@@ -146,11 +151,15 @@ async fn stream_loop(ctx: Arc<Ctx>, client: redis::Client, key: String) {
     let group = format!("{}:ingest", ctx.keys.prefix);
     let consumer = format!("{:016x}", rand::random::<u64>());
     let source_name = key.clone();
+    // A connection of its own (XREADGROUP blocks the connection it runs on), whose answers may
+    // take as long as the blocking read.
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(ctx.settings.timeout))
+        .set_response_timeout(Some(BLOCK + ctx.settings.timeout));
+    let mut last_claim: Option<tokio::time::Instant> = None;
     loop {
-        // A connection of its own: XREADGROUP blocks the connection it runs on.
-        let conn =
-            tokio::time::timeout(ctx.settings.timeout, ConnectionManager::new(client.clone()))
-                .await;
+        let connect = ConnectionManager::new_with_config(client.clone(), config.clone());
+        let conn = tokio::time::timeout(ctx.settings.timeout, connect).await;
         let Ok(Ok(mut conn)) = conn else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
@@ -172,23 +181,10 @@ async fn stream_loop(ctx: Arc<Ctx>, client: redis::Client, key: String) {
         }
         // Entries this consumer holds unacknowledged first ("0"), then new ones (">").
         let mut own_first = true;
-        let mut last_claim = tokio::time::Instant::now();
         loop {
-            if last_claim.elapsed() >= CLAIM_IDLE / 3 {
-                last_claim = tokio::time::Instant::now();
-                let claimed: RedisResult<Value> = redis::cmd("XAUTOCLAIM")
-                    .arg(&key)
-                    .arg(&group)
-                    .arg(&consumer)
-                    .arg(CLAIM_IDLE.as_millis() as u64)
-                    .arg("0-0")
-                    .arg("COUNT")
-                    .arg(BATCH)
-                    .query_async(&mut conn)
-                    .await;
-                if claimed.is_ok() {
-                    own_first = true;
-                }
+            if last_claim.is_none_or(|at| at.elapsed() >= CLAIM_IDLE / 3) {
+                last_claim = Some(tokio::time::Instant::now());
+                own_first |= claim(&mut conn, &key, &group, &consumer).await;
             }
             let mut read = redis::cmd("XREADGROUP");
             read.arg("GROUP")
@@ -197,7 +193,7 @@ async fn stream_loop(ctx: Arc<Ctx>, client: redis::Client, key: String) {
                 .arg("COUNT")
                 .arg(BATCH);
             if !own_first {
-                read.arg("BLOCK").arg(1000);
+                read.arg("BLOCK").arg(BLOCK.as_millis() as u64);
             }
             read.arg("STREAMS")
                 .arg(&key)
@@ -239,6 +235,38 @@ async fn stream_loop(ctx: Arc<Ctx>, client: redis::Client, key: String) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Takes over the entries other consumers (nodes that died) have held unacknowledged for
+/// `CLAIM_IDLE`, following `XAUTOCLAIM`'s cursor; whether any were taken.
+async fn claim(conn: &mut ConnectionManager, key: &str, group: &str, consumer: &str) -> bool {
+    let mut cursor = "0-0".to_owned();
+    let mut took = false;
+    for _ in 0..100 {
+        let claimed: RedisResult<Value> = redis::cmd("XAUTOCLAIM")
+            .arg(key)
+            .arg(group)
+            .arg(consumer)
+            .arg(CLAIM_IDLE.as_millis() as u64)
+            .arg(&cursor)
+            .arg("COUNT")
+            .arg(BATCH)
+            .query_async(conn)
+            .await;
+        let Ok(Value::Array(parts)) = claimed else {
+            break;
+        };
+        took |= matches!(parts.get(1), Some(Value::Array(e)) if !e.is_empty());
+        cursor = match parts.first() {
+            Some(Value::BulkString(c)) => String::from_utf8_lossy(c).into_owned(),
+            Some(Value::SimpleString(c)) => c.clone(),
+            _ => break,
+        };
+        if cursor == "0-0" {
+            break;
+        }
+    }
+    took
 }
 
 /// `XREADGROUP`'s answer as (entry id, its `message` field).
@@ -307,11 +335,19 @@ async fn pubsub_loop(ctx: Arc<Ctx>, client: redis::Client, channel: String) {
             continue;
         };
         let mut messages = pubsub.on_message();
+        let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
         while let Some(msg) = messages.next().await {
-            if holding.load(Ordering::Relaxed) {
-                let name = msg.get_channel_name().to_owned();
-                ingest_one(&ctx, &name, msg.get_payload_bytes()).await;
+            if !holding.load(Ordering::Relaxed) {
+                continue;
             }
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                ingest_one(&ctx, msg.get_channel_name(), msg.get_payload_bytes()).await;
+                drop(slot);
+            });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -79,6 +79,7 @@ enum Cmd {
         channel: Arc<str>,
         after: u64,
         core: usize,
+        id: u64,
     },
     /// Sharded mode: this node no longer keeps the channel.
     Unsubscribe(Arc<str>),
@@ -186,13 +187,15 @@ end
 return out
 "#;
 
-/// A channel's life and last seq, and a page of its stream from ARGV[1] on.
+/// A channel's life and last seq, a page of its stream from ARGV[1] on, and its last durable seq.
 const READ: &str = r#"
-local m = redis.call('HMGET', KEYS[1], 'l', 's')
+local m = redis.call('HMGET', KEYS[1], 'l', 's', 'p')
 if not m[1] then return {} end
-return {m[1], m[2], redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])}
+return {m[1], m[2], redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2]), m[3]}
 "#;
 
+/// How often the Pub/Sub connection is pinged.
+const PUBSUB_PING: Duration = Duration::from_secs(2);
 /// Entries per page of a stream read.
 const PAGE: usize = 1000;
 /// How long the node waits for Redis when it starts.
@@ -294,12 +297,13 @@ impl Redis {
         }
     }
 
-    /// Asks for `channel`'s stream after `after`; the answer reaches `core` as `MeshMsg::Read`.
-    pub fn read(&self, channel: Arc<str>, after: u64, core: usize) {
+    /// Asks for `channel`'s stream after `after`; the answer reaches `core` as read `id`.
+    pub fn read(&self, channel: Arc<str>, after: u64, core: usize, id: u64) {
         let _ = self.tx.send(Cmd::Read {
             channel,
             after,
             core,
+            id,
         });
     }
 }
@@ -445,14 +449,10 @@ async fn run(
                     channel,
                     after,
                     core,
+                    id,
                 } => {
-                    tokio::spawn(read_and_answer(
-                        ctx.clone(),
-                        conn.clone(),
-                        channel,
-                        after,
-                        core,
-                    ));
+                    let (ctx, conn) = (ctx.clone(), conn.clone());
+                    tokio::spawn(read_and_answer(ctx, conn, (channel, after), core, id));
                 }
                 Cmd::Unsubscribe(_) => {}
             }
@@ -468,20 +468,14 @@ async fn run(
 async fn read_and_answer(
     ctx: Arc<Ctx>,
     mut conn: Conn,
-    channel: Arc<str>,
-    after: u64,
+    (channel, after): (Arc<str>, u64),
     core: usize,
+    id: u64,
 ) {
     let read = read_stream(&ctx, &mut conn, &channel, after).await;
     debug_assert_eq!(channel::owner_core(&channel, ctx.mesh.cores()), core);
-    ctx.mesh.send(
-        core,
-        MeshMsg::Read {
-            channel,
-            after,
-            read: read.ok(),
-        },
-    );
+    let read = read.ok();
+    ctx.mesh.send(core, MeshMsg::Read { channel, id, read });
 }
 
 /// Sharded mode: subscribes a channel before its first read and unsubscribes it when the node
@@ -502,6 +496,7 @@ async fn subscription_loop(
                 channel,
                 after,
                 core,
+                id,
             } => {
                 if ctx.health.resubscribe.swap(false, Ordering::Relaxed) {
                     subscribed.clear(); // after a disconnection: subscribe everything again
@@ -515,24 +510,13 @@ async fn subscription_loop(
                         subscribed.insert(channel.clone());
                     } else {
                         // Not subscribed: the read fails too, and the next one tries again.
-                        ctx.mesh.send(
-                            core,
-                            MeshMsg::Read {
-                                channel,
-                                after,
-                                read: None,
-                            },
-                        );
+                        let read = None;
+                        ctx.mesh.send(core, MeshMsg::Read { channel, id, read });
                         continue;
                     }
                 }
-                tokio::spawn(read_and_answer(
-                    ctx.clone(),
-                    conn.clone(),
-                    channel,
-                    after,
-                    core,
-                ));
+                let (ctx, conn) = (ctx.clone(), conn.clone());
+                tokio::spawn(read_and_answer(ctx, conn, (channel, after), core, id));
             }
             Cmd::Unsubscribe(channel) => {
                 if subscribed.remove(&channel) {
@@ -789,6 +773,7 @@ async fn read_stream(
         }
         read.life = life;
         read.last = last;
+        read.last_durable = parts.get(3).and_then(number).unwrap_or(life);
         let entries = match parts.get(2) {
             Some(Value::Array(e)) => e,
             _ => return Err("unexpected entries".into()),
@@ -852,7 +837,7 @@ async fn pubsub_loop(
             RedisResult::Ok(pubsub)
         })
         .await;
-        let mut pubsub = match connected {
+        let pubsub = match connected {
             Ok(Ok(p)) => p,
             _ => {
                 tokio::time::sleep(backoff).await;
@@ -878,14 +863,28 @@ async fn pubsub_loop(
                 }
             }
         }
-        let mut messages = pubsub.on_message();
-        while let Some(msg) = messages.next().await {
-            match Batch::parse(msg.get_payload_bytes()) {
-                Ok(batch) => {
-                    let owner = channel::owner_core(&batch.channel, ctx.mesh.cores());
-                    ctx.mesh.send(owner, MeshMsg::Remote(batch));
+        // A connection that went away without a word (a lost host, a failover behind a
+        // virtual address) shows as a ping without answer.
+        let (mut sink, mut messages) = pubsub.split();
+        let mut ping = tokio::time::interval(PUBSUB_PING);
+        loop {
+            tokio::select! {
+                msg = messages.next() => {
+                    let Some(msg) = msg else { break };
+                    match Batch::parse(msg.get_payload_bytes()) {
+                        Ok(batch) => {
+                            let owner = channel::owner_core(&batch.channel, ctx.mesh.cores());
+                            ctx.mesh.send(owner, MeshMsg::Remote(batch));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "unreadable message on Redis Pub/Sub"),
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "unreadable message on Redis Pub/Sub"),
+                _ = ping.tick() => {
+                    let answer = tokio::time::timeout(ctx.settings.timeout, sink.ping::<Value>()).await;
+                    if !matches!(answer, Ok(Ok(_))) {
+                        break;
+                    }
+                }
             }
         }
         ctx.health.pubsub.store(false, Ordering::Relaxed);
@@ -895,16 +894,27 @@ async fn pubsub_loop(
 
 /// Checks Redis once a second, so that a stalled Redis shows in `/readyz` even while nobody
 /// publishes.
+/// It also keeps the cluster's epoch in Redis (it is written again within a second of Redis
+/// losing it), and says so when Redis holds another one than this node's.
 async fn health_loop(ctx: Arc<Ctx>, mut conn: Conn) {
     let mut was_up = true;
+    let mut other_epoch = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let ping = tokio::time::timeout(
-            ctx.settings.timeout,
-            redis::cmd("PING").query_async::<Value>(&mut conn),
-        )
-        .await;
-        let up = matches!(ping, Ok(Ok(_)));
+        let check = agree_on_epoch(&mut conn, &ctx.keys, &ctx.epoch);
+        let answer = tokio::time::timeout(ctx.settings.timeout, check).await;
+        let up = matches!(answer, Ok(Ok(_)));
+        if let Ok(Ok(epoch)) = answer {
+            if epoch != ctx.epoch && other_epoch.as_ref() != Some(&epoch) {
+                tracing::error!(
+                    redis = %epoch,
+                    node = %ctx.epoch,
+                    "Redis holds another cluster epoch than this node: clients moving to or \
+                     from this node get recovered:false; restart it to take Redis's"
+                );
+            }
+            other_epoch = (epoch != ctx.epoch).then_some(epoch);
+        }
         ctx.health.commands.store(up, Ordering::Relaxed);
         if up != was_up {
             if up {

@@ -142,24 +142,34 @@ impl Batch {
         };
         let life = number(word()?)?;
         let first = number(word()?)?;
-        let channel: Arc<str> = std::str::from_utf8(word()?)
-            .map_err(|_| bad("channel"))?
-            .into();
+        let channel = std::str::from_utf8(word()?).map_err(|_| bad("channel"))?;
+        crate::delivery::channel::validate(channel).map_err(|_| bad("channel name"))?;
+        let channel: Arc<str> = channel.into();
         let mut entries = Vec::new();
         while !rest.is_empty() {
             let colon = rest
                 .iter()
                 .position(|&b| b == b':')
                 .ok_or_else(|| bad("entry length"))?;
-            let len = number(&rest[..colon])? as usize;
-            let body = rest
-                .get(colon + 1..colon + 1 + len)
+            let len = usize::try_from(number(&rest[..colon])?).map_err(|_| bad("entry length"))?;
+            let end = (colon + 1)
+                .checked_add(len)
+                .filter(|&end| end <= rest.len())
                 .ok_or_else(|| bad("entry cut short"))?;
-            entries.push(Entry::decode(body)?);
-            rest = &rest[colon + 1 + len..];
+            entries.push(Entry::decode(&rest[colon + 1..end])?);
+            rest = &rest[end..];
         }
         if entries.is_empty() {
             return Err(bad("no entries"));
+        }
+        // A life's seqs start above it; the batch's last must be a seq (far below u64::MAX).
+        if life == 0
+            || first <= life
+            || first
+                .checked_add(entries.len() as u64)
+                .is_none_or(|e| e >= u64::MAX / 2)
+        {
+            return Err(bad("seqs"));
         }
         Ok(Batch {
             channel,
@@ -197,19 +207,23 @@ pub struct Read {
     /// 0: the channel has no state in Redis (never published, expired or lost).
     pub life: u64,
     pub last: u64,
+    /// The channel's last durable seq (its stream's newest entry, unless the stream lost it).
+    pub last_durable: u64,
     pub entries: Vec<Stored>,
 }
 
 impl Read {
     /// Whether `entries` are every durable message after `since` that is still within the age
     /// bound (`oldest_ms`, Unix ms): the position is in this life and not ahead of it, no
-    /// durable entry after it was trimmed (each entry's `prev` is the one before it) and none
-    /// after it has aged out.
+    /// durable entry after it was trimmed (each entry's `prev` is the one before it, and the
+    /// newest is the channel's last durable one) and none after it has aged out.
     pub fn recovered(&self, since: u64, oldest_ms: u64) -> bool {
-        // Position 0: the client saw the channel before it had messages.
-        let since = if since == 0 { self.life } else { since };
         if self.life == 0 || since < self.life || since > self.last {
             return false;
+        }
+        let newest = self.entries.last().map_or(self.life, |s| s.seq);
+        if self.last_durable > since && newest != self.last_durable {
+            return false; // the stream lost its newest entries (or all of them)
         }
         let mut expect = None;
         for s in self.entries.iter().filter(|s| s.seq > since) {
@@ -291,6 +305,16 @@ mod tests {
 
     #[test]
     fn broken_payloads_are_errors_not_panics() {
+        let good = Batch {
+            channel: "c".into(),
+            life: 1,
+            first: 2,
+            entries: vec![entry(1, false)],
+        }
+        .payload();
+        assert!(Batch::parse(&good).is_ok());
+        let tail = &good[good.iter().position(|&b| b == b'c').unwrap()..];
+        let with = |head: &str| [head.as_bytes(), tail].concat();
         for bad in [
             &b""[..],
             b"1 2",
@@ -298,6 +322,11 @@ mod tests {
             b"x 2 c 3:d",
             b"1 2 c 99:dxx",
             b"1 2 c 2:d\xc1",
+            b"1 2 c 18446744073709551615:d",
+            &with("0 2 ")[..],
+            &with("5 5 ")[..],
+            &with("1 18446744073709551614 ")[..],
+            b"1 2 bad\"name 3:dxx",
         ] {
             assert!(Batch::parse(bad).is_err(), "{bad:?}");
         }
@@ -316,6 +345,7 @@ mod tests {
         let read = Read {
             life: 100,
             last: 110,
+            last_durable: 109,
             // 103 and 108 were ephemeral (not in the stream), 110 too.
             entries: vec![
                 stored(102, 101, 50),
@@ -335,6 +365,18 @@ mod tests {
         assert!(read.recovered(104, 60), "109 is just within the age bound");
         assert!(!read.recovered(104, 61), "109 aged out");
         assert!(!Read::default().recovered(0, 0), "no such channel in Redis");
+        let emptied = Read {
+            entries: vec![],
+            ..read.clone()
+        };
+        assert!(
+            !emptied.recovered(101, 0),
+            "the stream was deleted under the meta hash"
+        );
+        assert!(
+            emptied.recovered(109, 0),
+            "nothing durable after the position"
+        );
     }
 
     #[test]

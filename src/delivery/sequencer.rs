@@ -26,7 +26,7 @@ use super::{Delivery, Publication};
 use crate::proto::msg;
 
 mod cluster;
-pub use cluster::{Answer, Subscribed};
+pub use cluster::{Answer, Outcome, ReadRequest, Subscribed};
 
 /// Slots of the freed-seq table (a power of two): 256 KiB per core.
 const FREED_SLOTS: usize = 1 << 15;
@@ -101,6 +101,8 @@ pub struct Sequencer {
     /// channels forgotten here are listed in `freed`, for the node to unsubscribe.
     sharded: bool,
     freed: Vec<Arc<str>>,
+    /// The id of the last read of a channel's stream asked for.
+    next_read: u64,
 }
 
 impl Sequencer {
@@ -116,6 +118,7 @@ impl Sequencer {
             cluster: false,
             sharded: false,
             freed: Vec::new(),
+            next_read: 0,
         }
     }
 

@@ -16,7 +16,7 @@ use crate::delivery::channel;
 use crate::delivery::limits::Refused;
 use crate::delivery::queue::Bucket;
 use crate::delivery::rooms::Rooms;
-use crate::delivery::sequencer::{Answer, Sequencer, SubscribeAck, Subscribed};
+use crate::delivery::sequencer::{Answer, Outcome, Sequencer, SubscribeAck, Subscribed};
 use crate::delivery::session::{Ctx, Effect, Flow, Session};
 use crate::delivery::{Delivery, Publication};
 use crate::proto::msg::{Control, Encoding};
@@ -424,8 +424,8 @@ impl Core {
                         {
                             Subscribed::Now(ack) => ack,
                             Subscribed::Later(read) => {
-                                if let Some(after) = read {
-                                    redis.read(channel, after, self.id);
+                                if let Some((id, after)) = read {
+                                    redis.read(channel, after, self.id, id);
                                 }
                                 return;
                             }
@@ -447,37 +447,29 @@ impl Core {
             MeshMsg::Remote(batch) => {
                 let channel = batch.channel.clone();
                 let mesh = &self.shared.mesh;
-                let read = self.sequencer.borrow_mut().apply(batch, |core, d| {
+                let outcome = self.sequencer.borrow_mut().apply(batch, |core, d| {
                     mesh.send(core, MeshMsg::Deliver(d.clone()))
                 });
                 self.report_channels();
-                if let (Some(after), Broker::Redis(redis)) = (read, &self.shared.broker) {
-                    redis.read(channel, after, self.id);
-                }
+                self.carry_out(channel, outcome);
             }
-            MeshMsg::Read {
-                channel,
-                after,
-                read,
-            } => {
+            MeshMsg::Read { channel, id, read } => {
                 let mesh = &self.shared.mesh;
-                let answers = self.sequencer.borrow_mut().on_read(
-                    &channel,
-                    after,
-                    read,
-                    now_ms(),
-                    |core, d| mesh.send(core, MeshMsg::Deliver(d.clone())),
-                );
+                let outcome =
+                    self.sequencer
+                        .borrow_mut()
+                        .on_read(&channel, id, read, now_ms(), |core, d| {
+                            mesh.send(core, MeshMsg::Deliver(d.clone()))
+                        });
                 self.report_channels();
-                for answer in answers {
-                    self.answer_subscribe(answer, channel.clone());
-                }
+                self.carry_out(channel, outcome);
             }
             MeshMsg::Resync => {
                 let reads = self.sequencer.borrow_mut().resync();
+                self.report_channels();
                 if let Broker::Redis(redis) = &self.shared.broker {
-                    for (channel, after) in reads {
-                        redis.read(channel, after, self.id);
+                    for (channel, (id, after)) in reads {
+                        redis.read(channel, after, self.id, id);
                     }
                 }
             }
@@ -501,6 +493,18 @@ impl Core {
             }
             MeshMsg::Drain => self.drain(),
             MeshMsg::ForceClose => self.force_close(),
+        }
+    }
+
+    /// Makes the reads and sends the answers a batch or a read of `channel` led to.
+    fn carry_out(&self, channel: Arc<str>, outcome: Outcome) {
+        if let Broker::Redis(redis) = &self.shared.broker {
+            for (id, after) in outcome.reads {
+                redis.read(channel.clone(), after, self.id, id);
+            }
+        }
+        for answer in outcome.answers {
+            self.answer_subscribe(answer, channel.clone());
         }
     }
 

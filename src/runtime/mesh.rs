@@ -73,7 +73,8 @@ pub enum MeshMsg {
     /// not answer).
     Read {
         channel: Arc<str>,
-        after: u64,
+        /// Which read this answers (the owner core's id for it).
+        id: u64,
         read: Option<crate::cluster::wire::Read>,
     },
     /// Cluster mode, to every core: the Pub/Sub connection came back, messages may have been
@@ -111,6 +112,11 @@ impl MeshMsg {
                 .entries
                 .iter()
                 .map(|e| e.data.len() + e.event.len() + OVERHEAD_BYTES)
+                .sum(),
+            MeshMsg::Read { read: Some(r), .. } => r
+                .entries
+                .iter()
+                .map(|s| s.entry.data.len() + s.entry.event.len() + OVERHEAD_BYTES)
                 .sum(),
             _ => 0,
         }

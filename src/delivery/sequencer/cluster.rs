@@ -2,12 +2,15 @@
 //! receives every batch over Pub/Sub and delivers each channel in seq order, exactly once.
 //!
 //! Invariant: `last_seq` is the highest seq this node has delivered for the channel, in the
-//! life `life`. A batch continuing it is delivered; an older seq is a duplicate and dropped; a
-//! newer one means this node missed messages (its Pub/Sub connection was away): live entries
-//! wait in `Fill` while the gap is read from the channel's stream, then both go out in order.
-//! A resume the ring cannot answer exactly waits for its own read, and its answer hands over
-//! at `last_seq` like any other (replay up to it, live after it), so the seam has no gap and
-//! no duplicate.
+//! life `life`, and lives only rise. A batch continuing it is delivered; an older seq is a
+//! duplicate and dropped; a newer one means this node missed messages (its Pub/Sub connection
+//! was away): live deliveries wait in `Fill` while the gap is read from the channel's stream by
+//! a read issued after the gap began (retried when Redis does not answer), then both go out in
+//! order; a held message Redis does not have is dropped. A resume the ring cannot answer
+//! exactly waits for its own read; one ahead of this node (the client saw messages this node
+//! has not received yet) waits until the node has caught up. Each answer hands over at
+//! `last_seq` like any other (replay up to it, live after it): no gap and no duplicate at the
+//! seam.
 
 use std::sync::Arc;
 
@@ -20,25 +23,45 @@ use crate::delivery::Delivery;
 /// after it returns the channel's life and last seq and no entries (seqs are far below it).
 pub const LIVE: u64 = u64::MAX / 2;
 
+/// Reads of a gap that Redis did not answer before the held messages go with a jump.
+const GAP_TRIES: u32 = 5;
+
+/// A read of a channel's stream to make: its id and the position to read after.
+pub type ReadRequest = (u64, u64);
+
 /// What waits on a channel for reads from Redis.
 #[derive(Debug, Default)]
 pub struct Fill {
-    /// A gap is being read: live deliveries wait in `held`.
-    gap: bool,
-    /// Each with whether it is ephemeral and its publish time.
+    /// A gap is being read: (the read filling it, tries so far).
+    gap: Option<(u64, u32)>,
+    /// Live deliveries held while the gap is read, each with whether it is ephemeral and
+    /// its publish time.
     held: Vec<(Arc<Delivery>, bool, u64)>,
     waiters: Vec<Waiter>,
-    /// Positions whose reads are in flight.
-    reads: Vec<u64>,
+    /// Resumes from a position this node has not reached yet.
+    ahead: Vec<Waiter>,
+    /// Reads in flight.
+    reads: Vec<ReadRequest>,
 }
 
-/// A subscription waiting for its replay from Redis.
+impl Fill {
+    fn is_empty(&self) -> bool {
+        self.gap.is_none()
+            && self.waiters.is_empty()
+            && self.ahead.is_empty()
+            && self.reads.is_empty()
+    }
+}
+
+/// A subscription waiting for its answer.
 #[derive(Debug, Clone, Copy)]
 struct Waiter {
     core: usize,
     conn: u64,
     sub: u64,
     since: u64,
+    /// The read it waits for.
+    read: u64,
 }
 
 /// The answer to one waiting subscription: send `ack` to `core`.
@@ -50,23 +73,52 @@ pub struct Answer {
     pub ack: SubscribeAck,
 }
 
+impl Answer {
+    fn to(w: &Waiter, ack: SubscribeAck) -> Answer {
+        Answer {
+            core: w.core,
+            conn: w.conn,
+            sub: w.sub,
+            ack,
+        }
+    }
+}
+
 /// How a subscription in cluster mode is answered.
 #[derive(Debug)]
 pub enum Subscribed {
     /// At once, from what this node holds.
     Now(SubscribeAck),
-    /// After a read of the channel's stream after this position (`None`: one already in flight).
-    Later(Option<u64>),
+    /// After a read (`Some`: this one, to make; `None`: one already in flight).
+    Later(Option<ReadRequest>),
+}
+
+/// What a batch or a read led to: reads to make, subscriptions to answer.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub reads: Vec<ReadRequest>,
+    pub answers: Vec<Answer>,
+}
+
+fn lost(last_seq: u64) -> SubscribeAck {
+    SubscribeAck {
+        last_seq,
+        replay: Some(Replay::default()),
+    }
 }
 
 impl Sequencer {
-    /// Delivers one batch from Redis; returns the position to read the channel's stream after
-    /// when the batch shows that this node missed messages.
+    fn new_read(&mut self) -> u64 {
+        self.next_read += 1;
+        self.next_read
+    }
+
+    /// Delivers one batch from Redis.
     pub fn apply(
         &mut self,
         batch: Batch,
         mut to_core: impl FnMut(usize, &Arc<Delivery>),
-    ) -> Option<u64> {
+    ) -> Outcome {
         let Batch {
             channel,
             life,
@@ -74,20 +126,27 @@ impl Sequencer {
             entries,
         } = batch;
         let bounds = self.bounds;
-        let mut read = None;
+        let mut out = Outcome::default();
         for (i, entry) in entries.into_iter().enumerate() {
             let seq = first + i as u64;
             let state = self.state(&channel);
-            if state.life != life {
+            if life < state.life {
+                return out; // from a life Redis has already left
+            }
+            if life > state.life {
                 // The first message this node sees of the channel starts its view (so does
                 // one after the state was forgotten); a new life means the history this node
-                // holds is gone from Redis.
+                // holds is gone from Redis, and what it held for the old one with it.
                 let known = state.life != 0;
                 state.life = life;
                 state.last_seq = if known { life } else { seq - 1 };
                 state.ring = Ring::continuing(bounds, state.last_seq);
+                if let Some(fill) = state.fill.as_mut() {
+                    fill.held.clear();
+                    fill.gap = None;
+                }
             }
-            let held = state.fill.as_ref().is_some_and(|f| f.gap);
+            let held = state.fill.as_ref().is_some_and(|f| f.gap.is_some());
             if !held && seq <= state.last_seq {
                 continue; // a duplicate
             }
@@ -95,20 +154,61 @@ impl Sequencer {
             let (d, ephemeral) = delivery(p, None, seq, ts);
             if !held && seq == state.last_seq + 1 {
                 self.keep_and_send(&channel, (d, ephemeral), ts, &mut to_core);
+                self.answer_ahead(&channel, ts, &mut out);
                 continue;
             }
             let after = state.last_seq;
-            let fill = state.fill.get_or_insert_with(Default::default);
-            if !fill.gap {
-                fill.gap = true;
-                if !fill.reads.contains(&after) {
-                    fill.reads.push(after);
-                    read = Some(after);
-                }
+            if state.fill.as_ref().is_none_or(|f| f.gap.is_none()) {
+                let id = self.new_read();
+                let fill = self
+                    .state(&channel)
+                    .fill
+                    .get_or_insert_with(Default::default);
+                fill.gap = Some((id, 0));
+                fill.reads.push((id, after));
+                out.reads.push((id, after));
             }
+            let fill = self.state(&channel).fill.as_mut().expect("made above");
             fill.held.push((d, ephemeral, ts));
         }
-        read
+        out
+    }
+
+    /// Answers the resumes that were ahead of this node and that it has now reached.
+    fn answer_ahead(&mut self, channel: &Arc<str>, now_ms: u64, out: &mut Outcome) {
+        let Some(state) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let last_seq = state.last_seq;
+        let Some(fill) = state.fill.as_mut() else {
+            return;
+        };
+        if fill.ahead.iter().all(|w| w.since > last_seq) {
+            return;
+        }
+        let (reached, ahead): (Vec<Waiter>, Vec<Waiter>) =
+            fill.ahead.iter().partition(|w| w.since <= last_seq);
+        fill.ahead = ahead;
+        for w in reached {
+            let replay = state.ring.replay(w.since, last_seq, now_ms);
+            if replay.recovered {
+                out.answers.push(Answer::to(
+                    &w,
+                    SubscribeAck {
+                        last_seq,
+                        replay: Some(replay),
+                    },
+                ));
+            } else {
+                // The ring does not reach back to it: read again, now that it is behind us.
+                self.next_read += 1;
+                let id = self.next_read;
+                let fill = state.fill.as_mut().expect("present above");
+                fill.waiters.push(Waiter { read: id, ..w });
+                fill.reads.push((id, w.since));
+                out.reads.push((id, w.since));
+            }
+        }
     }
 
     /// Registers one subscription from `core` (as `subscribe` does) and answers it at once
@@ -125,7 +225,7 @@ impl Sequencer {
         state.interest[core] += 1;
         let last_seq = state.last_seq;
         let since = match resume {
-            // A channel this node has not seen yet: its seq comes from Redis, so that
+            // A channel this node does not follow yet: its seq comes from Redis, so that
             // `subscribed` names a position the client can resume from.
             Resume::Live if state.life == 0 || !state.listening => LIVE,
             Resume::Live => {
@@ -134,30 +234,17 @@ impl Sequencer {
                     replay: None,
                 })
             }
-            Resume::OtherEpoch => {
-                return Subscribed::Now(SubscribeAck {
-                    last_seq,
-                    replay: Some(Replay::default()),
-                })
-            }
+            Resume::OtherEpoch => return Subscribed::Now(lost(last_seq)),
             // No seq is that high (they are Redis's clock in µs): a position from elsewhere.
-            Resume::After(since) if since >= LIVE => {
-                return Subscribed::Now(SubscribeAck {
-                    last_seq,
-                    replay: Some(Replay::default()),
-                })
-            }
-            // Position 0 (the channel had no messages): from the start of its current life.
-            Resume::After(0) if state.life != 0 => state.life,
+            Resume::After(since) if since >= LIVE => return Subscribed::Now(lost(last_seq)),
             Resume::After(since) => since,
         };
-        if since != LIVE && state.fill.is_none() && state.life != 0 && state.listening {
+        let settled = state.fill.as_ref().is_none_or(|f| f.gap.is_none());
+        if since != LIVE && settled && state.life != 0 && state.listening {
             if since < state.life {
-                // From an earlier life of the channel: that history is gone.
-                return Subscribed::Now(SubscribeAck {
-                    last_seq,
-                    replay: Some(Replay::default()),
-                });
+                // From before the channel's current life (position 0 included: an earlier
+                // life may have come and gone since): that history is gone.
+                return Subscribed::Now(lost(last_seq));
             }
             let replay = state.ring.replay(since, last_seq, now_ms);
             if replay.recovered {
@@ -167,44 +254,58 @@ impl Sequencer {
                 });
             }
         }
-        let fill = state.fill.get_or_insert_with(Default::default);
+        let in_flight = state
+            .fill
+            .as_ref()
+            .and_then(|f| f.reads.iter().find(|r| r.1 == since).map(|r| r.0));
+        let (read, request) = match in_flight {
+            Some(id) => (id, None),
+            None => {
+                let id = self.new_read();
+                (id, Some((id, since)))
+            }
+        };
+        let fill = self
+            .state(channel)
+            .fill
+            .get_or_insert_with(Default::default);
         fill.waiters.push(Waiter {
             core,
             conn,
             sub,
             since,
+            read,
         });
-        if fill.reads.contains(&since) {
-            return Subscribed::Later(None);
+        if let Some(r) = request {
+            fill.reads.push(r);
         }
-        fill.reads.push(since);
-        Subscribed::Later(Some(since))
+        Subscribed::Later(request)
     }
 
-    /// Takes the answer of a read of `channel`'s stream after `after` (`None`: Redis did not
-    /// answer): fills the gap it covers, answers the subscriptions waiting for it, and lets
-    /// held deliveries go. Messages Redis no longer has are skipped (a jump in seq); waiting
-    /// resumes then get `recovered:false`.
+    /// Takes the answer of read `id` of `channel`'s stream (`None`: Redis did not answer):
+    /// fills the gap it was for, answers the subscriptions waiting for it, and lets held
+    /// deliveries go.
     pub fn on_read(
         &mut self,
         channel: &Arc<str>,
-        after: u64,
+        id: u64,
         read: Option<Read>,
         now_ms: u64,
         mut to_core: impl FnMut(usize, &Arc<Delivery>),
-    ) -> Vec<Answer> {
+    ) -> Outcome {
         let bounds = self.bounds;
+        let mut out = Outcome::default();
         let Some(state) = self.channels.get_mut(channel) else {
-            return Vec::new();
+            return out;
         };
         let Some(fill) = state.fill.as_mut() else {
-            return Vec::new();
+            return out;
         };
-        fill.reads.retain(|&a| a != after);
+        fill.reads.retain(|r| r.0 != id);
         // Every read subscribes the channel first where channels are subscribed one by one.
         state.listening = true;
-        let read = read.filter(|r| r.life != 0);
-        // The stored entries, each made a delivery once (for the gap and for replays).
+        // A read of a life Redis has left since (a newer batch came first) tells nothing.
+        let read = read.filter(|r| r.life == 0 || r.life >= state.life);
         let stored: Vec<(Arc<Delivery>, u64)> = read
             .iter()
             .flat_map(|r| &r.entries)
@@ -213,98 +314,145 @@ impl Sequencer {
                 (delivery(p, None, s.seq, ts).0, ts)
             })
             .collect();
-        let mut fills_gap = fill.gap && after <= state.last_seq;
-        if let Some(r) = &read {
-            if state.life != r.life {
-                // Unknown so far: take Redis's view. A new life: what this node holds is gone
-                // from Redis, and the new life's messages are delivered from its start.
-                let known = state.life != 0;
-                state.life = r.life;
-                state.last_seq = if known { r.life } else { r.last };
-                state.ring = Ring::continuing(bounds, state.last_seq);
-                fills_gap |= known;
-            }
-        }
-        if fills_gap {
+        let mut new_life = false;
+        if let Some(r) = read.as_ref().filter(|r| r.life > state.life) {
+            // Unknown so far: take Redis's view. A new life: what this node holds is gone
+            // from Redis, and the new life's messages are delivered from its start.
+            new_life = state.life != 0;
+            state.life = r.life;
+            state.last_seq = if new_life { r.life } else { r.last };
+            state.ring = Ring::continuing(bounds, state.last_seq);
             let fill = state.fill.as_mut().expect("present above");
-            fill.gap = false;
+            fill.held.clear();
+        }
+        let fill = state.fill.as_mut().expect("present above");
+        let gap_read = fill.gap.is_some_and(|(g, _)| g == id);
+        if gap_read && read.is_none() {
+            let tries = fill.gap.map_or(0, |(_, t)| t) + 1;
+            if tries < GAP_TRIES {
+                let after = state.last_seq;
+                let again = self.new_read();
+                let fill = self.channels.get_mut(channel).and_then(|s| s.fill.as_mut());
+                let fill = fill.expect("present above");
+                fill.gap = Some((again, tries));
+                fill.reads.push((again, after));
+                out.reads.push((again, after));
+            } else {
+                // Redis keeps not answering: go on without what it holds (a jump in seq).
+                fill.gap = None;
+                let held = std::mem::take(&mut fill.held);
+                for (d, ephemeral, ts) in held {
+                    if d.seq > self.channels[channel].last_seq {
+                        self.keep_and_send(channel, (d, ephemeral), ts, &mut to_core);
+                    }
+                }
+            }
+        } else if gap_read || new_life {
+            fill.gap = None;
             let held = std::mem::take(&mut fill.held);
+            let redis_last = read.as_ref().map_or(0, |r| r.last);
             for (d, ts) in &stored {
                 if d.seq > self.channels[channel].last_seq {
                     self.keep_and_send(channel, (d.clone(), false), *ts, &mut to_core);
                 }
             }
             for (d, ephemeral, ts) in held {
-                if d.seq > self.channels[channel].last_seq {
+                let last = self.channels[channel].last_seq;
+                // What Redis has not got is no message of this channel (it was read after
+                // the gap began, so it holds every real one before the first held).
+                if d.seq > last && (d.seq <= redis_last || d.seq == last + 1) {
                     self.keep_and_send(channel, (d, ephemeral), ts, &mut to_core);
                 }
             }
         }
+        self.answer_ahead(channel, now_ms, &mut out);
         let state = self.channels.get_mut(channel).expect("present above");
         let last_seq = state.last_seq;
         let fill = state.fill.as_mut().expect("present above");
         let (ready, waiting): (Vec<Waiter>, Vec<Waiter>) =
-            fill.waiters.iter().partition(|w| w.since == after);
+            fill.waiters.iter().partition(|w| w.read == id);
         fill.waiters = waiting;
-        if !fill.gap && fill.waiters.is_empty() && fill.reads.is_empty() {
-            state.fill = None;
-        }
         let oldest_ms = now_ms.saturating_sub(bounds.max_age_ms);
         let ring = &mut state.ring;
-        ready
-            .into_iter()
-            .map(|w| {
-                let replay = match &read {
-                    _ if w.since == LIVE => None,
-                    Some(r) => {
-                        // Redis's entries up to what this node has delivered, then the ring's
-                        // after them; later ones reach the subscriber live.
-                        let mut deliveries: Vec<Arc<Delivery>> = stored
-                            .iter()
-                            .filter(|(d, _)| d.seq > w.since && d.seq <= last_seq)
-                            .map(|(d, _)| d.clone())
-                            .collect();
-                        let from = r.last.max(w.since).min(last_seq);
-                        let rest = ring.replay(from, last_seq, now_ms);
-                        let newest = deliveries.last().map_or(w.since, |d| d.seq);
-                        deliveries.extend(rest.deliveries.into_iter().filter(|d| d.seq > newest));
-                        let recovered = r.recovered(w.since, oldest_ms)
-                            && (last_seq <= r.last || rest.recovered);
-                        if !recovered {
-                            deliveries.clear(); // as from the ring: nothing re-sent
-                        }
-                        Some(Replay {
+        let mut ahead = Vec::new();
+        for w in ready {
+            let ack = match &read {
+                _ if w.since == LIVE => SubscribeAck {
+                    last_seq,
+                    replay: None,
+                },
+                Some(r) if w.since > last_seq && w.since <= r.last && r.life == state.life => {
+                    // The client has seen messages this node has not received yet.
+                    ahead.push(w);
+                    continue;
+                }
+                Some(r) if r.life != 0 => {
+                    // Redis's entries up to what this node has delivered, then the ring's
+                    // after them; later ones reach the subscriber live.
+                    let mut deliveries: Vec<Arc<Delivery>> = stored
+                        .iter()
+                        .filter(|(d, _)| d.seq > w.since && d.seq <= last_seq)
+                        .map(|(d, _)| d.clone())
+                        .collect();
+                    let from = r.last.max(w.since).min(last_seq);
+                    let rest = ring.replay(from, last_seq, now_ms);
+                    let newest = deliveries.last().map_or(w.since, |d| d.seq);
+                    deliveries.extend(rest.deliveries.into_iter().filter(|d| d.seq > newest));
+                    let recovered = r.life == state.life
+                        && r.recovered(w.since, oldest_ms)
+                        && (last_seq <= r.last || rest.recovered);
+                    if !recovered {
+                        deliveries.clear(); // as from the ring: nothing re-sent
+                    }
+                    SubscribeAck {
+                        last_seq,
+                        replay: Some(Replay {
                             recovered,
                             deliveries,
-                        })
+                        }),
                     }
-                    None => Some(Replay::default()),
-                };
-                Answer {
-                    core: w.core,
-                    conn: w.conn,
-                    sub: w.sub,
-                    ack: SubscribeAck { last_seq, replay },
                 }
-            })
-            .collect()
+                _ => lost(last_seq),
+            };
+            out.answers.push(Answer::to(&w, ack));
+        }
+        let fill = state.fill.as_mut().expect("present above");
+        fill.ahead.extend(ahead);
+        if fill.is_empty() {
+            state.fill = None;
+            self.free_if_idle(channel);
+        }
+        out
     }
 
-    /// After this node's Pub/Sub connection came back: every channel it holds may have missed
-    /// messages, so each is read again after its last seq; live deliveries wait meanwhile.
-    /// Returns the reads to make.
-    pub fn resync(&mut self) -> Vec<(Arc<str>, u64)> {
+    /// After this node's Pub/Sub connection came back: channels with subscribers here may
+    /// have missed messages, so each is read again after its last seq while live deliveries
+    /// wait; the others are forgotten (a later resume reads Redis). Returns the reads to make.
+    pub fn resync(&mut self) -> Vec<(Arc<str>, ReadRequest)> {
         let mut reads = Vec::new();
-        for (channel, state) in self.channels.iter_mut() {
+        let names: Vec<Arc<str>> = self.channels.keys().cloned().collect();
+        for channel in names {
+            let state = self.channels.get_mut(&channel).expect("listed");
             if state.life == 0 {
                 continue;
             }
-            let fill = state.fill.get_or_insert_with(Default::default);
-            fill.gap = true;
-            if !fill.reads.contains(&state.last_seq) {
-                fill.reads.push(state.last_seq);
-                reads.push((channel.clone(), state.last_seq));
+            let wanted = state.interest.iter().any(|&n| n > 0) || state.fill.is_some();
+            if !wanted {
+                state.life = 0;
+                state.last_seq = 0;
+                state.ring = Ring::continuing(self.bounds, 0);
+                self.free_if_idle(&channel);
+                continue;
             }
+            let after = state.last_seq;
+            self.next_read += 1;
+            let id = self.next_read;
+            let state = self.channels.get_mut(&channel).expect("listed");
+            let fill = state.fill.get_or_insert_with(Default::default);
+            let tries = fill.gap.map_or(0, |(_, t)| t);
+            fill.gap = Some((id, tries));
+            fill.reads.push((id, after));
+            reads.push((channel, (id, after)));
         }
         reads
     }
@@ -349,18 +497,32 @@ mod tests {
             .collect()
     }
 
-    /// A sequencer with one live subscriber on core 1, and what core 1 receives.
+    fn read(last: u64, seqs: &[u64]) -> Read {
+        Read {
+            life: LIFE,
+            last,
+            last_durable: seqs.last().copied().unwrap_or(LIFE),
+            entries: stored(seqs),
+        }
+    }
+
+    fn later(s: Subscribed) -> ReadRequest {
+        match s {
+            Subscribed::Later(Some(r)) => r,
+            other => panic!("expected a read, got {other:?}"),
+        }
+    }
+
+    /// A sequencer with one live subscriber on core 1.
     fn setup() -> (Sequencer, Arc<str>) {
         let mut s = Sequencer::for_cluster(2, RingBounds::default(), false);
         let ch: Arc<str> = "c".into();
         // A channel this node has not seen: its seq is asked of Redis, which has none.
+        let (id, after) = later(s.subscribe_cluster(&ch, (1, 7, 1), Resume::Live, 0));
+        assert_eq!(after, LIVE);
+        let out = s.on_read(&ch, id, Some(Read::default()), 0, |_, _| {});
         assert!(matches!(
-            s.subscribe_cluster(&ch, (1, 7, 1), Resume::Live, 0),
-            Subscribed::Later(Some(LIVE))
-        ));
-        let answers = s.on_read(&ch, LIVE, Some(Read::default()), 0, |_, _| {});
-        assert!(matches!(
-            &answers[..],
+            &out.answers[..],
             [Answer {
                 core: 1,
                 conn: 7,
@@ -378,8 +540,14 @@ mod tests {
     fn batches_are_delivered_in_order_and_duplicates_dropped() {
         let (mut s, _) = setup();
         let mut got = vec![];
-        assert_eq!(s.apply(batch(1001, 2), |_, d| got.push(d.seq)), None);
-        assert_eq!(s.apply(batch(1002, 2), |_, d| got.push(d.seq)), None);
+        assert!(s
+            .apply(batch(1001, 2), |_, d| got.push(d.seq))
+            .reads
+            .is_empty());
+        assert!(s
+            .apply(batch(1002, 2), |_, d| got.push(d.seq))
+            .reads
+            .is_empty());
         assert_eq!(got, vec![1001, 1002, 1003]);
         assert_eq!(s.last_seq("c"), 1003);
     }
@@ -389,20 +557,20 @@ mod tests {
         let (mut s, ch) = setup();
         let mut got = vec![];
         s.apply(batch(1001, 1), |_, d| got.push(d.seq));
-        assert_eq!(s.apply(batch(1004, 1), |_, d| got.push(d.seq)), Some(1001));
-        assert_eq!(
-            s.apply(batch(1005, 1), |_, d| got.push(d.seq)),
-            None,
+        let reads = s.apply(batch(1004, 1), |_, d| got.push(d.seq)).reads;
+        let [(id, 1001)] = reads[..] else {
+            panic!("{reads:?}")
+        };
+        assert!(
+            s.apply(batch(1005, 1), |_, d| got.push(d.seq))
+                .reads
+                .is_empty(),
             "one read"
         );
         assert_eq!(got, vec![1001], "held while the gap is read");
-        let read = Read {
-            life: LIFE,
-            last: 1004,
-            entries: stored(&[1001, 1002, 1004]),
-        };
-        let answers = s.on_read(&ch, 1001, Some(read), 20, |_, d| got.push(d.seq));
-        assert!(answers.is_empty());
+        s.on_read(&ch, id, Some(read(1004, &[1002, 1004])), 20, |_, d| {
+            got.push(d.seq)
+        });
         // 1003 was ephemeral: gone, and not a loss.
         assert_eq!(got, vec![1001, 1002, 1004, 1005]);
         s.apply(batch(1006, 1), |_, d| got.push(d.seq));
@@ -410,13 +578,71 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_read_lets_held_messages_go_with_a_jump() {
+    fn a_read_asked_before_the_gap_began_does_not_fill_it() {
+        let (mut s, ch) = setup();
+        // This node follows the channel from 1005 on; a resume from 1002 must read Redis.
+        s.apply(batch(1005, 1), |_, _| {});
+        let (resume, _) = later(s.subscribe_cluster(&ch, (0, 8, 1), Resume::After(1002), 20));
+        let mut got = vec![];
+        let gap = s.apply(batch(1011, 1), |_, d| got.push(d.seq)).reads[0].0;
+        // The older read answers as of 1005: it fills nothing, and the held one waits.
+        let old = read(1005, &[1003, 1004, 1005]);
+        s.on_read(&ch, resume, Some(old), 20, |_, d| got.push(d.seq));
+        assert!(got.is_empty(), "{got:?}");
+        let seqs: Vec<u64> = (1006..=1011).collect();
+        s.on_read(&ch, gap, Some(read(1011, &seqs)), 20, |c, d| {
+            if c == 1 {
+                got.push(d.seq)
+            }
+        });
+        assert_eq!(got, seqs);
+    }
+
+    #[test]
+    fn a_gap_read_redis_does_not_answer_is_asked_again_before_messages_jump() {
         let (mut s, ch) = setup();
         let mut got = vec![];
         s.apply(batch(1001, 1), |_, d| got.push(d.seq));
-        s.apply(batch(1005, 1), |_, d| got.push(d.seq));
-        s.on_read(&ch, 1001, None, 20, |_, d| got.push(d.seq));
-        assert_eq!(got, vec![1001, 1005]);
+        let mut id = s.apply(batch(1005, 1), |_, d| got.push(d.seq)).reads[0].0;
+        for _ in 1..GAP_TRIES {
+            let again = s.on_read(&ch, id, None, 20, |_, d| got.push(d.seq)).reads;
+            assert_eq!(got, vec![1001], "still held");
+            id = again[0].0;
+        }
+        s.on_read(&ch, id, None, 20, |_, d| got.push(d.seq));
+        assert_eq!(got, vec![1001, 1005], "after {GAP_TRIES} tries: a jump");
+    }
+
+    #[test]
+    fn a_held_message_redis_does_not_have_is_dropped() {
+        let (mut s, ch) = setup();
+        let mut got = vec![];
+        s.apply(batch(1001, 1), |_, d| got.push(d.seq));
+        let id = s
+            .apply(batch(u64::MAX - 5, 2), |_, d| got.push(d.seq))
+            .reads[0]
+            .0;
+        s.on_read(&ch, id, Some(read(1001, &[1001])), 20, |_, d| {
+            got.push(d.seq)
+        });
+        s.apply(batch(1002, 1), |_, d| got.push(d.seq));
+        assert_eq!(got, vec![1001, 1002], "the injected seqs never went out");
+    }
+
+    #[test]
+    fn a_batch_of_an_older_life_is_ignored() {
+        let (mut s, _) = setup();
+        let mut got = vec![];
+        s.apply(
+            Batch {
+                life: 5_000,
+                first: 5_001,
+                ..batch(0, 1)
+            },
+            |_, d| got.push(d.seq),
+        );
+        s.apply(batch(1001, 3), |_, d| got.push(d.seq));
+        assert_eq!(got, vec![5001]);
     }
 
     #[test]
@@ -438,23 +664,20 @@ mod tests {
         let (mut s, ch) = setup();
         // This node saw the channel from 1004 on: 1001..1003 only Redis has.
         s.apply(batch(1004, 2), |_, _| {});
-        let Subscribed::Later(Some(after)) =
-            s.subscribe_cluster(&ch, (0, 8, 1), Resume::After(1001), 20)
-        else {
-            panic!("needs Redis")
-        };
+        let (id, after) = later(s.subscribe_cluster(&ch, (0, 8, 1), Resume::After(1001), 20));
         assert_eq!(after, 1001);
         // While the read is out, 1006 arrives live (core 0 is not in the room yet).
         s.apply(batch(1006, 1), |_, _| {});
         // Redis answered as of 1005.
-        let read = Read {
-            life: LIFE,
-            last: 1005,
-            entries: stored(&[1001, 1002, 1003, 1004, 1005])[1..].to_vec(),
-        };
-        let answers = s.on_read(&ch, 1001, Some(read), 20, |_, _| {});
-        let [a] = &answers[..] else {
-            panic!("{answers:?}")
+        let out = s.on_read(
+            &ch,
+            id,
+            Some(read(1005, &[1002, 1003, 1004, 1005])),
+            20,
+            |_, _| {},
+        );
+        let [a] = &out.answers[..] else {
+            panic!("{out:?}")
         };
         assert_eq!((a.core, a.conn, a.sub), (0, 8, 1));
         let replay = a.ack.replay.as_ref().unwrap();
@@ -465,37 +688,64 @@ mod tests {
     }
 
     #[test]
-    fn a_live_subscription_to_a_channel_new_to_this_node_learns_its_seq_from_redis() {
-        let mut s = Sequencer::for_cluster(2, RingBounds::default(), false);
-        let ch: Arc<str> = "c".into();
-        let Subscribed::Later(Some(LIVE)) = s.subscribe_cluster(&ch, (0, 8, 1), Resume::Live, 0)
-        else {
-            panic!("asks Redis")
+    fn a_resume_ahead_of_this_node_waits_until_the_node_has_caught_up() {
+        let (mut s, ch) = setup();
+        s.apply(batch(1001, 5), |_, _| {});
+        // The client saw 1010 on another node; this one is at 1005.
+        let (id, _) = later(s.subscribe_cluster(&ch, (0, 8, 1), Resume::After(1010), 20));
+        let seqs: Vec<u64> = (1001..=1010).collect();
+        let out = s.on_read(&ch, id, Some(read(1010, &seqs)), 20, |_, _| {});
+        assert!(out.answers.is_empty(), "not before this node reached 1010");
+        let out = s.apply(batch(1006, 6), |_, _| {});
+        let [a] = &out.answers[..] else {
+            panic!("{out:?}")
         };
-        let read = Read {
-            life: LIFE,
-            last: 1003,
-            entries: vec![],
-        };
-        let answers = s.on_read(&ch, LIVE, Some(read), 20, |_, _| {});
-        assert_eq!(answers[0].ack.last_seq, 1003);
-        assert!(answers[0].ack.replay.is_none());
-        let mut got = vec![];
-        s.apply(batch(1004, 1), |_, d| got.push(d.seq));
-        assert_eq!(got, vec![1004], "continues from Redis's seq");
-        // Position 0 resumes from the start of the life.
-        let Subscribed::Later(Some(after)) =
-            s.subscribe_cluster(&ch, (0, 9, 1), Resume::After(0), 20)
-        else {
-            panic!("the ring does not go back to the life's start")
-        };
-        assert_eq!(after, LIFE);
+        let replay = a.ack.replay.as_ref().unwrap();
+        let seqs: Vec<u64> = replay.deliveries.iter().map(|d| d.seq).collect();
+        // Handed over as soon as the node reached 1010: 1011 follows live.
+        assert_eq!(
+            (seqs, a.ack.last_seq, replay.recovered),
+            (vec![], 1010, true)
+        );
     }
 
     #[test]
-    fn positions_from_a_lost_life_are_not_recovered() {
+    fn a_live_subscription_to_a_channel_new_to_this_node_learns_its_seq_from_redis() {
+        let mut s = Sequencer::for_cluster(2, RingBounds::default(), false);
+        let ch: Arc<str> = "c".into();
+        let (id, _) = later(s.subscribe_cluster(&ch, (0, 8, 1), Resume::Live, 0));
+        // A second one meanwhile shares the read.
+        assert!(matches!(
+            s.subscribe_cluster(&ch, (1, 9, 1), Resume::Live, 0),
+            Subscribed::Later(None)
+        ));
+        let out = s.on_read(&ch, id, Some(read(1003, &[])), 20, |_, _| {});
+        assert_eq!(out.answers.len(), 2);
+        assert!(out
+            .answers
+            .iter()
+            .all(|a| a.ack.last_seq == 1003 && a.ack.replay.is_none()));
+        let mut got = vec![];
+        s.apply(batch(1004, 1), |c, d| got.push((c, d.seq)));
+        assert_eq!(
+            got,
+            vec![(0, 1004), (1, 1004)],
+            "continues from Redis's seq"
+        );
+    }
+
+    #[test]
+    fn positions_from_before_the_life_are_not_recovered_position_0_included() {
         let (mut s, ch) = setup();
         s.apply(batch(1001, 3), |_, _| {});
+        for since in [0, 999] {
+            let Subscribed::Now(ack) =
+                s.subscribe_cluster(&ch, (0, 8, 1), Resume::After(since), 20)
+            else {
+                panic!("known to be before the life")
+            };
+            assert!(!ack.replay.unwrap().recovered, "{since}");
+        }
         // Redis lost the channel; its new life starts far above.
         let mut got = vec![];
         let next = Batch {
@@ -503,8 +753,8 @@ mod tests {
             first: 5_001,
             ..batch(0, 1)
         };
-        assert_eq!(s.apply(next, |_, d| got.push(d.seq)), None);
-        assert_eq!(got, vec![5001]);
+        s.apply(next, |c, d| got.push((c, d.seq)));
+        assert!(got.contains(&(1, 5001)));
         let Subscribed::Now(ack) = s.subscribe_cluster(&ch, (0, 8, 1), Resume::After(1002), 20)
         else {
             panic!("known to be lost")
@@ -513,19 +763,46 @@ mod tests {
     }
 
     #[test]
-    fn after_a_reconnect_every_channel_is_read_again() {
+    fn a_channel_whose_waiter_left_is_forgotten() {
+        let mut s = Sequencer::for_cluster(2, RingBounds::default(), false);
+        let ch: Arc<str> = "gone".into();
+        let (id, _) = later(s.subscribe_cluster(&ch, (0, 8, 1), Resume::After(5), 0));
+        s.unsubscribe(&ch, 0);
+        s.on_read(&ch, id, Some(Read::default()), 0, |_, _| {});
+        assert_eq!(s.channel_count(), 0);
+    }
+
+    #[test]
+    fn after_a_reconnect_channels_with_subscribers_are_read_again_and_others_forgotten() {
         let (mut s, ch) = setup();
         s.apply(batch(1001, 1), |_, _| {});
-        assert_eq!(s.resync(), vec![(ch.clone(), 1001)]);
+        s.apply(
+            Batch {
+                channel: "other".into(),
+                ..batch(1001, 1)
+            },
+            |_, _| {},
+        );
+        let reads = s.resync();
+        let [(c, (id, 1001))] = &reads[..] else {
+            panic!("{reads:?}")
+        };
+        assert_eq!(c, &ch);
         let mut got = vec![];
         s.apply(batch(1003, 1), |_, d| got.push(d.seq));
         assert!(got.is_empty(), "held until the read");
-        let read = Read {
-            life: LIFE,
-            last: 1003,
-            entries: stored(&[1001, 1002, 1003])[1..].to_vec(),
-        };
-        s.on_read(&ch, 1001, Some(read), 20, |_, d| got.push(d.seq));
+        s.on_read(
+            &ch,
+            *id,
+            Some(read(1003, &[1001, 1002, 1003])),
+            20,
+            |_, d| got.push(d.seq),
+        );
         assert_eq!(got, vec![1002, 1003]);
+        assert_eq!(
+            s.last_seq("other"),
+            0,
+            "forgotten: a resume there reads Redis"
+        );
     }
 }
