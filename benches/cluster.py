@@ -12,6 +12,10 @@ on 4 publisher connections, for each of
 It reports publish -> delivery P50/P99 (measured by the subscribers), the publish answer's
 P50/P99 and the server's CPU per delivery.
 
+C3, drain: 10,000 subscribers over 100 channels on node A, publishers (1,000 msg/s, 4
+connections) on node B; node A gets SIGTERM 5 s into the publishing and its subscribers resume
+on node B (the generator's --failover-addr); every subscriber must end with every message.
+
 C2, what one Redis sustains: one node on Redis, 100 subscribers over 100 channels, publishers
 asking for far more than it can take (one message per request, 32 connections), so the
 achieved publish rate is the bound; Redis's own CPU per message is read from /proc.
@@ -148,18 +152,37 @@ def c2(q):
         redis.stop()
 
 
+def c3(q):
+    """A drained node's subscribers resume on another node while publishing goes on."""
+    redis, rport = redis_server()
+    a, pa = node(rport)
+    b, pb = node(rport)
+    try:
+        r = load("C3", pa, pb, b.p.pid, subscribers=q["c3_subs"], channels=100, rate=1000,
+                 duration=q["c3_dur"], batch=1, publishers=4, failover_addr=f"127.0.0.1:{pb}",
+                 drain_pid=a.p.pid, drain_at=q["c3_at"])
+        r["setup"] = "drain"
+        return [r]
+    finally:
+        b.stop()
+        a.stop()
+        redis.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench-cluster.json"))
     args = ap.parse_args()
-    q = dict(subs=200, dur=5, c2_rate=5000) if args.quick else dict(subs=1000, dur=15, c2_rate=30000)
-    results = c1(q) + c2(q)
+    q = (dict(subs=200, dur=5, c2_rate=5000, c3_subs=1000, c3_dur=6, c3_at=2) if args.quick
+         else dict(subs=1000, dur=15, c2_rate=30000, c3_subs=10000, c3_dur=15, c3_at=5))
+    results = c1(q) + c2(q) + c3(q)
     for r in results:
         print(f"{r['label']:10} publish {r['publish_rate']:8.0f}/s  delivery P50 {r['latency_p50_ms']:7.2f} "
               f"P99 {r['latency_p99_ms']:7.2f} ms  answer P50 {r['publish_answer_p50_ms']:6.2f} "
               f"P99 {r['publish_answer_p99_ms']:6.2f} ms  cpu/delivery {r['server_cpu_us_per_delivery']:6.2f} us  "
               f"lost {r['lost']} dup {r['duplicates']}"
+              + (f"  moved {r['failed_over']} of {r['connected']}" if r.get("failed_over") is not None else "")
               + (f"  redis cpu/msg {r['redis_cpu_secs'] * 1e6 / max(1, r['published']):.1f} us"
                  if "redis_cpu_secs" in r else ""))
     json.dump({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results},

@@ -75,7 +75,7 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Rep
         Err(NotSequenced::Unavailable) => {
             return Reply::error(
                 503,
-                "redis did not take the messages in time; nothing was delivered",
+                "redis did not answer in time; the messages may still be stored and delivered",
             )
             .with_header("Retry-After", RETRY_AFTER_SECS)
         }

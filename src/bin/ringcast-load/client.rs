@@ -37,6 +37,8 @@ pub struct Progress {
     pub jitter: AtomicBool,
     /// Connections cut by jitter.
     pub cuts: AtomicU64,
+    /// Subscribers that moved to the failover node (told `shutdown`, or closed, by theirs).
+    pub moved: AtomicUsize,
     pub stop: AtomicBool,
 }
 
@@ -70,6 +72,8 @@ impl ThreadStats {
 pub struct Ctx {
     pub target: Target,
     pub addr: SocketAddr,
+    /// Where a subscriber resumes when its node drains (cluster mode).
+    pub failover: Option<SocketAddr>,
     pub token: String,
     pub progress: Arc<Progress>,
     pub stats: RefCell<ThreadStats>,
@@ -161,6 +165,7 @@ pub async fn subscriber(ctx: Rc<Ctx>, idx: usize, channel: usize, src: Ipv4Addr)
     ctx.stats.borrow_mut().subs[idx].channel = channel;
     let name = format!("bench:{channel}");
     let mut first = true;
+    let mut addr = ctx.addr;
     loop {
         let resume = if first {
             None
@@ -173,12 +178,12 @@ pub async fn subscriber(ctx: Rc<Ctx>, idx: usize, channel: usize, src: Ipv4Addr)
             &ctx.token,
             resume.as_ref().map(|(s, e)| (*s, e.as_str())),
         );
-        let stream = match connect(src, ctx.addr).await {
+        let stream = match connect(src, addr).await {
             Ok(s) => s,
             Err(e) => return fail(&ctx, first, &format!("connect: {e}")),
         };
         let mut stream = stream;
-        let buf = match handshake(&mut stream, &ctx.addr, &path).await {
+        let buf = match handshake(&mut stream, &addr, &path).await {
             Ok(b) => b,
             Err(e) => return fail(&ctx, first, &e.to_string()),
         };
@@ -190,6 +195,15 @@ pub async fn subscriber(ctx: Rc<Ctx>, idx: usize, channel: usize, src: Ipv4Addr)
             || ctx.progress.jitter.load(Ordering::Relaxed);
         if outcome == Ended::Closed && cut_on_purpose && ctx.target == Target::Ringcast {
             continue; // the storm or the jitter cut us off: resume
+        }
+        match ctx.failover {
+            Some(other) if addr != other && !ctx.progress.stop.load(Ordering::Relaxed) => {
+                // Our node drains: resume on the other one.
+                addr = other;
+                ctx.progress.moved.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            _ => {}
         }
         return;
     }
@@ -285,6 +299,8 @@ async fn read_loop(
                             Kind::SocketIoConnected => ready = true,
                             Kind::SocketIoPing => replies.push(wire::client_frame(0x1, b"3")),
                             Kind::Other => {}
+                            Kind::Shutdown if ctx.failover.is_some() => return Ended::Closed,
+                            Kind::Shutdown => {}
                         }
                     }
                     _ => {}
@@ -314,6 +330,8 @@ async fn read_loop(
 
 enum Kind<'a> {
     Event(&'a [u8]),
+    /// The node drains (ringcast).
+    Shutdown,
     Welcome,
     Replayed(bool),
     SocketIoOpen,
@@ -327,6 +345,8 @@ fn classify(target: Target, p: &[u8]) -> Kind<'_> {
         Target::Ringcast => {
             if p.starts_with(b"{\"type\":\"welcome\"") {
                 Kind::Welcome
+            } else if p.starts_with(b"{\"type\":\"shutdown\"") {
+                Kind::Shutdown
             } else if p.starts_with(b"{\"type\":\"replayed\"") {
                 Kind::Replayed(wire::memfind(p, b"\"recovered\":true").is_some())
             } else if p.starts_with(b"{\"type\"") {

@@ -54,6 +54,15 @@ struct Args {
     /// Where publishers send (another node of a cluster); default: --addr.
     #[arg(long)]
     publish_addr: Option<SocketAddr>,
+    /// Where subscribers resume when their node drains (another node of a cluster).
+    #[arg(long)]
+    failover_addr: Option<SocketAddr>,
+    /// Drain: send SIGTERM to this process (the subscribers' node) --drain-at seconds into
+    /// the publishing.
+    #[arg(long)]
+    drain_pid: Option<u32>,
+    #[arg(long, default_value_t = 5.0)]
+    drain_at: f64,
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
     #[arg(long, default_value_t = 1)]
@@ -173,6 +182,8 @@ struct Report {
     storm_recovery_secs: Option<f64>,
     jitter_cuts: Option<u64>,
     storm_recovered: Option<usize>,
+    /// Subscribers that resumed on the failover node.
+    failed_over: Option<usize>,
     storm_not_recovered: Option<usize>,
     syscalls: Option<syscalls::SyscallReport>,
     syscalls_error: Option<String>,
@@ -195,6 +206,7 @@ fn main() {
         let first = t * per_thread;
         let count = per_thread.min(args.subscribers.saturating_sub(first));
         let (target, addr, token) = (args.target, args.addr, token.clone());
+        let failover = args.failover_addr;
         let (progress, stats_tx) = (progress.clone(), stats_tx.clone());
         let (channels, source_ips, concurrency) = (
             args.channels,
@@ -211,6 +223,7 @@ fn main() {
                 let ctx = Rc::new(Ctx {
                     target,
                     addr,
+                    failover,
                     token,
                     progress: progress.clone(),
                     stats: std::cell::RefCell::new(ThreadStats::new(count)),
@@ -377,6 +390,16 @@ fn main() {
     if args.jitter_secs > 0.0 {
         progress.jitter.store(true, Ordering::Relaxed);
     }
+    if let Some(pid) = args.drain_pid {
+        let at = Duration::from_secs_f64(args.drain_at.max(0.0));
+        std::thread::spawn(move || {
+            std::thread::sleep(at);
+            // SAFETY: a signal to the process the caller named.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        });
+    }
     let mut storm_recovery = None;
     if args.mode == Mode::Storm {
         std::thread::sleep(Duration::from_secs_f64(args.storm_at));
@@ -465,6 +488,9 @@ fn main() {
     ) * 100.0;
     if args.jitter_secs > 0.0 {
         report.jitter_cuts = Some(progress.cuts.load(Ordering::Relaxed));
+    }
+    if args.failover_addr.is_some() {
+        report.failed_over = Some(progress.moved.load(Ordering::Relaxed));
     }
     if args.mode == Mode::Storm {
         report.storm_recovery_secs = storm_recovery;
