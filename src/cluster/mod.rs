@@ -75,14 +75,17 @@ enum Cmd {
         groups: Vec<Group>,
         reply: Option<Reply>,
     },
-    Read {
-        channel: Arc<str>,
-        after: u64,
-        core: usize,
-        id: u64,
-    },
+    Read(ReadCmd),
     /// Sharded mode: this node no longer keeps the channel.
     Unsubscribe(Arc<str>),
+}
+
+/// A read of `channel`'s stream after `after`, answered to the owner `core` as read `id`.
+struct ReadCmd {
+    channel: Arc<str>,
+    after: u64,
+    core: usize,
+    id: u64,
 }
 
 /// The command connection: to one Redis, or to a Redis Cluster (routed by key slot).
@@ -299,12 +302,12 @@ impl Redis {
 
     /// Asks for `channel`'s stream after `after`; the answer reaches `core` as read `id`.
     pub fn read(&self, channel: Arc<str>, after: u64, core: usize, id: u64) {
-        let _ = self.tx.send(Cmd::Read {
+        let _ = self.tx.send(Cmd::Read(ReadCmd {
             channel,
             after,
             core,
             id,
-        });
+        }));
     }
 }
 
@@ -442,17 +445,11 @@ async fn run(
         while let Some(cmd) = next.take().or_else(|| rx.try_recv().ok()) {
             match cmd {
                 Cmd::Publish { groups, reply } => publishes.push((groups, reply)),
-                Cmd::Read { .. } | Cmd::Unsubscribe(_) if subscriptions.is_some() => {
+                Cmd::Read(_) | Cmd::Unsubscribe(_) if subscriptions.is_some() => {
                     let _ = subscriptions.as_ref().expect("checked").send(cmd);
                 }
-                Cmd::Read {
-                    channel,
-                    after,
-                    core,
-                    id,
-                } => {
-                    let (ctx, conn) = (ctx.clone(), conn.clone());
-                    tokio::spawn(read_and_answer(ctx, conn, (channel, after), core, id));
+                Cmd::Read(read) => {
+                    tokio::spawn(read_and_answer(ctx.clone(), conn.clone(), read));
                 }
                 Cmd::Unsubscribe(_) => {}
             }
@@ -465,13 +462,13 @@ async fn run(
 }
 
 /// Reads `channel`'s stream after `after` and sends the answer to its owner `core`.
-async fn read_and_answer(
-    ctx: Arc<Ctx>,
-    mut conn: Conn,
-    (channel, after): (Arc<str>, u64),
-    core: usize,
-    id: u64,
-) {
+async fn read_and_answer(ctx: Arc<Ctx>, mut conn: Conn, cmd: ReadCmd) {
+    let ReadCmd {
+        channel,
+        after,
+        core,
+        id,
+    } = cmd;
     let read = read_stream(&ctx, &mut conn, &channel, after).await;
     debug_assert_eq!(channel::owner_core(&channel, ctx.mesh.cores()), core);
     let read = read.ok();
@@ -492,31 +489,32 @@ async fn subscription_loop(
             return;
         };
         match cmd {
-            Cmd::Read {
-                channel,
-                after,
-                core,
-                id,
-            } => {
+            Cmd::Read(read) => {
                 if ctx.health.resubscribe.swap(false, Ordering::Relaxed) {
                     subscribed.clear(); // after a disconnection: subscribe everything again
                 }
-                if !subscribed.contains(&channel) {
-                    let shard = ctx.keys.shard_channel(&channel);
+                if !subscribed.contains(&read.channel) {
+                    let shard = ctx.keys.shard_channel(&read.channel);
                     let done =
                         tokio::time::timeout(ctx.settings.timeout, cluster.ssubscribe(&shard))
                             .await;
                     if matches!(done, Ok(Ok(()))) {
-                        subscribed.insert(channel.clone());
+                        subscribed.insert(read.channel.clone());
                     } else {
                         // Not subscribed: the read fails too, and the next one tries again.
-                        let read = None;
-                        ctx.mesh.send(core, MeshMsg::Read { channel, id, read });
+                        let (channel, id) = (read.channel, read.id);
+                        ctx.mesh.send(
+                            read.core,
+                            MeshMsg::Read {
+                                channel,
+                                id,
+                                read: None,
+                            },
+                        );
                         continue;
                     }
                 }
-                let (ctx, conn) = (ctx.clone(), conn.clone());
-                tokio::spawn(read_and_answer(ctx, conn, (channel, after), core, id));
+                tokio::spawn(read_and_answer(ctx.clone(), conn.clone(), read));
             }
             Cmd::Unsubscribe(channel) => {
                 if subscribed.remove(&channel) {

@@ -80,8 +80,10 @@ impl Server {
         if let Ok(url) = std::env::var("RINGCAST_TEST_REDIS_URL") {
             static SERVERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
             let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            cmd.env("RINGCAST_REDIS_URL", url)
-                .env("RINGCAST_REDIS_PREFIX", format!("t{}-{n}", std::process::id()));
+            cmd.env("RINGCAST_REDIS_URL", url).env(
+                "RINGCAST_REDIS_PREFIX",
+                format!("t{}-{n}", std::process::id()),
+            );
         }
         if let Ok(level) = std::env::var("RINGCAST_LOG") {
             cmd.env("RINGCAST_LOG", level);
