@@ -114,6 +114,52 @@ async fn on_a_three_master_redis_cluster_with_sharded_pubsub_the_same_holds() {
         .map(|v| v["data"].clone())
         .collect();
     assert_eq!(data, vec![json!(4)]);
+
+    // A master killed and started again while batches over several slots are in flight:
+    // publishing works again on every node once the cluster is whole.
+    let a = std::sync::Arc::new(a);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = JoinSet::new();
+    for _ in 0..8 {
+        let (a, stop) = (a.clone(), stop.clone());
+        load.spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch: Vec<Value> = (0..20)
+                    .map(|i| json!({"channel": format!("project:k{i}"), "event": "e", "data": i}))
+                    .collect();
+                let _ = a.publish(&Value::Array(batch)).await;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut cluster = cluster;
+    cluster.nodes[1].kill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    cluster.nodes[1].restart();
+    cluster.wait_ok();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(r) = load.join_next().await {
+        r.unwrap();
+    }
+    let (mut ws, _, _) = subscribe(&b, "project:k7").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let batch: Vec<Value> = (0..20)
+        .map(|i| json!({"channel": format!("project:k{i}"), "event": "e", "data": "after"}))
+        .collect();
+    loop {
+        let (status, reply) = a.publish(&Value::Array(batch.clone())).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "publishing never came back: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let v = recv_json(&mut ws).await;
+    assert_eq!(v["data"], "after", "{v}");
 }
 
 /// Subscribers spread over `nodes`, each on one of ten channels, get every message published

@@ -377,7 +377,7 @@ async fn run(
     };
     let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
     let first = tokio::time::timeout(START_WAIT, async {
-        let mut conn = connect(&client, &settings, push_tx).await?;
+        let mut conn = connect(&client, &settings, push_tx.clone()).await?;
         let epoch =
             agree_on_epoch(&mut conn, &keys, &format!("{:016x}", rand::random::<u64>())).await?;
         RedisResult::Ok((conn, epoch))
@@ -410,13 +410,14 @@ async fn run(
         epoch: epoch.clone(),
         commands,
         sharded,
+        conn: std::sync::RwLock::new(conn.clone()),
     });
     // Reads go through the subscription task where each channel is subscribed on its own.
     let subscriptions = if sharded {
         ctx.health.pubsub.store(true, Ordering::Relaxed);
         tokio::spawn(shard_messages(ctx.clone(), push_rx));
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(subscription_loop(ctx.clone(), conn.clone(), rx));
+        tokio::spawn(subscription_loop(ctx.clone(), rx));
         Some(tx)
     } else {
         let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
@@ -432,7 +433,7 @@ async fn run(
         }
         None
     };
-    tokio::spawn(health_loop(ctx.clone(), conn.clone()));
+    tokio::spawn(health_loop(ctx.clone(), (client.clone(), push_tx)));
     if sharded && !ctx.settings.ingest.is_empty() {
         tracing::warn!("redis_ingest is not supported on a Redis Cluster yet: ignored");
     } else {
@@ -449,14 +450,14 @@ async fn run(
                     let _ = subscriptions.as_ref().expect("checked").send(cmd);
                 }
                 Cmd::Read(read) => {
-                    tokio::spawn(read_and_answer(ctx.clone(), conn.clone(), read));
+                    tokio::spawn(read_and_answer(ctx.clone(), ctx.conn(), read));
                 }
                 Cmd::Unsubscribe(_) => {}
             }
         }
         if !publishes.is_empty() {
             let batch = std::mem::take(&mut publishes);
-            tokio::spawn(publish_all(ctx.clone(), conn.clone(), batch));
+            tokio::spawn(publish_all(ctx.clone(), ctx.conn(), batch));
         }
     }
 }
@@ -478,14 +479,11 @@ async fn read_and_answer(ctx: Arc<Ctx>, mut conn: Conn, cmd: ReadCmd) {
 /// Sharded mode: subscribes a channel before its first read and unsubscribes it when the node
 /// forgot it, one operation at a time, in the order the cores asked (so an unsubscribe and a
 /// new subscription of the same channel cannot overtake each other).
-async fn subscription_loop(
-    ctx: Arc<Ctx>,
-    mut conn: Conn,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Cmd>,
-) {
+async fn subscription_loop(ctx: Arc<Ctx>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Cmd>) {
     let mut subscribed: std::collections::HashSet<Arc<str>> = Default::default();
     while let Some(cmd) = rx.recv().await {
-        let Conn::Cluster(cluster) = &mut conn else {
+        let conn = ctx.conn();
+        let Conn::Cluster(mut cluster) = conn.clone() else {
             return;
         };
         match cmd {
@@ -514,7 +512,7 @@ async fn subscription_loop(
                         continue;
                     }
                 }
-                tokio::spawn(read_and_answer(ctx.clone(), conn.clone(), read));
+                tokio::spawn(read_and_answer(ctx.clone(), conn, read));
             }
             Cmd::Unsubscribe(channel) => {
                 if subscribed.remove(&channel) {
@@ -547,7 +545,7 @@ async fn shard_messages(
                         let owner = channel::owner_core(&batch.channel, ctx.mesh.cores());
                         ctx.mesh.send(owner, MeshMsg::Remote(batch));
                     }
-                    Err(e) => tracing::warn!(error = %e, "unreadable message on Redis Pub/Sub"),
+                    Err(e) => unreadable(&e),
                 }
             }
             redis::PushKind::Disconnection => {
@@ -579,6 +577,14 @@ struct Ctx {
     commands: tokio::sync::mpsc::UnboundedSender<Cmd>,
     /// Redis is a Redis Cluster: one script call per channel, sharded Pub/Sub.
     sharded: bool,
+    /// The command connection in use (a Redis Cluster's is made anew when it stops answering).
+    conn: std::sync::RwLock<Conn>,
+}
+
+impl Ctx {
+    fn conn(&self) -> Conn {
+        self.conn.read().expect("not poisoned").clone()
+    }
 }
 
 type Request = (Vec<Group>, Option<Reply>);
@@ -789,6 +795,20 @@ async fn read_stream(
     }
 }
 
+/// Logs a Pub/Sub message this node could not read, at most one line every 10 s (a flood of
+/// them must not become a flood of log lines).
+fn unreadable(e: &wire::WireError) {
+    static LOG: std::sync::Mutex<Option<crate::runtime::worker::RateLimitedLog>> =
+        std::sync::Mutex::new(None);
+    let mut log = LOG.lock().expect("not poisoned");
+    let log = log.get_or_insert_with(|| {
+        crate::runtime::worker::RateLimitedLog::new(Duration::from_secs(10))
+    });
+    if let Some(held_back) = log.ready(std::time::Instant::now()) {
+        tracing::warn!(error = %e, held_back, "unreadable message on Redis Pub/Sub: skipped");
+    }
+}
+
 /// One `XRANGE` item: `[id, [field, value, …]]`.
 fn stored(v: &Value) -> Option<Stored> {
     let Value::Array(item) = v else { return None };
@@ -874,7 +894,7 @@ async fn pubsub_loop(
                             let owner = channel::owner_core(&batch.channel, ctx.mesh.cores());
                             ctx.mesh.send(owner, MeshMsg::Remote(batch));
                         }
-                        Err(e) => tracing::warn!(error = %e, "unreadable message on Redis Pub/Sub"),
+                        Err(e) => unreadable(&e),
                     }
                 }
                 _ = ping.tick() => {
@@ -894,14 +914,44 @@ async fn pubsub_loop(
 /// publishes.
 /// It also keeps the cluster's epoch in Redis (it is written again within a second of Redis
 /// losing it), and says so when Redis holds another one than this node's.
-async fn health_loop(ctx: Arc<Ctx>, mut conn: Conn) {
+///
+/// A Redis Cluster connection that has not answered for `REBUILD_AFTER` checks in a row is
+/// made anew (we have seen one stay stuck after a master restarted under load), and every
+/// core then reads its channels again, subscribing them on the new connection.
+async fn health_loop(
+    ctx: Arc<Ctx>,
+    (client, pushes): (
+        redis::Client,
+        tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+    ),
+) {
+    const REBUILD_AFTER: u32 = 3;
     let mut was_up = true;
     let mut other_epoch = None;
+    let mut failures = 0;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut conn = ctx.conn();
         let check = agree_on_epoch(&mut conn, &ctx.keys, &ctx.epoch);
         let answer = tokio::time::timeout(ctx.settings.timeout, check).await;
         let up = matches!(answer, Ok(Ok(_)));
+        failures = if up { 0 } else { failures + 1 };
+        if ctx.sharded && failures >= REBUILD_AFTER {
+            failures = 0;
+            let fresh = tokio::time::timeout(
+                ctx.settings.timeout,
+                connect(&client, &ctx.settings, pushes.clone()),
+            )
+            .await;
+            if let Ok(Ok(fresh @ Conn::Cluster(_))) = fresh {
+                tracing::warn!("the Redis Cluster connection stopped answering: made anew");
+                *ctx.conn.write().expect("not poisoned") = fresh;
+                ctx.health.resubscribe.store(true, Ordering::Relaxed);
+                for core in 0..ctx.mesh.cores() {
+                    ctx.mesh.send(core, MeshMsg::Resync);
+                }
+            }
+        }
         if let Ok(Ok(epoch)) = answer {
             if epoch != ctx.epoch && other_epoch.as_ref() != Some(&epoch) {
                 tracing::error!(

@@ -146,17 +146,20 @@ impl RedisCluster {
             .output()
             .expect("redis-cli (Debian package redis-tools) on the PATH");
         assert!(out.status.success(), "redis-cli --cluster create: {out:?}");
-        let deadline = Instant::now() + WAIT;
-        for node in &nodes {
+        let cluster = RedisCluster { nodes, dir };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every node says the cluster is whole.
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + 2 * WAIT;
+        for node in &self.nodes {
             while !node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
-                assert!(
-                    Instant::now() < deadline,
-                    "the Redis Cluster did not come up"
-                );
+                assert!(Instant::now() < deadline, "the Redis Cluster is not whole");
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        RedisCluster { nodes, dir }
     }
 
     pub fn url(&self) -> String {
