@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+use ringcast::cluster::control::ControlSettings;
 use ringcast::cluster::{ClusterSettings, Redis};
 use ringcast::delivery::session::SessionConfig;
 use ringcast::edge::config::{Command, Config, Flags, IoDriver, TokenSettings};
@@ -79,6 +80,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     let verifier = Arc::new(verifier(&config, dev_mode.then_some(jwt_secret.as_str()))?);
     let (mesh, inboxes) = mesh::mesh(config.workers, config.mesh_queue_bytes);
+    let listeners = worker::bind_listeners(config.listen, config.workers)
+        .map_err(|e| listen_error(config.listen, &e))?;
+    let addr = listeners[0].local_addr()?;
     let broker = match &config.redis {
         None => Broker::Local,
         Some(redis) => Broker::Redis(Redis::start(
@@ -88,6 +92,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 timeout: redis.timeout,
                 ring: config.ring,
                 ingest: redis.ingest.clone(),
+                control: ControlSettings {
+                    instance: redis
+                        .instance
+                        .clone()
+                        .unwrap_or_else(|| default_instance(addr.port())),
+                    registry_ttl: redis.registry_ttl,
+                    refresh: redis.registry_refresh,
+                    max_connections: redis.max_connections,
+                    limits: config.limits,
+                    rate_limit: redis.rate_limit,
+                    node_rate_limit: config.node_rate_limit,
+                },
             },
             mesh.clone(),
         )?),
@@ -109,10 +125,6 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         })?,
         broker,
     ));
-    let listeners = worker::bind_listeners(config.listen, config.workers)
-        .map_err(|e| listen_error(config.listen, &e))?;
-    let addr = listeners[0].local_addr()?;
-
     let edge = Arc::new(Edge {
         verifier,
         api_key: api_key.clone(),
@@ -143,6 +155,31 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     drain_on_signal(signals, &shared, config.drain_timeout);
     Ok(())
+}
+
+/// A node's name in the cluster when none is set: the host's name and the port, which stay the
+/// same when it restarts (the name is cut to what an instance id may hold).
+fn default_instance(port: u16) -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let host = unsafe {
+        if libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) == 0 {
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            String::from_utf8_lossy(&buf[..end]).into_owned()
+        } else {
+            String::new()
+        }
+    };
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(48)
+        .collect();
+    if host.is_empty() {
+        format!("node-{port}")
+    } else {
+        format!("{host}-{port}")
+    }
 }
 
 /// Descriptors kept back from client sockets: listeners, io_uring and mesh descriptors of every
@@ -266,6 +303,7 @@ fn settings(config: &Config) -> Settings {
         terminal_max_bytes_per_sec: config.terminal_max_bytes_per_sec,
         max_inflated_bytes_per_sec: config.max_inflated_bytes_per_sec,
         edge: config.edge,
+        presence: config.presence.clone(),
         release_memory,
     }
 }

@@ -18,6 +18,7 @@
 //! request on an open HTTP connection, and those are bounded) and one per stream read in
 //! flight (at most one per channel and resume position).
 
+pub mod control;
 pub mod ingest;
 pub mod wire;
 
@@ -30,6 +31,9 @@ use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd as RedisCmd, Pipeline, RedisFuture, RedisResult, Script, Value};
 
+use std::collections::HashMap;
+
+use crate::delivery::access::Overrides;
 use crate::delivery::channel;
 use crate::delivery::ring::RingBounds;
 use crate::delivery::Publication;
@@ -48,6 +52,8 @@ pub struct ClusterSettings {
     pub ring: RingBounds,
     /// Redis streams and Pub/Sub channels whose messages are published (see `ingest`).
     pub ingest: Vec<ingest::Source>,
+    /// The registry, the cluster-wide limits and the admin commands (see `control`).
+    pub control: control::ControlSettings,
 }
 
 /// Redis did not take a publish (away, stalled, or it answered an error).
@@ -78,6 +84,7 @@ enum Cmd {
     Read(ReadCmd),
     /// Sharded mode: this node no longer keeps the channel.
     Unsubscribe(Arc<str>),
+    Control(control::Cmd),
 }
 
 /// A read of `channel`'s stream after `after`, answered to the owner `core` as read `id`.
@@ -131,6 +138,9 @@ pub struct Redis {
     pub epoch: String,
     /// Redis runs as a Redis Cluster: each channel is subscribed on its own (sharded Pub/Sub).
     sharded: bool,
+    instance: String,
+    /// The admins' changes to users' access as Redis held them when the node started.
+    pub overrides_at_start: HashMap<String, Overrides>,
 }
 
 #[derive(Default)]
@@ -143,6 +153,23 @@ struct Health {
     ingest_refused: AtomicU64,
     /// Sharded mode: a connection was lost; subscribe every channel again on its next read.
     resubscribe: AtomicBool,
+    /// The connection limits are this node's own, not the cluster's (Redis did not answer).
+    limits_local: AtomicBool,
+}
+
+impl Health {
+    /// Records whether the limits in force are the node's own; says so when that changes.
+    fn set_limits_local(&self, local: bool) {
+        if self.limits_local.swap(local, Ordering::Relaxed) != local {
+            if local {
+                tracing::warn!(
+                    "Redis does not answer: connection limits are this node's own until it does"
+                );
+            } else {
+                tracing::info!("connection limits are the cluster's again");
+            }
+        }
+    }
 }
 
 /// Assigns seqs, appends to each channel's stream and sends each channel's batch to the nodes,
@@ -209,10 +236,11 @@ impl Redis {
     /// then keeps doing so on a thread of its own. Fails if Redis cannot be reached within
     /// a few seconds.
     pub fn start(settings: ClusterSettings, mesh: Mesh) -> Result<Redis, String> {
+        let settings_instance = settings.control.instance.clone();
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| format!("RINGCAST_REDIS_URL: {e}"))?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(String, bool), String>>();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<Started, String>>();
         let health = Arc::new(Health::default());
         let thread_health = health.clone();
         let commands = tx.clone();
@@ -233,15 +261,103 @@ impl Redis {
                 ));
             })
             .map_err(|e| format!("cannot start the Redis thread: {e}"))?;
-        let (epoch, sharded) = started_rx
+        let instance = settings_instance;
+        let started = started_rx
             .recv()
             .map_err(|_| "the Redis thread ended".to_owned())??;
         Ok(Redis {
             tx,
             health,
-            epoch,
-            sharded,
+            epoch: started.epoch,
+            sharded: started.sharded,
+            instance,
+            overrides_at_start: started.overrides,
         })
+    }
+
+    /// This node's name in the cluster.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Whether the connection limits in force are this node's own (Redis did not answer).
+    pub fn limits_local(&self) -> bool {
+        self.health.limits_local.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection attempt against the cluster's limits; `None` when Redis did not
+    /// answer in time (then the node's own limits decide).
+    pub async fn admit(&self, member: control::Member) -> Option<control::Admission> {
+        if !self.is_up() {
+            // Known to be away (checked every second): no handshake waits for it meanwhile.
+            self.health.set_limits_local(true);
+            return None;
+        }
+        let (reply, answer) = futures_channel::oneshot::channel();
+        let sent = self
+            .tx
+            .send(Cmd::Control(control::Cmd::Admit { member, reply }));
+        let answer = match sent {
+            Ok(()) => answer.await.ok().flatten(),
+            Err(_) => None,
+        };
+        self.health.set_limits_local(answer.is_none());
+        answer
+    }
+
+    /// Takes a connection off the cluster's counts and the registry.
+    pub fn release(&self, conn: u64) {
+        let _ = self.tx.send(Cmd::Control(control::Cmd::Release { conn }));
+    }
+
+    /// Asks node `instance` to close its connection `conn` (displaced by a newer one).
+    pub fn evict(&self, instance: String, conn: u64) {
+        let _ = self
+            .tx
+            .send(Cmd::Control(control::Cmd::Evict { instance, conn }));
+    }
+
+    /// Runs an admin command on every other live node; their answers.
+    pub async fn admin_elsewhere(
+        &self,
+        cmd: crate::runtime::core::AdminCmd,
+    ) -> Result<control::Elsewhere, String> {
+        let (reply, answer) = futures_channel::oneshot::channel();
+        self.tx
+            .send(Cmd::Control(control::Cmd::Admin { cmd, reply }))
+            .map_err(|_| "the Redis thread ended".to_owned())?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the Redis thread ended".into()))
+    }
+
+    /// This node's presence changes of a channel (the cluster's are published).
+    pub fn presence(&self, change: crate::delivery::presence::Change) {
+        let _ = self.tx.send(Cmd::Control(control::Cmd::Presence(change)));
+    }
+
+    /// Who is on a presence channel in the whole cluster; `None` if Redis did not answer.
+    pub async fn presence_members(&self, channel: Arc<str>) -> Option<Vec<String>> {
+        let (reply, answer) = futures_channel::oneshot::channel();
+        self.tx
+            .send(Cmd::Control(control::Cmd::Members { channel, reply }))
+            .ok()?;
+        answer.await.ok().flatten()
+    }
+
+    /// Stores an admin's change of `user`'s access in Redis; the user's changes now in force.
+    pub async fn store(&self, user: String, change: control::Change) -> Result<Overrides, String> {
+        let (reply, answer) = futures_channel::oneshot::channel();
+        self.tx
+            .send(Cmd::Control(control::Cmd::Store {
+                user,
+                change,
+                reply,
+            }))
+            .map_err(|_| "the Redis thread ended".to_owned())?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the Redis thread ended".into()))
     }
 
     /// Whether each channel is subscribed in Redis on its own (a Redis Cluster).
@@ -370,7 +486,7 @@ async fn run(
         tokio::sync::mpsc::UnboundedReceiver<Cmd>,
     ),
     health: Arc<Health>,
-    started: std::sync::mpsc::Sender<Result<(String, bool), String>>,
+    started: std::sync::mpsc::Sender<Result<Started, String>>,
 ) {
     let keys = Keys {
         prefix: settings.prefix.clone(),
@@ -400,7 +516,9 @@ async fn run(
     };
     let sharded = matches!(conn, Conn::Cluster(_));
     health.commands.store(true, Ordering::Relaxed);
+    let control = control::State::new(settings.control.clone());
     let ctx = Arc::new(Ctx {
+        control,
         settings,
         keys,
         mesh,
@@ -412,9 +530,44 @@ async fn run(
         sharded,
         conn: std::sync::RwLock::new(conn.clone()),
     });
+    // What Redis holds of this node's earlier run goes; what the admins changed stays.
+    let prepared = tokio::time::timeout(START_WAIT, async {
+        let stale = control::reset(&ctx).await?;
+        let overrides = control::load_overrides(&ctx.keys.prefix, &mut ctx.conn()).await?;
+        RedisResult::Ok((stale, overrides))
+    })
+    .await;
+    let overrides = match prepared {
+        Ok(Ok((stale, overrides))) => {
+            if stale > 0 {
+                tracing::info!(
+                    stale,
+                    "cleared this node's entries of an earlier run from Redis"
+                );
+            }
+            overrides
+        }
+        Ok(Err(e)) => {
+            let _ = started.send(Err(format!(
+                "cannot prepare the cluster state in Redis: {e}"
+            )));
+            return;
+        }
+        Err(_) => {
+            let _ = started.send(Err("Redis did not answer while the node started".into()));
+            return;
+        }
+    };
     // Reads go through the subscription task where each channel is subscribed on its own.
     let subscriptions = if sharded {
         ctx.health.pubsub.store(true, Ordering::Relaxed);
+        let Conn::Cluster(mut cluster) = ctx.conn() else {
+            unreachable!("sharded means a cluster connection")
+        };
+        if let Err(e) = cluster.ssubscribe(control::channel(&ctx.keys.prefix)).await {
+            let _ = started.send(Err(format!("cannot subscribe to the control channel: {e}")));
+            return;
+        }
         tokio::spawn(shard_messages(ctx.clone(), push_rx));
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(subscription_loop(ctx.clone(), rx));
@@ -439,7 +592,12 @@ async fn run(
     } else {
         ingest::start(&ctx, &client, &ctx.settings.ingest);
     }
-    let _ = started.send(Ok((epoch, sharded)));
+    tokio::spawn(control::refresh_loop(ctx.clone()));
+    let _ = started.send(Ok(Started {
+        epoch,
+        sharded,
+        overrides,
+    }));
     let mut publishes = Vec::new();
     while let Some(cmd) = rx.recv().await {
         let mut next = Some(cmd);
@@ -453,6 +611,9 @@ async fn run(
                     tokio::spawn(read_and_answer(ctx.clone(), ctx.conn(), read));
                 }
                 Cmd::Unsubscribe(_) => {}
+                Cmd::Control(cmd) => {
+                    tokio::spawn(control::handle(ctx.clone(), cmd));
+                }
             }
         }
         if !publishes.is_empty() {
@@ -522,7 +683,7 @@ async fn subscription_loop(ctx: Arc<Ctx>, mut rx: tokio::sync::mpsc::UnboundedRe
                             .await;
                 }
             }
-            Cmd::Publish { .. } => {}
+            Cmd::Publish { .. } | Cmd::Control(_) => {}
         }
     }
 }
@@ -534,12 +695,18 @@ async fn shard_messages(
     ctx: Arc<Ctx>,
     mut pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
 ) {
+    let control = control::channel(&ctx.keys.prefix);
     while let Some(push) = pushes.recv().await {
         match push.kind {
             redis::PushKind::SMessage => {
                 let Some(Value::BulkString(payload)) = push.data.get(1) else {
                     continue;
                 };
+                if matches!(push.data.first(), Some(Value::BulkString(c)) if *c == control.as_bytes())
+                {
+                    control::on_message(&ctx, payload);
+                    continue;
+                }
                 match Batch::parse(payload) {
                     Ok(batch) => {
                         let owner = channel::owner_core(&batch.channel, ctx.mesh.cores());
@@ -565,8 +732,16 @@ async fn shard_messages(
     }
 }
 
+/// What the Redis thread tells `Redis::start` once the node may serve.
+struct Started {
+    epoch: String,
+    sharded: bool,
+    overrides: HashMap<String, Overrides>,
+}
+
 struct Ctx {
     settings: ClusterSettings,
+    control: control::State,
     keys: Keys,
     mesh: Mesh,
     health: Arc<Health>,
@@ -848,10 +1023,11 @@ async fn pubsub_loop(
     let mut subscribed = Some(subscribed);
     let mut backoff = Duration::from_millis(50);
     let events = ctx.keys.events();
+    let control = control::channel(&ctx.keys.prefix);
     loop {
         let connected = tokio::time::timeout(ctx.settings.timeout, async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&events).await?;
+            pubsub.subscribe(&[&events, &control]).await?;
             RedisResult::Ok(pubsub)
         })
         .await;
@@ -879,6 +1055,18 @@ async fn pubsub_loop(
                 for core in 0..ctx.mesh.cores() {
                     ctx.mesh.send(core, MeshMsg::Resync);
                 }
+                // Admin changes made meanwhile reached this node by no message: read them.
+                match control::load_overrides(&ctx.keys.prefix, &mut conn).await {
+                    Ok(all) => {
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move {
+                            ctx.mesh
+                                .admin(crate::runtime::core::AdminCmd::Replace(all))
+                                .await
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read the admins' changes"),
+                }
             }
         }
         // A connection that went away without a word (a lost host, a failover behind a
@@ -889,6 +1077,10 @@ async fn pubsub_loop(
             tokio::select! {
                 msg = messages.next() => {
                     let Some(msg) = msg else { break };
+                    if msg.get_channel_name() == control {
+                        control::on_message(&ctx, msg.get_payload_bytes());
+                        continue;
+                    }
                     match Batch::parse(msg.get_payload_bytes()) {
                         Ok(batch) => {
                             let owner = channel::owner_core(&batch.channel, ctx.mesh.cores());
@@ -964,6 +1156,7 @@ async fn health_loop(
             other_epoch = (epoch != ctx.epoch).then_some(epoch);
         }
         ctx.health.commands.store(up, Ordering::Relaxed);
+        ctx.health.set_limits_local(!up);
         if up != was_up {
             if up {
                 tracing::info!("Redis answers again");

@@ -257,6 +257,11 @@ impl Keys {
         format!("{}:{{{channel}}}:s", self.prefix)
     }
 
+    /// A channel's presence: hash `instance|user` → the Unix ms the entry lives until.
+    pub fn presence(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:pr", self.prefix)
+    }
+
     /// A channel's own sharded Pub/Sub channel (on a Redis Cluster), in its keys' slot.
     pub fn shard_channel(&self, channel: &str) -> String {
         format!("{}:{{{channel}}}:p", self.prefix)

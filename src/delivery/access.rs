@@ -38,7 +38,8 @@ pub struct Claims {
 }
 
 /// An admin's changes to one user's access, applied over whatever the token says.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Overrides {
     /// Channels the user may not subscribe to, whatever the token says.
     pub revoked_channels: Vec<String>,

@@ -35,6 +35,26 @@ pub struct Heartbeat {
     next_ping: Instant,
     ping_sent: Option<Instant>,
     missed: u32,
+    /// When the client last answered a ping (or connected), as `coarse` time: it fits where
+    /// the struct had padding.
+    last_pong: u32,
+}
+
+/// A time to the second in 4 bytes: seconds since the process first asked (for what a
+/// connection keeps for the registry and the admin API, not for deadlines).
+pub fn coarse(t: Instant) -> u32 {
+    let secs = t.saturating_duration_since(coarse_base()).as_secs();
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+/// The `Instant` of a `coarse` time.
+pub fn from_coarse(secs: u32) -> Instant {
+    coarse_base() + Duration::from_secs(secs.into())
+}
+
+fn coarse_base() -> Instant {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(Instant::now)
 }
 
 impl Heartbeat {
@@ -43,12 +63,19 @@ impl Heartbeat {
             next_ping: now + cfg.ping_interval,
             ping_sent: None,
             missed: 0,
+            last_pong: coarse(now),
         }
     }
 
-    pub fn handle_pong(&mut self) {
+    pub fn handle_pong(&mut self, now: Instant) {
         self.ping_sent = None;
         self.missed = 0;
+        self.last_pong = coarse(now);
+    }
+
+    /// When the client last answered a ping (its connect time until then), to the second.
+    pub fn last_pong(&self) -> Instant {
+        from_coarse(self.last_pong)
     }
 
     /// What is due at `now`.
@@ -115,7 +142,7 @@ mod tests {
         for round in 1..=10u64 {
             assert_eq!(hb.poll(t0 + s(30 * round), &cfg), Beat::SendPing);
             if round % 2 == 0 {
-                hb.handle_pong();
+                hb.handle_pong(t0);
             }
             assert_ne!(hb.poll(t0 + s(30 * round + 10), &cfg), Beat::Dead);
         }

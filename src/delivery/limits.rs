@@ -66,6 +66,16 @@ pub struct Refused {
     pub reason: String,
 }
 
+/// Which limits a node checks itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checks {
+    /// Every limit, on this node's counts alone.
+    All,
+    /// Only the node's own capacity (`total`): the others were checked cluster-wide. The
+    /// connection is still counted everywhere, for the node-local fallback.
+    CapacityOnly,
+}
+
 /// An admitted connection, and the older one it displaces, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admitted {
@@ -130,8 +140,12 @@ impl Limits {
         user: &str,
         projects: &[String],
         now_secs: u64,
+        checks: Checks,
     ) -> Result<Admitted, Refused> {
-        let c = self.cfg;
+        let mut c = self.cfg;
+        if checks == Checks::CapacityOnly {
+            (c.per_ip_per_minute, c.per_project, c.per_user) = (0, 0, 0);
+        }
         if c.per_ip_per_minute > 0 && (c.limit_loopback || !ip.is_loopback()) {
             let minute = now_secs / 60;
             let mut windows = self.ip_windows.of(&ip);
@@ -248,6 +262,10 @@ impl Limits {
     pub fn total(&self) -> u32 {
         self.total.load(Ordering::Acquire)
     }
+
+    pub fn config(&self) -> &LimitConfig {
+        &self.cfg
+    }
 }
 
 #[cfg(test)]
@@ -275,15 +293,19 @@ mod tests {
     fn per_ip_rate_per_minute_with_retry_after() {
         let l = limits(|c| c.per_ip_per_minute = 2);
         let a = ip("10.0.0.1");
-        assert!(l.admit(1, a, "u", &[], 120).is_ok());
-        assert!(l.admit(2, a, "u", &[], 130).is_ok());
-        let r = l.admit(3, a, "u", &[], 150).unwrap_err();
+        assert!(l.admit(1, a, "u", &[], 120, Checks::All).is_ok());
+        assert!(l.admit(2, a, "u", &[], 130, Checks::All).is_ok());
+        let r = l.admit(3, a, "u", &[], 150, Checks::All).unwrap_err();
         assert_eq!((r.status, r.retry_after_secs), (429, Some(30)));
         assert!(
-            l.admit(4, ip("10.0.0.2"), "u", &[], 150).is_ok(),
+            l.admit(4, ip("10.0.0.2"), "u", &[], 150, Checks::All)
+                .is_ok(),
             "other IPs unaffected"
         );
-        assert!(l.admit(5, a, "u", &[], 180).is_ok(), "next minute");
+        assert!(
+            l.admit(5, a, "u", &[], 180, Checks::All).is_ok(),
+            "next minute"
+        );
     }
 
     #[test]
@@ -293,42 +315,54 @@ mod tests {
             c.limit_loopback = false;
         });
         for id in 0..5 {
-            assert!(l.admit(id, ip("127.0.0.1"), "u", &[], 0).is_ok());
+            assert!(l
+                .admit(id, ip("127.0.0.1"), "u", &[], 0, Checks::All)
+                .is_ok());
         }
     }
 
     #[test]
     fn per_user_reject_or_close_oldest() {
         let l = limits(|c| c.per_user = 2);
-        assert!(l.admit(1, ip("10.0.0.1"), "u", &[], 0).is_ok());
-        assert!(l.admit(2, ip("10.0.0.1"), "u", &[], 0).is_ok());
+        assert!(l.admit(1, ip("10.0.0.1"), "u", &[], 0, Checks::All).is_ok());
+        assert!(l.admit(2, ip("10.0.0.1"), "u", &[], 0, Checks::All).is_ok());
         assert_eq!(
-            l.admit(3, ip("10.0.0.1"), "u", &[], 0).unwrap_err().status,
+            l.admit(3, ip("10.0.0.1"), "u", &[], 0, Checks::All)
+                .unwrap_err()
+                .status,
             429
         );
-        assert!(l.admit(3, ip("10.0.0.1"), "v", &[], 0).is_ok());
+        assert!(l.admit(3, ip("10.0.0.1"), "v", &[], 0, Checks::All).is_ok());
         l.release(1, "u", &[]);
-        assert!(l.admit(4, ip("10.0.0.1"), "u", &[], 0).is_ok());
+        assert!(l.admit(4, ip("10.0.0.1"), "u", &[], 0, Checks::All).is_ok());
 
         let l = limits(|c| {
             c.per_user = 2;
             c.user_policy = UserPolicy::CloseOldest;
         });
-        l.admit(1, ip("10.0.0.1"), "u", &[], 0).unwrap();
-        l.admit(2, ip("10.0.0.1"), "u", &[], 0).unwrap();
+        l.admit(1, ip("10.0.0.1"), "u", &[], 0, Checks::All)
+            .unwrap();
+        l.admit(2, ip("10.0.0.1"), "u", &[], 0, Checks::All)
+            .unwrap();
         assert_eq!(
-            l.admit(3, ip("10.0.0.1"), "u", &[], 0).unwrap().evict,
+            l.admit(3, ip("10.0.0.1"), "u", &[], 0, Checks::All)
+                .unwrap()
+                .evict,
             Some(1)
         );
         // Before 1 is gone, a fourth displaces 2, not 1 again: the user never holds more.
         assert_eq!(
-            l.admit(4, ip("10.0.0.1"), "u", &[], 0).unwrap().evict,
+            l.admit(4, ip("10.0.0.1"), "u", &[], 0, Checks::All)
+                .unwrap()
+                .evict,
             Some(2)
         );
         l.release(1, "u", &[]);
         l.release(2, "u", &[]);
         assert_eq!(
-            l.admit(5, ip("10.0.0.1"), "u", &[], 0).unwrap().evict,
+            l.admit(5, ip("10.0.0.1"), "u", &[], 0, Checks::All)
+                .unwrap()
+                .evict,
             Some(3)
         );
     }
@@ -340,20 +374,26 @@ mod tests {
             c.total = 3;
         });
         let p = vec!["p1".to_string()];
-        l.admit(1, ip("10.0.0.1"), "u", &p, 0).unwrap();
+        l.admit(1, ip("10.0.0.1"), "u", &p, 0, Checks::All).unwrap();
         assert_eq!(
-            l.admit(2, ip("10.0.0.1"), "v", &p, 0).unwrap_err().status,
+            l.admit(2, ip("10.0.0.1"), "v", &p, 0, Checks::All)
+                .unwrap_err()
+                .status,
             503
         );
-        l.admit(2, ip("10.0.0.1"), "v", &[], 0).unwrap();
-        l.admit(3, ip("10.0.0.1"), "w", &[], 0).unwrap();
+        l.admit(2, ip("10.0.0.1"), "v", &[], 0, Checks::All)
+            .unwrap();
+        l.admit(3, ip("10.0.0.1"), "w", &[], 0, Checks::All)
+            .unwrap();
         assert_eq!(
-            l.admit(4, ip("10.0.0.1"), "x", &[], 0).unwrap_err().status,
+            l.admit(4, ip("10.0.0.1"), "x", &[], 0, Checks::All)
+                .unwrap_err()
+                .status,
             503
         );
         l.release(1, "u", &p);
         assert_eq!(l.total(), 2);
-        l.admit(5, ip("10.0.0.1"), "y", &p, 0).unwrap();
+        l.admit(5, ip("10.0.0.1"), "y", &p, 0, Checks::All).unwrap();
     }
 
     #[test]
@@ -372,7 +412,9 @@ mod tests {
                     for i in 0..2_000u64 {
                         let id = t << 32 | i;
                         let user = if i % 2 == 0 { "u" } else { "v" };
-                        if l.admit(id, ip("10.0.0.1"), user, &p, 0).is_ok() {
+                        if l.admit(id, ip("10.0.0.1"), user, &p, 0, Checks::All)
+                            .is_ok()
+                        {
                             peak.fetch_max(l.total(), Ordering::Relaxed);
                             l.release(id, user, &p);
                         }
@@ -395,10 +437,12 @@ mod tests {
         let l = limits(|c| c.per_ip_per_minute = 5);
         let addr = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
         for i in 0..20_000u32 {
-            l.admit(i as u64, addr(i), "u", &[], 0).unwrap();
+            l.admit(i as u64, addr(i), "u", &[], 0, Checks::All)
+                .unwrap();
         }
         for i in 20_000..40_000u32 {
-            l.admit(i as u64, addr(i), "u", &[], 600).unwrap();
+            l.admit(i as u64, addr(i), "u", &[], 600, Checks::All)
+                .unwrap();
         }
         let kept: usize = l.ip_windows.0.iter().map(|s| s.lock().unwrap().len()).sum();
         assert!(

@@ -16,6 +16,7 @@ pub mod deadline;
 pub mod filter;
 pub mod heartbeat;
 pub mod limits;
+pub mod presence;
 pub mod progress;
 pub mod queue;
 pub mod ring;
@@ -125,6 +126,15 @@ fn shared(cell: &OnceLock<Bytes>, build: impl FnOnce() -> Bytes) -> (&Bytes, boo
 }
 
 impl Publication {
+    /// A `presence` event: who joined and who left `channel` (never replayed).
+    pub fn presence(channel: Arc<str>, joined: &[String], left: &[String]) -> Publication {
+        let data = serde_json::json!({ "joined": joined, "left": left }).to_string();
+        Publication {
+            ephemeral: true,
+            ..Publication::new(channel, "presence", &data)
+        }
+    }
+
     /// A plain durable message: normal priority, no visibility fields, no key, no TTL.
     pub fn new(channel: Arc<str>, event: &str, data: &str) -> Publication {
         Publication {

@@ -81,6 +81,12 @@ impl Bucket {
         }
     }
 
+    /// Changes the rate from now on (0: no limit); tokens held stay, up to the new bound.
+    pub fn set_rate(&mut self, rate: u32) {
+        self.rate = f64::from(rate);
+        self.tokens = self.tokens.min(self.rate.max(1.0));
+    }
+
     fn refill(&mut self, now: Instant) {
         if let Some(last) = self.last {
             let add = now.duration_since(last).as_secs_f64() * self.rate;

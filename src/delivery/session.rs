@@ -26,7 +26,7 @@ use bytes::Bytes;
 use super::access::{Authenticator, Claims, Overrides};
 use super::channel;
 use super::filter::{parse_list, text_match, Filter, FilterError, TextMatch};
-use super::heartbeat::{Beat, Heartbeat, HeartbeatConfig};
+use super::heartbeat::{self, Beat, Heartbeat, HeartbeatConfig};
 use super::queue::{Bucket, Next, Pushed, SendQueue};
 use super::sequencer::{Resume, SubscribeAck};
 use super::sse::SseStream;
@@ -96,6 +96,8 @@ pub enum Effect {
     },
     /// Cut the socket both ways (the peer did not finish the close handshake in time).
     Cut,
+    /// Answer who is on `channel` (the client may read it).
+    Presence { channel: Arc<str> },
 }
 
 /// What the driver should write next.
@@ -260,6 +262,8 @@ pub struct Session {
     bucket: Bucket,
     heartbeat: Heartbeat,
     messages: Window,
+    /// When the connection opened (`heartbeat::coarse`).
+    connected: u32,
     /// Set for a Server-Sent Events stream: its position, written as `id:`.
     sse: Option<Box<SseStream>>,
     cold: Option<Box<Cold>>,
@@ -291,9 +295,18 @@ impl Session {
             bucket: Bucket::new(config.connection_rate_limit),
             heartbeat: Heartbeat::new(now, &config.heartbeat),
             messages: Window::new(now),
+            connected: heartbeat::coarse(now),
             sse: None,
             cold: None,
         }
+    }
+
+    /// When the connection opened, and when its client last answered a ping.
+    pub fn times(&self) -> (Instant, Instant) {
+        (
+            heartbeat::from_coarse(self.connected),
+            self.heartbeat.last_pong(),
+        )
     }
 
     /// Makes this an event stream (`/events`) at the position `sse` holds.
@@ -914,7 +927,7 @@ impl Session {
                     self.queue.push_pong(pong);
                 }
             }
-            Event::Pong(_) => self.heartbeat.handle_pong(),
+            Event::Pong(_) => self.heartbeat.handle_pong(ctx.now),
             Event::Close { code, .. } => {
                 // Answer the peer's close with its own code, unless we started the handshake.
                 let code = code.unwrap_or(1000);
@@ -990,6 +1003,19 @@ impl Session {
             Ok(ClientMessage::Refresh { token }) => self.refresh(&token, ctx, out),
             Ok(ClientMessage::Ack { channel, seq }) => self.ack(&channel, seq),
             Ok(ClientMessage::Pause) => self.pause(ctx),
+            Ok(ClientMessage::Presence { channel }) => {
+                if let Err(e) = channel::validate(&channel) {
+                    let message = e.to_string();
+                    self.error(ErrorCode::BadChannel, &message, Some(&channel), ctx);
+                } else if !self.claims.can_subscribe(&channel) {
+                    let message = format!("not allowed to read {channel}");
+                    self.error(ErrorCode::Forbidden, &message, Some(&channel), ctx);
+                } else {
+                    out.push(Effect::Presence {
+                        channel: channel.into(),
+                    });
+                }
+            }
             Ok(ClientMessage::Resume) => self.resume(ctx),
             Ok(ClientMessage::Filter {
                 agent_ids,
@@ -1183,7 +1209,7 @@ impl Session {
                     // An SSE client cannot answer: the comment keeps proxies and the browser's
                     // idle timers happy, and a dead peer fails the write.
                     self.push_control(Bytes::from_static(b": ping\n\n"), now, ctx.config);
-                    self.heartbeat.handle_pong();
+                    self.heartbeat.handle_pong(now);
                 }
                 Beat::SendPing => {
                     self.push_control(Bytes::from_static(&[0x89, 0x00]), now, ctx.config)

@@ -7,9 +7,11 @@
 
 use serde::Deserialize;
 
+use crate::cluster::control::{Change, NodeAnswer};
 use crate::delivery::channel;
 use crate::proto::http::Request;
-use crate::runtime::core::{AdminAnswer, AdminCmd, ConnInfo, Core};
+use crate::runtime::core::{AdminAnswer, AdminCmd, ConnInfo, Core, ListQuery};
+use crate::runtime::node::Broker;
 
 use super::http::{bearer, same_secret, Edge, Reply};
 
@@ -49,14 +51,7 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Opt
         return Some(Reply::error(405, "method not allowed").with_header("Allow", method));
     }
     if action == "connections" {
-        let mut all: Vec<ConnInfo> = Vec::new();
-        for answer in core.shared.admin(AdminCmd::List).await {
-            if let AdminAnswer::Connections(list) = answer {
-                all.extend(list);
-            }
-        }
-        let body = serde_json::json!({ "count": all.len(), "connections": all });
-        return Some(Reply::json(200, body.to_string().into_bytes()));
+        return Some(list(core, req).await);
     }
     let target: Target = match serde_json::from_slice(body) {
         Ok(t) => t,
@@ -71,10 +66,11 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Opt
         }
     }
     let projects: Vec<String> = target.project_id.iter().cloned().collect();
-    let (cmd, key) = match action {
+    let user = target.user_id.clone();
+    let (mut cmd, key) = match action {
         "disconnect" => (
             AdminCmd::Disconnect {
-                user: target.user_id.clone(),
+                user: user.clone(),
                 reason: target
                     .reason
                     .unwrap_or_else(|| "disconnected by an admin".into()),
@@ -86,17 +82,19 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Opt
         }
         "revoke" => (
             AdminCmd::Revoke {
-                user: target.user_id.clone(),
+                user: user.clone(),
                 channels: target.channels,
                 projects,
+                then: None,
             },
             "unsubscribed",
         ),
         _ => (
             AdminCmd::Grant {
-                user: target.user_id.clone(),
+                user: user.clone(),
                 channels: target.channels,
                 projects,
+                then: None,
             },
             "connections",
         ),
@@ -110,19 +108,124 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Opt
         },
         "project_id": target.project_id,
     });
-    let total: usize = core
-        .shared
-        .admin(cmd)
-        .await
-        .into_iter()
-        .map(|a| match a {
-            AdminAnswer::Count(n) => n,
-            AdminAnswer::Connections(_) => 0,
-        })
-        .sum();
+    let redis = match &core.shared.broker {
+        Broker::Redis(redis) => Some(redis),
+        Broker::Local => None,
+    };
+    // Cluster mode: the change is stored first (it outlives every node), then every node
+    // sets what was stored.
+    if let (
+        Some(redis),
+        AdminCmd::Revoke {
+            channels,
+            projects,
+            then,
+            ..
+        }
+        | AdminCmd::Grant {
+            channels,
+            projects,
+            then,
+            ..
+        },
+    ) = (redis, &mut cmd)
+    {
+        let stored = match action {
+            "revoke" => Change::Revoke {
+                channels: channels.clone(),
+                projects: projects.clone(),
+            },
+            _ => Change::Grant {
+                channels: channels.clone(),
+                projects: projects.clone(),
+            },
+        };
+        match redis.store(user.clone(), stored).await {
+            Ok(o) => *then = Some(o),
+            Err(e) => {
+                let msg = format!("the change was not stored in Redis, nothing changed: {e}");
+                return Some(Reply::error(503, &msg).with_header("Retry-After", "1"));
+            }
+        }
+    }
+    let here = NodeAnswer::of(
+        core.shared.instance().unwrap_or(""),
+        core.shared.admin(cmd.clone()).await,
+    );
+    let mut body = serde_json::json!({ "user_id": user });
+    let mut total = here.count;
+    if let Some(redis) = redis {
+        let (elsewhere, missing) = match redis.admin_elsewhere(cmd).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                tracing::warn!(error = %e, "an admin command reached this node only");
+                (
+                    Vec::new(),
+                    vec!["(the other nodes: Redis did not answer)".to_owned()],
+                )
+            }
+        };
+        let mut nodes = vec![serde_json::json!({"instance_id": here.instance, key: here.count})];
+        for a in elsewhere {
+            total += a.count;
+            nodes.push(serde_json::json!({"instance_id": a.instance, key: a.count}));
+        }
+        body["nodes"] = nodes.into();
+        body["unanswered"] = missing.into();
+    }
+    body[key] = total.into();
     let mut change = change;
     change["affected"] = total.into();
     core.shared.audit("permission_change", change);
-    let body = serde_json::json!({ "user_id": target.user_id, key: total });
     Some(Reply::json(200, body.to_string().into_bytes()))
+}
+
+/// Most connections one page of the list holds.
+const MAX_PAGE: usize = 1000;
+
+/// `GET /api/v1/admin/connections`: a page of the connections that match the query's
+/// `user_id`, `project_id` and `channel`, in id order after `after`; `next` continues it.
+async fn list(core: &Core, req: &Request) -> Reply {
+    let limit = match req.query_param("limit").map(|l| l.parse::<usize>()) {
+        None => 100,
+        Some(Ok(n)) if (1..=MAX_PAGE).contains(&n) => n,
+        Some(_) => return Reply::error(400, &format!("limit must be 1 to {MAX_PAGE}")),
+    };
+    let query = ListQuery {
+        user_id: req.query_param("user_id"),
+        project_id: req.query_param("project_id"),
+        channel: req.query_param("channel"),
+        after: req.query_param("after"),
+        limit,
+    };
+    let mut all: Vec<ConnInfo> = Vec::new();
+    for answer in core.shared.admin(AdminCmd::List(query.clone())).await {
+        if let AdminAnswer::Connections(list) = answer {
+            all.extend(list);
+        }
+    }
+    let mut unanswered = Vec::new();
+    if let Broker::Redis(redis) = &core.shared.broker {
+        match redis.admin_elsewhere(AdminCmd::List(query.clone())).await {
+            Ok((answers, missing)) => {
+                all.extend(answers.into_iter().flat_map(|a| a.connections));
+                unanswered = missing;
+            }
+            Err(e) => {
+                let msg = format!("cannot reach the other nodes: {e}");
+                return Reply::error(503, &msg).with_header("Retry-After", "1");
+            }
+        }
+    }
+    let more = query.page(&mut all);
+    let next = more
+        .then(|| all.last().map(|c| c.connection_id.clone()))
+        .flatten();
+    let body = serde_json::json!({
+        "count": all.len(),
+        "connections": all,
+        "next": next,
+        "unanswered": unanswered,
+    });
+    Reply::json(200, body.to_string().into_bytes())
 }

@@ -82,6 +82,21 @@ pub struct Flags {
     /// Cluster mode: Redis sources whose messages are published, comma-separated stream:KEY or pubsub:CHANNEL [default: none]
     #[arg(long, env = "RINGCAST_REDIS_INGEST")]
     pub redis_ingest: Option<String>,
+    /// Cluster mode: this node's name, stable across its restarts and unique in the cluster [default: HOSTNAME-PORT]
+    #[arg(long, env = "RINGCAST_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Cluster mode: time to live of a connection's registry entry in Redis, refreshed while it lives [default: 86400]
+    #[arg(long, env = "RINGCAST_REGISTRY_TTL_SECS")]
+    pub registry_ttl_secs: Option<u64>,
+    /// Cluster mode: how often a node writes its connections to Redis in one batch (at most a third of the TTL) [default: 10000]
+    #[arg(long, env = "RINGCAST_REGISTRY_REFRESH_MS")]
+    pub registry_refresh_ms: Option<u64>,
+    /// Cluster mode: connections in the whole cluster (0: no cap) [default: 0]
+    #[arg(long, env = "RINGCAST_CLUSTER_MAX_CONNECTIONS")]
+    pub cluster_max_connections: Option<u32>,
+    /// Cluster mode: event frames per second in the whole cluster (0: no limit), split evenly among the live nodes [default: 0]
+    #[arg(long, env = "RINGCAST_CLUSTER_RATE_LIMIT")]
+    pub cluster_rate_limit: Option<u32>,
     /// io driver: io_uring with an epoll fallback, io_uring or refuse, or epoll [default: auto]
     #[arg(long, env = "RINGCAST_IO_DRIVER", value_enum)]
     pub io_driver: Option<IoDriver>,
@@ -188,6 +203,9 @@ pub struct Flags {
     /// with 1008 (0: no budget) [default: 8388608]
     #[arg(long, env = "RINGCAST_MAX_INFLATED_BYTES_PER_SEC")]
     pub max_inflated_bytes_per_sec: Option<u64>,
+    /// Channels that keep presence (join/leave events, a member list): names and prefixes ending in *, comma-separated, e.g. task:* [default: none]
+    #[arg(long, env = "RINGCAST_PRESENCE_CHANNELS")]
+    pub presence_channels: Option<String>,
     /// Time a new socket (or a keep-alive request's first byte) has for its whole request
     /// head, then 408 and close [default: 10000]
     #[arg(long, env = "RINGCAST_HEADER_TIMEOUT_MS")]
@@ -310,6 +328,11 @@ struct FileSettings {
     redis_prefix: Option<String>,
     redis_timeout_ms: Option<u64>,
     redis_ingest: Option<String>,
+    instance_id: Option<String>,
+    registry_ttl_secs: Option<u64>,
+    registry_refresh_ms: Option<u64>,
+    cluster_max_connections: Option<u32>,
+    cluster_rate_limit: Option<u32>,
     io_driver: Option<IoDriver>,
     replay_max_messages: Option<usize>,
     replay_max_age_secs: Option<u64>,
@@ -350,6 +373,7 @@ struct FileSettings {
     mesh_queue_bytes: Option<usize>,
     transparent_huge_pages: Option<bool>,
     max_inflated_bytes_per_sec: Option<u64>,
+    presence_channels: Option<String>,
 }
 
 /// The settings in force.
@@ -398,6 +422,8 @@ pub struct Config {
     pub transparent_huge_pages: bool,
     /// Inflated bytes of compressed client messages per connection per second (0: no budget).
     pub max_inflated_bytes_per_sec: u64,
+    /// Channels that keep presence.
+    pub presence: crate::delivery::presence::PresenceRule,
     /// Cluster mode (`None`: a single node in memory).
     pub redis: Option<RedisConfig>,
 }
@@ -409,6 +435,28 @@ pub struct RedisConfig {
     pub prefix: String,
     pub timeout: Duration,
     pub ingest: Vec<crate::cluster::ingest::Source>,
+    /// `None`: the host's name and the port the node listens on.
+    pub instance: Option<String>,
+    pub registry_ttl: Duration,
+    pub registry_refresh: Duration,
+    pub max_connections: u32,
+    pub rate_limit: u32,
+}
+
+/// An instance id is part of Redis keys and connection ids: letters, digits, `-`, `_`, `.`.
+pub fn valid_instance(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "instance_id {id:?}: 1 to 64 letters, digits, '-', '_' or '.'"
+        ))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -470,11 +518,40 @@ impl Config {
                     .map(crate::cluster::ingest::Source::parse)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(ConfigError::Invalid)?;
+                let instance = flags.instance_id.or(file.instance_id);
+                if let Some(i) = &instance {
+                    valid_instance(i).map_err(ConfigError::Invalid)?;
+                }
+                let ttl_secs = flags
+                    .registry_ttl_secs
+                    .or(file.registry_ttl_secs)
+                    .unwrap_or(86_400);
+                if ttl_secs == 0 {
+                    return Err(ConfigError::Invalid(
+                        "registry_ttl_secs must be at least 1".into(),
+                    ));
+                }
+                let refresh_ms = flags
+                    .registry_refresh_ms
+                    .or(file.registry_refresh_ms)
+                    .unwrap_or(10_000)
+                    .clamp(100, ttl_secs * 1000 / 3);
                 Some(RedisConfig {
                     url,
                     prefix,
                     timeout: Duration::from_millis(timeout_ms),
                     ingest,
+                    instance,
+                    registry_ttl: Duration::from_secs(ttl_secs),
+                    registry_refresh: Duration::from_millis(refresh_ms),
+                    max_connections: flags
+                        .cluster_max_connections
+                        .or(file.cluster_max_connections)
+                        .unwrap_or(0),
+                    rate_limit: flags
+                        .cluster_rate_limit
+                        .or(file.cluster_rate_limit)
+                        .unwrap_or(0),
                 })
             }
         };
@@ -600,6 +677,14 @@ impl Config {
                 .max_inflated_bytes_per_sec
                 .or(file.max_inflated_bytes_per_sec)
                 .unwrap_or(8 << 20),
+            presence: crate::delivery::presence::PresenceRule::parse(
+                flags
+                    .presence_channels
+                    .as_deref()
+                    .or(file.presence_channels.as_deref())
+                    .unwrap_or(""),
+            )
+            .map_err(ConfigError::Invalid)?,
             redis,
             compress_over: flags
                 .compression

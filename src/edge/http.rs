@@ -453,6 +453,7 @@ async fn route(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
         }
         ("GET", "/metrics") => metrics(core),
         ("POST", "/api/v1/publish") => publish::handle(edge, core, req, body).await,
+        ("GET", "/api/v1/presence") => presence(edge, core, req).await,
         (_, path) if path.starts_with("/api/v1/admin/") => admin::handle(edge, core, req, body)
             .await
             .unwrap_or_else(|| Reply::error(404, "no such endpoint")),
@@ -468,7 +469,52 @@ async fn route(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
         (_, "/api/v1/publish") => {
             Reply::error(405, "method not allowed").with_header("Allow", "POST")
         }
+        (_, "/api/v1/presence") => {
+            Reply::error(405, "method not allowed").with_header("Allow", "GET")
+        }
         _ => Reply::error(404, "no such endpoint"),
+    }
+}
+
+/// `GET /api/v1/presence?channel=C`: who is on a presence channel, for the API key or a token
+/// that may read the channel.
+async fn presence(edge: &Edge, core: &Core, req: &Request) -> Reply {
+    let Some(channel) = req.query_param("channel") else {
+        return Reply::error(400, "give ?channel=");
+    };
+    if let Err(e) = crate::delivery::channel::validate(&channel) {
+        return Reply::error(400, &format!("channel: {e}"));
+    }
+    let allowed = match bearer(req) {
+        Some(key) if same_secret(key, &edge.api_key) => true,
+        Some(token) => match edge.verifier.verify(token) {
+            Ok(mut claims) => {
+                core.apply_overrides(&mut claims);
+                if !claims.can_subscribe(&channel) {
+                    return Reply::error(403, &format!("not allowed to read {channel}"));
+                }
+                true
+            }
+            Err(e) => return Reply::error(401, &e.to_string()),
+        },
+        None => false,
+    };
+    if !allowed {
+        return Reply::error(
+            401,
+            "presence needs Authorization: Bearer <API key or a token that may read the channel>",
+        )
+        .with_header("WWW-Authenticate", "Bearer");
+    }
+    if !core.shared.settings.presence.matches(&channel) {
+        return Reply::error(404, &format!("{channel} does not keep presence"));
+    }
+    match core.shared.presence_members(channel.as_str().into()).await {
+        Some(members) => {
+            let body = serde_json::json!({ "channel": channel, "members": members });
+            Reply::json(200, body.to_string().into_bytes())
+        }
+        None => Reply::error(503, "Redis did not answer in time").with_header("Retry-After", "1"),
     }
 }
 
@@ -520,8 +566,12 @@ fn metrics(core: &Core) -> Reply {
              ringcast_ingested_total {ingested}\n\
              # HELP ringcast_ingest_refused_total Ingest messages that could not be published (malformed) since start.\n\
              # TYPE ringcast_ingest_refused_total counter\n\
-             ringcast_ingest_refused_total {refused}\n",
+             ringcast_ingest_refused_total {refused}\n\
+             # HELP ringcast_limits_node_local 1 while the connection limits are this node's own because Redis does not answer (cluster mode).\n\
+             # TYPE ringcast_limits_node_local gauge\n\
+             ringcast_limits_node_local {}\n",
             u8::from(redis.is_up()),
+            u8::from(redis.limits_local()),
         );
     }
     Reply {

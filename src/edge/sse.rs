@@ -48,7 +48,7 @@ pub async fn serve(
         Err(reply) => return refuse(&mut stream, &req, reply).await,
     };
     opening.acks = false; // an event stream cannot acknowledge
-    let (id, projects) = match admit(&core, peer, &opening) {
+    let (id, projects) = match admit(&core, peer, &opening, "sse").await {
         Ok(admitted) => admitted,
         Err(reply) => return refuse(&mut stream, &req, reply).await,
     };

@@ -74,7 +74,7 @@ pub async fn serve(
             return;
         }
     };
-    let (id, projects) = match admit(&core, peer, &opening) {
+    let (id, projects) = match admit(&core, peer, &opening, "websocket").await {
         Ok(admitted) => admitted,
         Err(reply) => {
             let _ = stream.write_all(reply.encode(false)).await;
@@ -136,10 +136,11 @@ fn path_channels(path: &str) -> Result<(Vec<String>, bool), Reply> {
 
 /// Node-wide connection limits, before the stream opens: the connection's id and the projects
 /// it counts against.
-pub(super) fn admit(
+pub(super) async fn admit(
     core: &Core,
     peer: IpAddr,
     opening: &Opening,
+    transport: &'static str,
 ) -> Result<(u64, Vec<String>), Reply> {
     let id = core.next_conn_id();
     let projects: Vec<String> = opening
@@ -147,7 +148,10 @@ pub(super) fn admit(
         .iter()
         .filter_map(|c| c.strip_prefix("project:").map(str::to_owned))
         .collect();
-    match core.admit(id, peer, &opening.claims.sub, &projects) {
+    match core
+        .admit(id, peer, &opening.claims.sub, &projects, transport)
+        .await
+    {
         Ok(()) => Ok((id, projects)),
         Err(refused) => {
             core.shared.audit(
@@ -186,7 +190,7 @@ pub(super) fn start(
     session.set_filter(opening.filter);
     core.shared.audit(
         "connect",
-        json!({"ip": peer, "user_id": session.user(), "connection_id": format!("{:x}", id),
+        json!({"ip": peer, "user_id": session.user(), "connection_id": core.shared.conn_name(id),
                "core": core.id, "channels": opening.channels, "transport": transport}),
     );
     let encoding = session.encoding();
@@ -197,7 +201,7 @@ pub(super) fn start(
         core.push(&conn, crate::runtime::core::shutdown_frame(encoding));
     }
     let welcome = Control::Welcome {
-        connection_id: &format!("{id:x}"),
+        connection_id: &core.shared.conn_name(id),
         epoch: &core.shared.epoch,
         heartbeat_ms: settings.session.heartbeat.ping_interval.as_millis() as u64,
         channels: &opening.channels,

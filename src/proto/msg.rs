@@ -122,6 +122,8 @@ pub enum ErrorCode {
     TooManyChannels,
     /// Binary frames are not accepted from JSON clients.
     BinaryNotSupported,
+    /// What was asked for cannot be answered right now (Redis did not answer): try again.
+    Unavailable,
 }
 
 /// Server → client control frames.
@@ -193,6 +195,11 @@ pub enum Control<'a> {
         regex: Option<&'a str>,
         #[serde(skip_serializing_if = "<[_]>::is_empty")]
         levels: &'a [Box<str>],
+    },
+    /// The users on a presence channel (the answer to `presence`).
+    Presence {
+        channel: &'a str,
+        members: &'a [String],
     },
     /// A `refresh` was accepted: the connection now lives until `exp` (Unix seconds).
     Refreshed {
@@ -397,6 +404,10 @@ pub enum ClientMessage {
     Pause,
     /// Go on with live events; the answer says what was skipped.
     Resume,
+    /// Who is on a presence channel.
+    Presence {
+        channel: String,
+    },
 }
 
 /// Why a client message was refused: an `error` frame, never a close.
@@ -438,7 +449,14 @@ pub fn parse_client_message(text: &[u8]) -> Result<ClientMessage, ParseError> {
     }
     if !matches!(
         kind,
-        "subscribe" | "unsubscribe" | "refresh" | "filter" | "ack" | "pause" | "resume"
+        "subscribe"
+            | "unsubscribe"
+            | "refresh"
+            | "filter"
+            | "ack"
+            | "pause"
+            | "resume"
+            | "presence"
     ) {
         let kind: String = kind.chars().take(64).collect();
         return fail(ErrorCode::UnknownType, format!("unknown type \"{kind}\""));

@@ -11,9 +11,11 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::cluster::control::Admission;
 use crate::delivery::access::{Claims, Overrides};
 use crate::delivery::channel;
-use crate::delivery::limits::Refused;
+use crate::delivery::limits::{Checks, Refused};
+use crate::delivery::presence::Presence;
 use crate::delivery::queue::Bucket;
 use crate::delivery::rooms::Rooms;
 use crate::delivery::sequencer::{Answer, Outcome, Sequencer, SubscribeAck, Subscribed};
@@ -30,25 +32,66 @@ use super::shared::{now_ms, Shared};
 use super::socket;
 use super::writer::Writer;
 
-/// What an admin asks of every core (see the admin API in docs/protocol.md).
-#[derive(Debug, Clone)]
+/// What an admin asks of every core (see the admin API in docs/protocol.md); in cluster
+/// mode it also crosses to the other nodes.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum AdminCmd {
     /// Close every connection of the user with 4003 and this reason.
     Disconnect { user: String, reason: String },
     /// Take channels/projects away from the user: unsubscribed at once, refused afterwards.
+    /// `then`: the user's changes as stored in Redis after this one (cluster mode), set as
+    /// they are instead of merging.
     Revoke {
         user: String,
         channels: Vec<String>,
         projects: Vec<String>,
+        #[serde(default)]
+        then: Option<Overrides>,
     },
     /// Lift revocations and allow channels beyond the token.
     Grant {
         user: String,
         channels: Vec<String>,
         projects: Vec<String>,
+        #[serde(default)]
+        then: Option<Overrides>,
     },
-    /// Who is connected.
-    List,
+    /// Who is connected: a page of those that match.
+    List(ListQuery),
+    /// Every user's changes, read again from Redis: they replace what the core holds.
+    Replace(HashMap<String, Overrides>),
+    /// What the registry holds of every connection (cluster mode).
+    Registry,
+    /// Event frames per second the whole node may send (0: no limit), shared by its cores.
+    NodeRate(u32),
+    /// The users each presence channel of this node has announced (cluster mode).
+    Presence,
+}
+
+/// Which connections a list shows: all filters must match; ordered by connection id, the
+/// first `limit` after `after`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ListQuery {
+    pub user_id: Option<String>,
+    pub project_id: Option<String>,
+    pub channel: Option<String>,
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+impl ListQuery {
+    /// Keeps the first `limit` of `list` after `after`, in id order; says whether more match.
+    pub fn page(&self, list: &mut Vec<ConnInfo>) -> bool {
+        list.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
+        if let Some(after) = &self.after {
+            list.retain(|c| c.connection_id.as_str() > after.as_str());
+        }
+        let more = list.len() > self.limit;
+        list.truncate(self.limit);
+        more
+    }
 }
 
 /// One core's answer to an admin command.
@@ -57,14 +100,24 @@ pub enum AdminAnswer {
     /// Connections (disconnect, grant) or subscriptions (revoke) affected on this core.
     Count(usize),
     Connections(Vec<ConnInfo>),
+    Members(Vec<crate::cluster::control::Member>),
+    Presence(Vec<(Arc<str>, Vec<String>)>),
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ConnInfo {
     pub connection_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
     pub core: usize,
     pub user_id: String,
     pub channels: Vec<String>,
+    #[serde(default)]
+    pub project_ids: Vec<String>,
+    pub ip: std::net::IpAddr,
+    pub transport: String,
+    /// Unix ms.
+    pub connected_at: u64,
 }
 
 pub use crate::delivery::session::SubscribeError;
@@ -78,6 +131,9 @@ pub enum Received {
     /// End of stream or a socket error.
     Closed,
 }
+
+/// Most users one `presence` event names (a storm of joins goes out in several).
+const PRESENCE_CHUNK: usize = 100;
 
 /// Bytes one receive may take through the core's scratch buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -104,6 +160,8 @@ pub struct Core {
     channels_reported: Cell<usize>,
     /// This core's share of the node-wide outbound rate limit.
     pub(super) bucket: RefCell<Bucket>,
+    /// Who is on the presence channels this core owns.
+    presence: RefCell<Presence>,
     /// Admin changes per user, the same on every core (each command reaches all of them).
     overrides: RefCell<HashMap<String, Overrides>>,
     /// Every connection's reads pass through here, so none holds a read buffer of its own.
@@ -138,7 +196,11 @@ impl Core {
             claims: RefCell::new(HashSet::new()),
             channels_reported: Cell::new(0),
             bucket: RefCell::new(Bucket::new(node_share)),
-            overrides: RefCell::new(HashMap::new()),
+            presence: RefCell::new(Presence::default()),
+            overrides: RefCell::new(match &shared.broker {
+                Broker::Local => HashMap::new(),
+                Broker::Redis(redis) => redis.overrides_at_start.clone(),
+            }),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
             pending: Rc::new(Pending::new(shared.settings.edge, cores)),
             lingering: Cell::new(0),
@@ -258,29 +320,77 @@ impl Core {
                 Effect::Unsubscribe { channel, joined } => {
                     if joined {
                         self.rooms.borrow_mut().leave(&channel, conn.id());
+                        self.tell_presence(&channel, conn, false);
                     }
                     self.send_unsubscribe(channel);
                 }
-                Effect::Audit { kind, fields } => self.shared.audit(kind, fields),
+                Effect::Presence { channel } => self.answer_presence(conn, channel),
+                Effect::Audit { kind, mut fields } => {
+                    if self.shared.instance().is_some() {
+                        fields["connection_id"] = self.shared.conn_name(conn.id()).into();
+                    }
+                    self.shared.audit(kind, fields)
+                }
                 Effect::Cut => conn.cut(),
             }
         }
     }
 
-    /// Counts a new connection against the node's limits; displaces the user's oldest one
-    /// when the policy says so.
-    pub fn admit(
+    /// Counts a new connection against the limits (in cluster mode, the cluster's, falling
+    /// back to this node's while Redis does not answer); displaces the user's oldest one when
+    /// the policy says so.
+    pub async fn admit(
         &self,
         conn: u64,
         ip: std::net::IpAddr,
         user: &str,
         projects: &[String],
+        transport: &'static str,
     ) -> Result<(), Refused> {
-        let admitted = self
-            .shared
-            .limits
-            .admit(conn, ip, user, projects, now_ms() / 1000)?;
-        if let Some(old) = admitted.evict {
+        let now = now_ms();
+        let limits = &self.shared.limits;
+        let Broker::Redis(redis) = &self.shared.broker else {
+            let admitted = limits.admit(conn, ip, user, projects, now / 1000, Checks::All)?;
+            self.evict_here(admitted.evict);
+            return Ok(());
+        };
+        let member = crate::cluster::control::Member {
+            conn,
+            user: user.to_owned(),
+            projects: projects.to_vec(),
+            ip,
+            connected_at: now,
+            last_heartbeat: now,
+            transport,
+        };
+        match redis.admit(member).await {
+            Some(Admission::Refused(refused)) => Err(refused),
+            Some(Admission::Admitted { evict }) => {
+                let counted =
+                    limits.admit(conn, ip, user, projects, now / 1000, Checks::CapacityOnly);
+                if let Err(refused) = counted {
+                    redis.release(conn);
+                    return Err(refused);
+                }
+                match evict {
+                    Some((node, old)) if node == redis.instance() => self.evict_here(Some(old)),
+                    Some((node, old)) => redis.evict(node, old),
+                    None => {}
+                }
+                Ok(())
+            }
+            None => {
+                // Redis did not answer: this node's own counts decide (logged once).
+                let admitted = limits.admit(conn, ip, user, projects, now / 1000, Checks::All)?;
+                self.evict_here(admitted.evict);
+                Ok(())
+            }
+        }
+    }
+
+    /// Closes a connection of this node displaced by its user's newer one.
+    fn evict_here(&self, old: Option<u64>) {
+        if let Some(old) = old {
             let msg = MeshMsg::Close {
                 conn: old,
                 code: 4008,
@@ -288,11 +398,13 @@ impl Core {
             };
             self.shared.mesh.send((old >> 48) as usize, msg);
         }
-        Ok(())
     }
 
     pub fn release(&self, conn: u64, user: &str, projects: &[String]) {
         self.shared.limits.release(conn, user, projects);
+        if let Broker::Redis(redis) = &self.shared.broker {
+            redis.release(conn);
+        }
     }
 
     /// The claims for a new connection: connections of one token (a user's tabs, a fleet of
@@ -332,7 +444,7 @@ impl Core {
             self.release(id, session.user(), session.handshake_projects());
             let (code, reason) = session.closed_with();
             serde_json::json!({"ip": session.peer(), "user_id": session.user(),
-                "connection_id": format!("{id:x}"), "code": code, "reason": reason})
+                "connection_id": self.shared.conn_name(id), "code": code, "reason": reason})
         };
         self.shared.audit("disconnect", fields);
         let mut effects = self.effects.take();
@@ -491,6 +603,21 @@ impl Core {
                     self.close(&c, code, reason);
                 }
             }
+            MeshMsg::Presence {
+                channel,
+                user,
+                join,
+            } => {
+                let mut presence = self.presence.borrow_mut();
+                if join {
+                    presence.join(&channel, &user);
+                } else {
+                    presence.leave(&channel, &user);
+                }
+            }
+            MeshMsg::Members { channel, reply } => {
+                let _ = reply.send(self.presence.borrow().members(&channel));
+            }
             MeshMsg::Drain => self.drain(),
             MeshMsg::ForceClose => self.force_close(),
         }
@@ -598,6 +725,75 @@ impl Core {
             self.rooms
                 .borrow_mut()
                 .join(&channel, conn_id, conn.clone());
+            self.tell_presence(&channel, &conn, true);
+        }
+    }
+
+    /// A subscription of a presence channel began or ended: its owner counts it.
+    fn tell_presence(&self, channel: &Arc<str>, conn: &Rc<Conn>, join: bool) {
+        if !self.shared.settings.presence.matches(channel) {
+            return;
+        }
+        let msg = MeshMsg::Presence {
+            channel: channel.clone(),
+            user: conn.session.borrow().user().into(),
+            join,
+        };
+        let owner = channel::owner_core(channel, self.shared.mesh.cores());
+        if owner == self.id {
+            self.handle(msg);
+        } else {
+            self.shared.mesh.send(owner, msg);
+        }
+    }
+
+    /// The answer to a client's `presence`: the channel's members, once known.
+    fn answer_presence(&self, conn: &Rc<Conn>, channel: Arc<str>) {
+        let encoding = conn.session.borrow().encoding();
+        if !self.shared.settings.presence.matches(&channel) {
+            let message = format!("{channel} does not keep presence");
+            let error = Control::Error {
+                code: crate::proto::msg::ErrorCode::BadChannel,
+                message: &message,
+                channel: Some(&channel),
+            };
+            self.push(conn, error.frame_in(encoding));
+            return;
+        }
+        let (Some(core), id) = (self.me.upgrade(), conn.id()) else {
+            return;
+        };
+        monoio::spawn(async move {
+            let members = core.shared.presence_members(channel.clone()).await;
+            let Some(conn) = core.conn(id) else { return };
+            let frame = match &members {
+                Some(members) => Control::Presence {
+                    channel: &channel,
+                    members,
+                }
+                .frame_in(encoding),
+                None => Control::Error {
+                    code: crate::proto::msg::ErrorCode::Unavailable,
+                    message: "presence is not available (Redis did not answer); try again",
+                    channel: Some(&channel),
+                }
+                .frame_in(encoding),
+            };
+            core.push(&conn, frame);
+        });
+    }
+
+    /// Tells each presence channel's subscribers who joined and who left since the last time.
+    fn flush_presence(&self) {
+        let changes = self.presence.borrow_mut().flush(PRESENCE_CHUNK);
+        for c in changes {
+            match &self.shared.broker {
+                Broker::Local => self.shared.publish_detached(
+                    crate::delivery::Publication::presence(c.channel, &c.joined, &c.left),
+                    Source::Api,
+                ),
+                Broker::Redis(redis) => redis.presence(c),
+            }
         }
     }
 
@@ -607,6 +803,7 @@ impl Core {
             self.with_session(&conn, |s, ctx, out| s.tick(ctx, out));
         }
         self.claims.borrow_mut().retain(|c| Rc::strong_count(c) > 1);
+        self.flush_presence();
     }
 
     fn admin(&self, cmd: &AdminCmd) -> AdminAnswer {
@@ -630,20 +827,22 @@ impl Core {
                 user,
                 channels,
                 projects,
+                then,
             }
             | AdminCmd::Grant {
                 user,
                 channels,
                 projects,
+                then,
             } => {
                 let revoke = matches!(cmd, AdminCmd::Revoke { .. });
                 let overrides = {
                     let mut all = self.overrides.borrow_mut();
                     let o = all.entry(user.clone()).or_default();
-                    if revoke {
-                        o.revoke(channels, projects);
-                    } else {
-                        o.grant(channels, projects);
+                    match then {
+                        Some(stored) => *o = stored.clone(),
+                        None if revoke => o.revoke(channels, projects),
+                        None => o.grant(channels, projects),
                     }
                     o.clone()
                 };
@@ -664,20 +863,85 @@ impl Core {
                 }
                 AdminAnswer::Count(count)
             }
-            AdminCmd::List => AdminAnswer::Connections(
+            AdminCmd::Replace(all) => {
+                let before = self.overrides.replace(all.clone());
+                let mut count = 0;
+                for conn in &conns {
+                    let user = conn.session.borrow().user().to_owned();
+                    let now = all.get(&user).cloned().unwrap_or_default();
+                    if before.get(&user).cloned().unwrap_or_default() == now {
+                        continue;
+                    }
+                    count += self.with_session(conn, |s, ctx, out| {
+                        s.set_overrides(now.clone());
+                        s.purge(|d| {
+                            d.project_id
+                                .as_deref()
+                                .is_some_and(|p| now.revoked_projects.iter().any(|r| r == p))
+                        });
+                        s.end_forbidden_subscriptions("revoked", ctx, out)
+                    });
+                }
+                AdminAnswer::Count(count)
+            }
+            AdminCmd::List(query) => {
+                let mut list: Vec<ConnInfo> = conns
+                    .iter()
+                    .filter_map(|c| {
+                        let s = c.session.borrow();
+                        let wanted = query.user_id.as_ref().is_none_or(|u| u == s.user())
+                            && query
+                                .project_id
+                                .as_ref()
+                                .is_none_or(|p| s.handshake_projects().contains(p))
+                            && query
+                                .channel
+                                .as_ref()
+                                .is_none_or(|ch| s.channels().any(|k| **k == **ch));
+                        wanted.then(|| self.conn_info(&s))
+                    })
+                    .collect();
+                query.page(&mut list);
+                AdminAnswer::Connections(list)
+            }
+            AdminCmd::Presence => AdminAnswer::Presence(self.presence.borrow().announced()),
+            AdminCmd::NodeRate(rate) => {
+                let share = rate.div_ceil(self.shared.mesh.cores() as u32);
+                self.bucket.borrow_mut().set_rate(share);
+                AdminAnswer::Count(0)
+            }
+            AdminCmd::Registry => AdminAnswer::Members(
                 conns
                     .iter()
                     .map(|c| {
                         let s = c.session.borrow();
-                        ConnInfo {
-                            connection_id: format!("{:x}", s.id()),
-                            core: self.id,
-                            user_id: s.user().to_owned(),
-                            channels: s.channels().map(|k| k.to_string()).collect(),
+                        let (connected, pong) = s.times();
+                        crate::cluster::control::Member {
+                            conn: s.id(),
+                            user: s.user().to_owned(),
+                            projects: s.handshake_projects().to_vec(),
+                            ip: s.peer(),
+                            connected_at: wall_ms(connected),
+                            last_heartbeat: wall_ms(pong),
+                            transport: transport(&s),
                         }
                     })
                     .collect(),
             ),
+        }
+    }
+
+    fn conn_info(&self, s: &Session) -> ConnInfo {
+        ConnInfo {
+            connection_id: self.shared.conn_name(s.id()),
+            instance_id: self.shared.instance().map(str::to_owned),
+            core: self.id,
+            user_id: s.user().to_owned(),
+            channels: s.channels().map(|k| k.to_string()).collect(),
+            project_ids: s.handshake_projects().to_vec(),
+            ip: s.peer(),
+            transport: transport(s).to_owned(),
+            connected_at: wall_ms(s.times().0),
         }
     }
 
@@ -701,6 +965,20 @@ impl Core {
         for conn in self.connections() {
             self.close(&conn, 1012, "server restarting");
         }
+    }
+}
+
+/// The wall-clock time (Unix ms) of a past `Instant`.
+fn wall_ms(at: Instant) -> u64 {
+    now_ms().saturating_sub(at.elapsed().as_millis() as u64)
+}
+
+/// How a connection's client reaches it.
+pub fn transport(s: &Session) -> &'static str {
+    if s.is_sse() {
+        "sse"
+    } else {
+        "websocket"
     }
 }
 

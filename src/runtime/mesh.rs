@@ -80,6 +80,17 @@ pub enum MeshMsg {
     /// Cluster mode, to every core: the Pub/Sub connection came back, messages may have been
     /// missed.
     Resync,
+    /// To the owner core of a presence channel: one subscription more or fewer of `user`.
+    Presence {
+        channel: Arc<str>,
+        user: Box<str>,
+        join: bool,
+    },
+    /// To the owner core of a presence channel: who is on it (this node's count).
+    Members {
+        channel: Arc<str>,
+        reply: futures_channel::oneshot::Sender<Vec<String>>,
+    },
     /// Begin the graceful drain: notify every connection.
     Drain,
     /// End of the drain: close the connections still open with 1012.
@@ -140,6 +151,27 @@ pub struct Mesh {
     lanes: Arc<[Lane]>,
     /// Bytes waiting in one lane past which the edge refuses publishes (at least 1).
     queue_bytes: usize,
+}
+
+impl Mesh {
+    /// Runs `cmd` on every core and collects their answers (those of cores still running).
+    pub async fn admin(&self, cmd: AdminCmd) -> Vec<AdminAnswer> {
+        let cmd = Arc::new(cmd);
+        let mut waits = Vec::with_capacity(self.cores());
+        for c in 0..self.cores() {
+            let (reply, answer) = futures_channel::oneshot::channel();
+            let cmd = cmd.clone();
+            self.send(c, MeshMsg::Admin { cmd, reply });
+            waits.push(answer);
+        }
+        let mut answers = Vec::with_capacity(waits.len());
+        for w in waits {
+            if let Ok(a) = w.await {
+                answers.push(a);
+            }
+        }
+        answers
+    }
 }
 
 /// One core's receiving end.

@@ -6,8 +6,6 @@
 //! memory, each channel's owner core assigns its seqs; in cluster mode, Redis does, and every
 //! node's owner cores receive the messages back from it (see `cluster`).
 
-use std::sync::Arc;
-
 use crate::cluster::Redis;
 use crate::delivery::{channel, Publication};
 
@@ -133,24 +131,9 @@ impl Shared {
         }
     }
 
-    /// Runs `cmd` on every core and collects their answers.
+    /// Runs `cmd` on every core of this node and collects their answers.
     pub async fn admin(&self, cmd: AdminCmd) -> Vec<AdminAnswer> {
-        let cmd = Arc::new(cmd);
-        let mesh = &self.mesh;
-        let mut waits = Vec::with_capacity(mesh.cores());
-        for c in 0..mesh.cores() {
-            let (reply, answer) = futures_channel::oneshot::channel();
-            let cmd = cmd.clone();
-            mesh.send(c, MeshMsg::Admin { cmd, reply });
-            waits.push(answer);
-        }
-        let mut answers = Vec::with_capacity(waits.len());
-        for w in waits {
-            if let Ok(a) = w.await {
-                answers.push(a);
-            }
-        }
-        answers
+        self.mesh.admin(cmd).await
     }
 
     /// Drain, first step: every connection is told `shutdown` (and new ones are refused).

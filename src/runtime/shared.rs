@@ -34,6 +34,8 @@ pub struct Settings {
     pub max_inflated_bytes_per_sec: u64,
     /// Bounds of the HTTP edge: deadlines and counts of sockets that are not connections.
     pub edge: EdgeLimits,
+    /// Channels that keep presence.
+    pub presence: crate::delivery::presence::PresenceRule,
     /// Asks the process's allocator to give this thread's free memory back to the OS
     /// (`true`: all of it now, not only what has been free for a while).
     pub release_memory: fn(bool),
@@ -103,6 +105,37 @@ impl Shared {
     pub fn audit(&self, kind: &str, fields: serde_json::Value) {
         let publication = self.audit_trail.record(kind, fields);
         self.publish_detached(publication, super::mesh::Source::Audit);
+    }
+
+    /// This node's name in the cluster (`None`: a single node).
+    pub fn instance(&self) -> Option<&str> {
+        match &self.broker {
+            Broker::Local => None,
+            Broker::Redis(redis) => Some(redis.instance()),
+        }
+    }
+
+    /// A connection's id as clients and the admin API see it: unique in the cluster.
+    pub fn conn_name(&self, conn: u64) -> String {
+        match self.instance() {
+            None => format!("{conn:x}"),
+            Some(instance) => crate::cluster::control::conn_name(instance, conn),
+        }
+    }
+
+    /// Who is on a presence channel: this node's owner core, or the cluster's members in
+    /// Redis; `None` when Redis did not answer.
+    pub async fn presence_members(&self, channel: Arc<str>) -> Option<Vec<String>> {
+        match &self.broker {
+            Broker::Redis(redis) => redis.presence_members(channel).await,
+            Broker::Local => {
+                let owner = crate::delivery::channel::owner_core(&channel, self.mesh.cores());
+                let (reply, answer) = futures_channel::oneshot::channel();
+                self.mesh
+                    .send(owner, super::mesh::MeshMsg::Members { channel, reply });
+                answer.await.ok()
+            }
+        }
     }
 
     pub fn is_draining(&self) -> bool {

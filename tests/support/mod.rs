@@ -70,6 +70,7 @@ impl Server {
             .env("RINGCAST_JWT_LEEWAY_SECS", "0")
             // Tests open many connections per user; the limits have tests of their own.
             .env("RINGCAST_MAX_CONNECTIONS_PER_USER", "0")
+            .env("RINGCAST_MAX_CONNECTIONS_PER_PROJECT", "0")
             // Outbound rate limits too (tests/ratelimits.rs turns them on).
             .env("RINGCAST_CONNECTION_RATE_LIMIT", "0")
             .env("RINGCAST_NODE_RATE_LIMIT", "0")

@@ -197,6 +197,7 @@ fn effect_brief(e: &Effect) -> String {
         }
         Effect::Audit { kind, .. } => format!("audit {kind}"),
         Effect::Cut => "cut".into(),
+        Effect::Presence { channel } => format!("presence {channel}"),
     }
 }
 
@@ -1663,6 +1664,25 @@ fn bad_client_messages_get_error_frames_and_messagepack_clients_may_send_maps() 
 /// connection pays it, so a new field should earn its place; state most connections never use
 /// belongs in `Cold`.
 const SESSION_BUDGET_BYTES: usize = 384;
+
+#[test]
+fn a_presence_question_goes_to_the_node_only_for_a_channel_the_client_may_read() {
+    let mut h = Harness::new();
+    h.send(json!({"type": "presence", "channel": "task:t1"}));
+    assert_eq!(h.effect_briefs(), ["presence task:t1"]);
+    h.send(json!({"type": "presence", "channel": "project:p2"}));
+    h.send(json!({"type": "presence", "channel": "bad channel"}));
+    h.send(json!({"type": "presence"}));
+    assert!(h.effect_briefs().is_empty());
+    assert_eq!(
+        briefs(&h.drain()),
+        [
+            "error forbidden project:p2",
+            "error bad_channel bad channel",
+            "error bad_message"
+        ]
+    );
+}
 
 #[test]
 fn a_session_stays_within_its_size_budget() {

@@ -1,0 +1,443 @@
+//! End to end, the cluster's control plane: several ringcast nodes on one real `redis-server`
+//! (started by each test), real WebSocket clients, the registry read with `redis-cli`.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::redis::Redis;
+use support::*;
+
+fn node(redis: &Redis, extra: &[(&str, &str)]) -> Server {
+    let url = redis.url();
+    let mut env = vec![
+        ("RINGCAST_REDIS_URL", url.as_str()),
+        ("RINGCAST_REDIS_TIMEOUT_MS", "500"),
+    ];
+    env.extend_from_slice(extra);
+    Server::start_with(&env)
+}
+
+fn nodes(redis: &Redis, n: usize, extra: &[(&str, &str)]) -> Vec<Server> {
+    (0..n).map(|_| node(redis, extra)).collect()
+}
+
+/// `redis-cli` against the test's Redis; its output lines.
+fn redis_cli(redis: &Redis, args: &[&str]) -> Vec<String> {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "--no-raw"])
+        .args(args)
+        .output()
+        .expect("redis-cli (Debian package redis-tools) on the PATH");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            // `--no-raw` prints `1) "value"`: keep the value.
+            let l = l.trim();
+            let l = l.split_once(") ").map_or(l, |(_, v)| v);
+            l.trim_matches('"').to_owned()
+        })
+        .filter(|l| !l.is_empty() && l != "(empty array)")
+        .collect()
+}
+
+fn registry_keys(redis: &Redis) -> BTreeSet<String> {
+    redis_cli(redis, &["KEYS", "ws:connections:*"])
+        .into_iter()
+        .collect()
+}
+
+fn registry_entry(redis: &Redis, id: &str) -> BTreeMap<String, String> {
+    let lines = redis_cli(redis, &["HGETALL", &format!("ws:connections:{id}")]);
+    lines
+        .chunks(2)
+        .map(|kv| (kv[0].clone(), kv.get(1).cloned().unwrap_or_default()))
+        .collect()
+}
+
+/// Waits until `check` holds (it is asked again every 50 ms), failing after `within`.
+async fn until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn admin(server: &Server, method: &str, path: &str, body: Value) -> (u16, Value) {
+    let auth = format!("Bearer {API_KEY}");
+    let body = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    let (status, _, text) = server
+        .http(
+            method,
+            &format!("/api/v1/admin/{path}"),
+            &[("Authorization", &auth)],
+            &body,
+        )
+        .await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn metric(server: &Server, name: &str) -> Option<u64> {
+    let (_, _, text) = server.http("GET", "/metrics", &[], "").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+}
+
+fn user_token(user: &str) -> String {
+    token(json!({"sub": user, "projects": ["p1"]}))
+}
+
+/// A connection of `user` subscribed to `project:p1` on `server`: the socket and its id.
+async fn open(server: &Server, user: &str) -> (Ws, String) {
+    let (mut ws, welcome) = connect(
+        server,
+        &format!("channels=project:p1&token={}", user_token(user)),
+    )
+    .await;
+    assert_eq!(recv_json(&mut ws).await["type"], "subscribed");
+    let id = welcome["connection_id"].as_str().unwrap().to_owned();
+    (ws, id)
+}
+
+async fn refused(server: &Server, user: &str) -> (u16, String) {
+    let url = server.url(&format!(
+        "/ws?channels=project:p1&token={}",
+        user_token(user)
+    ));
+    refused_handshake(url).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_sixth_connection_is_refused_on_every_node_of_three() {
+    let redis = Redis::start();
+    let limit = [("RINGCAST_MAX_CONNECTIONS_PER_USER", "5")];
+    let cluster = nodes(&redis, 3, &limit);
+    let mut held = Vec::new();
+    for i in 0..5 {
+        held.push(open(&cluster[i % 3], "alice").await);
+    }
+    for n in &cluster {
+        let (status, body) = refused(n, "alice").await;
+        assert_eq!(status, 429, "{body}");
+        assert!(
+            body.contains("user alice already has 5 connections"),
+            "{body}"
+        );
+    }
+    // Another user is not affected; and once alice closes one, she may open one anywhere.
+    open(&cluster[2], "bob").await;
+    let (mut ws, _) = held.remove(0);
+    ws.close(None).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let url = cluster[1].url(&format!(
+            "/ws?channels=project:p1&token={}",
+            user_token("alice")
+        ));
+        match ws_connect(url).await {
+            Ok(_) => break,
+            Err(_) => assert!(
+                Instant::now() < deadline,
+                "the released slot never came back"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_oldest_closes_the_users_oldest_connection_on_another_node() {
+    let redis = Redis::start();
+    let env = [
+        ("RINGCAST_MAX_CONNECTIONS_PER_USER", "3"),
+        ("RINGCAST_USER_LIMIT_POLICY", "close-oldest"),
+    ];
+    let (a, b) = (node(&redis, &env), node(&redis, &env));
+    let (mut oldest, _) = open(&a, "carol").await;
+    let (mut second, _) = open(&b, "carol").await;
+    let (mut third, _) = open(&a, "carol").await;
+    let (mut newest, _) = open(&b, "carol").await;
+    assert_eq!(recv_close(&mut oldest).await, 4008);
+    // The others stay: a message still reaches all three.
+    b.publish_one("project:p1", "still", json!(1)).await;
+    for ws in [&mut second, &mut third, &mut newest] {
+        assert_eq!(recv_json(ws).await["event"], "still");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_holds_each_live_connection_refreshes_it_and_a_killed_nodes_entries_expire() {
+    let redis = Redis::start();
+    let env = [("RINGCAST_REGISTRY_TTL_SECS", "3")];
+    let n = node(&redis, &env);
+    let (mut a, id_a) = open(&n, "dave").await;
+    let (_b, id_b) = open(&n, "erin").await;
+    let ids: BTreeSet<String> = [&id_a, &id_b]
+        .iter()
+        .map(|id| format!("ws:connections:{id}"))
+        .collect();
+    until("both connections registered", WAIT, || {
+        registry_keys(&redis) == ids
+    })
+    .await;
+    let entry = registry_entry(&redis, &id_a);
+    assert_eq!(entry["user_id"], "dave", "{entry:?}");
+    assert_eq!(entry["ip"], "127.0.0.1");
+    assert_eq!(entry["project_ids"], "p1");
+    assert_eq!(entry["transport"], "websocket");
+    assert!(
+        id_a.starts_with(&format!("{}.", entry["instance_id"])),
+        "{entry:?}"
+    );
+    let connected: u64 = entry["connected_at"].parse().unwrap();
+    let heartbeat: u64 = entry["last_heartbeat"].parse().unwrap();
+    let now_ms = now_secs() * 1000;
+    assert!(
+        connected <= heartbeat && now_ms.abs_diff(connected) < 60_000,
+        "{entry:?}"
+    );
+    let ttl: i64 = redis_cli(&redis, &["TTL", &format!("ws:connections:{id_a}")])[0]
+        .parse()
+        .unwrap();
+    assert!((1..=3).contains(&ttl), "TTL {ttl}");
+
+    // Longer than the TTL: the node's refreshes keep both.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(registry_keys(&redis), ids);
+
+    // Closing removes the entry at once (not by expiry).
+    a.close(None).await.unwrap();
+    let only_b: BTreeSet<String> = [format!("ws:connections:{id_b}")].into();
+    until(
+        "the closed connection's entry removed",
+        Duration::from_secs(2),
+        || registry_keys(&redis) == only_b,
+    )
+    .await;
+
+    // A killed node cannot remove its entries: they expire.
+    drop(n); // SIGKILL
+    assert_eq!(
+        registry_keys(&redis),
+        only_b,
+        "still there right after the kill"
+    );
+    until(
+        "the killed node's entries expired",
+        Duration::from_secs(5),
+        || registry_keys(&redis).is_empty(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_again_with_its_instance_id_clears_what_its_last_run_left() {
+    let redis = Redis::start();
+    let env = [
+        ("RINGCAST_INSTANCE_ID", "node-a"),
+        ("RINGCAST_MAX_CONNECTIONS_PER_USER", "1"),
+    ];
+    let n = node(&redis, &env);
+    let (_ws, id) = open(&n, "frank").await;
+    assert!(id.starts_with("node-a."), "{id}");
+    until("registered", WAIT, || !registry_keys(&redis).is_empty()).await;
+    drop(n); // SIGKILL: nothing removed
+    assert_eq!(registry_keys(&redis).len(), 1);
+    let other = node(&redis, &[("RINGCAST_MAX_CONNECTIONS_PER_USER", "1")]);
+    // While node-a's lease runs, its connection still counts for frank.
+    assert_eq!(refused(&other, "frank").await.0, 429);
+    let n = node(&redis, &env);
+    assert!(
+        registry_keys(&redis).is_empty(),
+        "cleared when node-a started"
+    );
+    open(&n, "frank").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_sent_to_one_node_act_on_every_node_and_revocations_survive_restarts() {
+    let redis = Redis::start();
+    let instance = |i: usize| format!("node-{i}");
+    let start = |i: usize| {
+        let id = instance(i);
+        node(&redis, &[("RINGCAST_INSTANCE_ID", id.as_str())])
+    };
+    let mut cluster: Vec<Server> = (0..3).map(start).collect();
+    // Disconnect: gina on nodes 1 and 2, asked of node 0.
+    let (mut g1, _) = open(&cluster[1], "gina").await;
+    let (mut g2, _) = open(&cluster[2], "gina").await;
+    let (mut witness, _) = open(&cluster[2], "hank").await;
+    let (status, answer) = admin(
+        &cluster[0],
+        "POST",
+        "disconnect",
+        json!({"user_id": "gina", "reason": "suspended"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["disconnected"], 2, "{answer}");
+    let per_node: BTreeMap<String, u64> = answer["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let id = n["instance_id"].as_str().unwrap().to_owned();
+            (id, n["disconnected"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        per_node,
+        [(instance(0), 0), (instance(1), 1), (instance(2), 1)].into()
+    );
+    assert_eq!(recv_close(&mut g1).await, 4003);
+    assert_eq!(recv_close(&mut g2).await, 4003);
+
+    // The list: every node's connections, paged, filtered.
+    let (_i1, _) = open(&cluster[0], "ivy").await;
+    let (_i2, _) = open(&cluster[1], "ivy").await;
+    let (status, list) = admin(
+        &cluster[1],
+        "GET",
+        "connections?user_id=ivy&limit=1",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["count"], 1, "{list}");
+    let next = list["next"].as_str().unwrap().to_owned();
+    let (_, rest) = admin(
+        &cluster[1],
+        "GET",
+        &format!("connections?user_id=ivy&limit=10&after={next}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(rest["count"], 1, "{rest}");
+    assert!(rest["next"].is_null(), "{rest}");
+    let nodes_of_ivy: BTreeSet<&str> = [&list, &rest]
+        .iter()
+        .map(|l| l["connections"][0]["instance_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes_of_ivy.len(), 2, "{list} {rest}");
+
+    // Revoke, asked of node 0: jill's subscriptions on nodes 1 and 2 end at once.
+    let (mut j1, _) = open(&cluster[1], "jill").await;
+    let (mut j2, _) = open(&cluster[2], "jill").await;
+    let seq = cluster[0]
+        .publish_one("project:p1", "before", json!(1))
+        .await;
+    for ws in [&mut j1, &mut j2, &mut witness] {
+        assert_eq!(recv_json(ws).await["event"], "before");
+    }
+    let (status, answer) = admin(
+        &cluster[0],
+        "POST",
+        "revoke",
+        json!({"user_id": "jill", "project_id": "p1"}),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer["unsubscribed"]),
+        (200, &json!(2)),
+        "{answer}"
+    );
+    for ws in [&mut j1, &mut j2] {
+        let v = recv_json(ws).await;
+        assert_eq!(v["type"], "unsubscribed", "{v}");
+        assert_eq!(v["reason"], "revoked", "{v}");
+    }
+    cluster[0]
+        .publish_one("project:p1", "after", json!(2))
+        .await;
+    assert_eq!(recv_json(&mut witness).await["event"], "after");
+
+    // Every node restarts; the revocation holds: no live event, no replay.
+    drop((j1, j2, witness));
+    let (_, welcome) = connect(&cluster[0], &format!("token={}", admin_token())).await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    cluster.clear(); // SIGKILL, all three
+    cluster = (0..3).map(start).collect();
+    for n in &cluster {
+        let (mut ws, _) = connect(n, &format!("token={}", user_token("jill"))).await;
+        send_json(
+            &mut ws,
+            &json!({"type": "subscribe", "channels": ["project:p1"],
+                    "since": {"project:p1": seq - 1}, "epoch": epoch}),
+        )
+        .await;
+        let v = recv_json(&mut ws).await;
+        assert_eq!(
+            (&v["type"], &v["code"]),
+            (&json!("error"), &json!("forbidden")),
+            "{v}"
+        );
+        let (status, _) = refused(n, "jill").await;
+        assert_eq!(status, 403);
+    }
+    // A grant on any node lifts it everywhere.
+    let (status, answer) = admin(
+        &cluster[2],
+        "POST",
+        "grant",
+        json!({"user_id": "jill", "project_id": "p1"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    open(&cluster[0], "jill").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_the_limits_fall_back_to_each_node_and_come_back_after() {
+    let redis = Redis::start();
+    let env = [
+        ("RINGCAST_MAX_CONNECTIONS_PER_USER", "2"),
+        ("RINGCAST_REGISTRY_REFRESH_MS", "300"),
+    ];
+    let (a, b) = (node(&redis, &env), node(&redis, &env));
+    let _k1 = open(&a, "kim").await;
+    let _k2 = open(&a, "kim").await;
+    assert_eq!(refused(&b, "kim").await.0, 429, "cluster-wide: kim has 2");
+    assert_eq!(metric(&b, "ringcast_limits_node_local").await, Some(0));
+
+    redis.signal(libc::SIGSTOP);
+    // Node b counts alone now: kim has none there.
+    let _k3 = open(&b, "kim").await;
+    assert_eq!(metric(&b, "ringcast_limits_node_local").await, Some(1));
+    let _k4 = open(&b, "kim").await;
+    assert_eq!(
+        refused(&b, "kim").await.0,
+        429,
+        "node-local: kim has 2 on b"
+    );
+
+    redis.signal(libc::SIGCONT);
+    let deadline = Instant::now() + WAIT;
+    while metric(&b, "ringcast_limits_node_local").await != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "the limits never became the cluster's again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The cluster's counts now include what b admitted meanwhile: 4 of kim's.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let held = redis_cli(&redis, &["ZCARD", "ringcast:{c}:u:kim"]);
+        if held.first().map(String::as_str) == Some("4") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b's connections never counted: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(refused(&a, "kim").await.0, 429);
+}
