@@ -441,3 +441,70 @@ async fn with_redis_away_the_limits_fall_back_to_each_node_and_come_back_after()
     }
     assert_eq!(refused(&a, "kim").await.0, 429);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_project_limit_the_per_ip_rate_and_the_cluster_cap_hold_across_nodes() {
+    // Per project: 2 in the cluster.
+    let redis = Redis::start();
+    let env = [("RINGCAST_MAX_CONNECTIONS_PER_PROJECT", "2")];
+    let (a, b) = (node(&redis, &env), node(&redis, &env));
+    let _p1 = open(&a, "u1").await;
+    let _p2 = open(&b, "u2").await;
+    let (status, body) = refused(&a, "u3").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("project p1 has its maximum of 2 connections"),
+        "{body}"
+    );
+    drop((a, b));
+
+    // Per IP: 3 attempts a minute from 127.0.0.1 (loopback counted), whichever node.
+    let redis = Redis::start();
+    let env = [
+        ("RINGCAST_CONNECTIONS_PER_IP_PER_MINUTE", "3"),
+        ("RINGCAST_LIMIT_LOOPBACK", "true"),
+    ];
+    let (a, b) = (node(&redis, &env), node(&redis, &env));
+    let _i1 = open(&a, "v1").await;
+    let _i2 = open(&b, "v2").await;
+    let _i3 = open(&a, "v3").await;
+    for n in [&a, &b] {
+        let url = n.url(&format!("/ws?token={}", user_token("v4")));
+        let resp = match ws_connect(url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp,
+            other => panic!("a fourth attempt within the minute was not refused: {other:?}"),
+        };
+        assert_eq!(resp.status().as_u16(), 429);
+        let retry: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    }
+    drop((a, b));
+
+    // The cluster cap: 3 in all.
+    let redis = Redis::start();
+    let env = [("RINGCAST_CLUSTER_MAX_CONNECTIONS", "3")];
+    let (a, b) = (node(&redis, &env), node(&redis, &env));
+    let _c1 = open(&a, "w1").await;
+    let _c2 = open(&b, "w2").await;
+    let (mut c3, _) = open(&b, "w3").await;
+    let (status, body) = refused(&a, "w4").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("the cluster holds its maximum of 3 connections"),
+        "{body}"
+    );
+    c3.close(None).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let url = a.url(&format!("/ws?token={}", user_token("w4")));
+        if ws_connect(url).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cap never made room again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1007,3 +1007,46 @@ pub(super) async fn load_overrides(
         .map(|(user, v)| (user, decode_overrides(&v)))
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(rate_limit: u32, node_rate_limit: u32) -> ControlSettings {
+        ControlSettings {
+            instance: "n".into(),
+            registry_ttl: Duration::from_secs(60),
+            refresh: Duration::from_secs(10),
+            max_connections: 0,
+            limits: LimitConfig::default(),
+            rate_limit,
+            node_rate_limit,
+        }
+    }
+
+    #[test]
+    fn a_nodes_rate_is_its_share_of_the_clusters_and_its_own_while_redis_is_away() {
+        assert_eq!(
+            node_rate(&settings(0, 500), Some(3)),
+            500,
+            "no cluster rate"
+        );
+        assert_eq!(node_rate(&settings(1000, 0), Some(3)), 334);
+        assert_eq!(
+            node_rate(&settings(1000, 200), Some(3)),
+            200,
+            "never above its own"
+        );
+        assert_eq!(node_rate(&settings(1000, 200), None), 200, "Redis away");
+        assert_eq!(node_rate(&settings(1000, 0), Some(0)), 1000);
+    }
+
+    #[test]
+    fn stored_overrides_read_back_as_written_and_empty_ones_are_deleted() {
+        let mut o = Overrides::default();
+        assert_eq!(encode_overrides(&o), "", "an empty value deletes the field");
+        o.revoke(&["task:1".into()], &["p1".into()]);
+        assert_eq!(decode_overrides(&encode_overrides(&o)), o);
+        assert_eq!(decode_overrides("not json"), Overrides::default());
+    }
+}
