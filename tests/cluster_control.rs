@@ -7,13 +7,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::redis::Redis;
+use support::redis::{Redis, RedisCluster};
 use support::*;
 
 fn node(redis: &Redis, extra: &[(&str, &str)]) -> Server {
-    let url = redis.url();
+    node_at(&redis.url(), extra)
+}
+
+fn node_at(url: &str, extra: &[(&str, &str)]) -> Server {
     let mut env = vec![
-        ("RINGCAST_REDIS_URL", url.as_str()),
+        ("RINGCAST_REDIS_URL", url),
         ("RINGCAST_REDIS_TIMEOUT_MS", "500"),
     ];
     env.extend_from_slice(extra);
@@ -507,4 +510,41 @@ async fn the_per_project_limit_the_per_ip_rate_and_the_cluster_cap_hold_across_n
         assert!(Instant::now() < deadline, "the cap never made room again");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_the_limits_the_admin_api_and_presence_reach_across_nodes() {
+    let redis = RedisCluster::start(3);
+    let url = redis.url();
+    let env = [
+        ("RINGCAST_MAX_CONNECTIONS_PER_USER", "2"),
+        ("RINGCAST_PRESENCE_CHANNELS", "task:*"),
+    ];
+    let (a, b) = (node_at(&url, &env), node_at(&url, &env));
+    let (mut n1, _) = open(&a, "nina").await;
+    let (mut n2, _) = open(&b, "nina").await;
+    assert_eq!(refused(&a, "nina").await.0, 429);
+
+    let viewer = |user: &str| token(json!({"sub": user, "channels": ["task:*"]}));
+    let (mut on_a, _) = connect(&a, &format!("channels=task:rc&token={}", viewer("olga"))).await;
+    assert_eq!(recv_json(&mut on_a).await["type"], "subscribed");
+    let (mut on_b, _) = connect(&b, &format!("channels=task:rc&token={}", viewer("otto"))).await;
+    assert_eq!(recv_json(&mut on_b).await["type"], "subscribed");
+    let mut present = BTreeSet::new();
+    while present != BTreeSet::from(["olga".to_owned(), "otto".to_owned()]) {
+        let v = recv_json(&mut on_a).await;
+        assert_eq!(v["event"], "presence", "{v}");
+        for u in v["data"]["joined"].as_array().unwrap() {
+            present.insert(u.as_str().unwrap().to_owned());
+        }
+    }
+
+    let (status, answer) = admin(&b, "POST", "disconnect", json!({"user_id": "nina"})).await;
+    assert_eq!(
+        (status, &answer["disconnected"]),
+        (200, &json!(2)),
+        "{answer}"
+    );
+    assert_eq!(recv_close(&mut n1).await, 4003);
+    assert_eq!(recv_close(&mut n2).await, 4003);
 }
