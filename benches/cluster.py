@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Cluster mode on one Redis, measured with the project's load generator (ringcast-load).
 
-    python3 benches/cluster.py                 # C1 and C2 (about 3 minutes here)
+    python3 benches/cluster.py                 # C1 to C4 (about 5 minutes here)
     python3 benches/cluster.py --quick         # small counts, a smoke test
+    python3 benches/cluster.py --only c4       # one scenario
 
 C1, latency: 1,000 subscribers over 100 channels, 1,000 msg/s, one message per publish request
 on 4 publisher connections, for each of
@@ -19,6 +20,12 @@ on node B (the generator's --failover-addr); every subscriber must end with ever
 C2, what one Redis sustains: one node on Redis, 100 subscribers over 100 channels, publishers
 asking for far more than it can take (one message per request, 32 connections), so the
 achieved publish rate is the bound; Redis's own CPU per message is read from /proc.
+
+C4, the control plane: N idle subscribers connect (256 attempts in flight per generator
+thread) to one node in memory, then to one node on Redis, where every handshake is counted
+in Redis (one script call) and every 10 s the node refreshes its connections there (registry,
+counts, lease). Reports the connect time of each and Redis's CPU per refresh of N connections
+(Redis CPU over 31 s of holding them, divided by the 3 refreshes in that time).
 
 Starts its own redis-server (no persistence) on a free loopback port and its own ringcast
 nodes, and stops every process it started, by PID. Writes the reports to --out (JSON).
@@ -169,14 +176,66 @@ def c3(q):
         redis.stop()
 
 
+def hold(label, port, server_pid, subscribers, secs, redis=None):
+    """Connects `subscribers` idle clients, holds them `secs` (Redis CPU measured meanwhile)."""
+    args = [os.path.join(REL, "ringcast-load"), "--target", "ringcast", "--mode", "idle",
+            "--addr", f"127.0.0.1:{port}", "--subscribers", str(subscribers), "--channels", "100",
+            "--server-pid", str(server_pid), "--json", "-", "--label", label, "--hold",
+            "--secret", SECRET, "--api-key", API_KEY]
+    print(f"  {label:10} {' '.join(args[1:])}", file=sys.stderr, flush=True)
+    gen = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+    report = json.loads(gen.stdout.readline())
+    report["command"] = " ".join(args)
+    r0 = cpu_secs(redis.p.pid) if redis else 0.0
+    time.sleep(secs)
+    if redis:
+        report["redis_cpu_secs_holding"] = cpu_secs(redis.p.pid) - r0
+    gen.stdin.close()
+    gen.wait(timeout=60)
+    return report
+
+
+def c4(q):
+    n = q["c4_subs"]
+    a, pa = node()
+    try:
+        single = dict(hold("C4 single", pa, a.p.pid, n, 1), setup="single")
+    finally:
+        a.stop()
+    redis, rport = redis_server()
+    a, pa = node(rport)
+    try:
+        r0 = cpu_secs(redis.p.pid)
+        on_redis = hold("C4 redis", pa, a.p.pid, n, 31, redis)
+        on_redis["setup"] = "local"
+        on_redis["redis_cpu_us_per_refresh"] = on_redis["redis_cpu_secs_holding"] * 1e6 / 3
+        on_redis["redis_cpu_secs"] = cpu_secs(redis.p.pid) - r0
+    finally:
+        a.stop()
+        redis.stop()
+    for r in (single, on_redis):
+        r.setdefault("publish_rate", 0.0)
+    print(f"C4 connect {n}: in memory {single['connect_secs']:.2f} s, on Redis "
+          f"{on_redis['connect_secs']:.2f} s ({on_redis['connect_secs'] / single['connect_secs']:.2f}x); "
+          f"Redis CPU per refresh of {n} connections {on_redis['redis_cpu_us_per_refresh'] / 1000:.1f} ms",
+          file=sys.stderr)
+    return [single, on_redis]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["c1", "c2", "c3", "c4"], help="run one scenario")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench-cluster.json"))
     args = ap.parse_args()
-    q = (dict(subs=200, dur=5, c2_rate=5000, c3_subs=1000, c3_dur=6, c3_at=2) if args.quick
-         else dict(subs=1000, dur=15, c2_rate=30000, c3_subs=10000, c3_dur=15, c3_at=5))
-    results = c1(q) + c2(q) + c3(q)
+    q = (dict(subs=200, dur=5, c2_rate=5000, c3_subs=1000, c3_dur=6, c3_at=2, c4_subs=1000)
+         if args.quick
+         else dict(subs=1000, dur=15, c2_rate=30000, c3_subs=10000, c3_dur=15, c3_at=5,
+                   c4_subs=10000))
+    scenarios_run = {"c1": c1, "c2": c2, "c3": c3, "c4": c4}
+    chosen = [args.only] if args.only else list(scenarios_run)
+    results = [r for name in chosen for r in scenarios_run[name](q)]
     for r in results:
         print(f"{r['label']:10} publish {r['publish_rate']:8.0f}/s  delivery P50 {r['latency_p50_ms']:7.2f} "
               f"P99 {r['latency_p99_ms']:7.2f} ms  answer P50 {r['publish_answer_p50_ms']:6.2f} "

@@ -410,9 +410,17 @@ async fn with_redis_away_the_limits_fall_back_to_each_node_and_come_back_after()
     assert_eq!(metric(&b, "ringcast_limits_node_local").await, Some(0));
 
     redis.signal(libc::SIGSTOP);
+    // The health check (every second, bounded by the timeout) says so.
+    let deadline = Instant::now() + WAIT;
+    while metric(&b, "ringcast_limits_node_local").await != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the limits never fell back to the node's own"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Node b counts alone now: kim has none there.
     let _k3 = open(&b, "kim").await;
-    assert_eq!(metric(&b, "ringcast_limits_node_local").await, Some(1));
     let _k4 = open(&b, "kim").await;
     assert_eq!(
         refused(&b, "kim").await.0,
@@ -547,4 +555,81 @@ async fn on_a_redis_cluster_the_limits_the_admin_api_and_presence_reach_across_n
     );
     assert_eq!(recv_close(&mut n1).await, 4003);
     assert_eq!(recv_close(&mut n2).await, 4003);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_told_to_close_for_a_newer_one_stops_counting_for_its_user_only() {
+    let redis = Redis::start();
+    let env = [
+        ("RINGCAST_MAX_CONNECTIONS_PER_USER", "2"),
+        ("RINGCAST_USER_LIMIT_POLICY", "close-oldest"),
+    ];
+    let (a, b) = (node(&redis, &env), node(&redis, &env));
+    let (mut first, _) = open(&a, "pat").await;
+    let (_second, _) = open(&b, "pat").await;
+    let (_third, _) = open(&b, "pat").await;
+    assert_eq!(recv_close(&mut first).await, 4008);
+    // Once the first is gone, Redis counts exactly the two left, and a fourth displaces the
+    // second (the oldest), not a ghost.
+    until("the displaced connection released", WAIT, || {
+        redis_cli(&redis, &["ZCARD", "ringcast:{c}:u:pat"]) == ["2"]
+    })
+    .await;
+    let (mut second, _) = (_second, ());
+    let (_fourth, _) = open(&a, "pat").await;
+    assert_eq!(recv_close(&mut second).await, 4008);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_registry_hashes_go_at_the_first_handshake_after_its_lease() {
+    let redis = Redis::start();
+    let fast = [("RINGCAST_REGISTRY_REFRESH_MS", "300")];
+    let dead = node(&redis, &fast);
+    let (_ws, id) = open(&dead, "quinn").await;
+    until("registered", WAIT, || !registry_keys(&redis).is_empty()).await;
+    drop(dead); // SIGKILL
+    let other = node(&redis, &fast);
+    // Its lease (3 refreshes + the timeout: 1.4 s) runs out; the next handshake anywhere
+    // forgets it, and its registry hashes with it (long before their 24 h TTL).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (mut ws, own) = open(&other, "rita").await;
+        let keys = registry_keys(&redis);
+        if !keys.contains(&format!("ws:connections:{id}")) {
+            assert_eq!(keys, BTreeSet::from([format!("ws:connections:{own}")]));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead node's entry stayed: {keys:?}"
+        );
+        ws.close(None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_outlive_a_redis_that_lost_its_data() {
+    let mut redis = Redis::start();
+    let fast = [("RINGCAST_REGISTRY_REFRESH_MS", "300")];
+    let n = node(&redis, &fast);
+    let (status, answer) = admin(
+        &n,
+        "POST",
+        "revoke",
+        json!({"user_id": "sam", "project_id": "p1"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    redis.restart(); // no persistence: everything is gone
+                     // The node notices the changes' version went back and writes its own back.
+    until("the revocation written back", WAIT, || {
+        redis_cli(&redis, &["HEXISTS", "ringcast:{c}:ov", "sam"]) == ["1"]
+    })
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while refused(&n, "sam").await.0 != 403 {
+        assert!(Instant::now() < deadline, "sam got project:p1 back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -297,12 +297,12 @@ impl Redis {
         let sent = self
             .tx
             .send(Cmd::Control(control::Cmd::Admit { member, reply }));
-        let answer = match sent {
+        // A failure here decides for this connection only; the health check (every second)
+        // decides whether the limits are the node's own.
+        match sent {
             Ok(()) => answer.await.ok().flatten(),
             Err(_) => None,
-        };
-        self.health.set_limits_local(answer.is_none());
-        answer
+        }
     }
 
     /// Takes a connection off the cluster's counts and the registry.
@@ -321,14 +321,12 @@ impl Redis {
     pub async fn admin_elsewhere(
         &self,
         cmd: crate::runtime::core::AdminCmd,
-    ) -> Result<control::Elsewhere, String> {
+    ) -> Result<control::Elsewhere, control::ControlError> {
         let (reply, answer) = futures_channel::oneshot::channel();
         self.tx
             .send(Cmd::Control(control::Cmd::Admin { cmd, reply }))
-            .map_err(|_| "the Redis thread ended".to_owned())?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err("the Redis thread ended".into()))
+            .map_err(|_| control::ControlError::Ended)?;
+        answer.await.unwrap_or(Err(control::ControlError::Ended))
     }
 
     /// This node's presence changes of a channel (the cluster's are published).
@@ -346,7 +344,11 @@ impl Redis {
     }
 
     /// Stores an admin's change of `user`'s access in Redis; the user's changes now in force.
-    pub async fn store(&self, user: String, change: control::Change) -> Result<Overrides, String> {
+    pub async fn store(
+        &self,
+        user: String,
+        change: control::Change,
+    ) -> Result<Overrides, control::ControlError> {
         let (reply, answer) = futures_channel::oneshot::channel();
         self.tx
             .send(Cmd::Control(control::Cmd::Store {
@@ -354,10 +356,8 @@ impl Redis {
                 change,
                 reply,
             }))
-            .map_err(|_| "the Redis thread ended".to_owned())?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err("the Redis thread ended".into()))
+            .map_err(|_| control::ControlError::Ended)?;
+        answer.await.unwrap_or(Err(control::ControlError::Ended))
     }
 
     /// Whether each channel is subscribed in Redis on its own (a Redis Cluster).
@@ -516,7 +516,7 @@ async fn run(
     };
     let sharded = matches!(conn, Conn::Cluster(_));
     health.commands.store(true, Ordering::Relaxed);
-    let control = control::State::new(settings.control.clone());
+    let (control, presence_changes) = control::State::new(settings.control.clone());
     let ctx = Arc::new(Ctx {
         control,
         settings,
@@ -538,13 +538,14 @@ async fn run(
     })
     .await;
     let overrides = match prepared {
-        Ok(Ok((stale, overrides))) => {
+        Ok(Ok((stale, (overrides, version)))) => {
             if stale > 0 {
                 tracing::info!(
                     stale,
                     "cleared this node's entries of an earlier run from Redis"
                 );
             }
+            ctx.control.seen_version(version);
             overrides
         }
         Ok(Err(e)) => {
@@ -593,6 +594,7 @@ async fn run(
         ingest::start(&ctx, &client, &ctx.settings.ingest);
     }
     tokio::spawn(control::refresh_loop(ctx.clone()));
+    tokio::spawn(control::presence::run(ctx.clone(), presence_changes));
     let _ = started.send(Ok(Started {
         epoch,
         sharded,
@@ -611,6 +613,8 @@ async fn run(
                     tokio::spawn(read_and_answer(ctx.clone(), ctx.conn(), read));
                 }
                 Cmd::Unsubscribe(_) => {}
+                // In the order they came: a refresh must not overtake a leave.
+                Cmd::Control(control::Cmd::Presence(change)) => ctx.control.queue_presence(change),
                 Cmd::Control(cmd) => {
                     tokio::spawn(control::handle(ctx.clone(), cmd));
                 }
@@ -725,6 +729,7 @@ async fn shard_messages(
                     for core in 0..ctx.mesh.cores() {
                         ctx.mesh.send(core, MeshMsg::Resync);
                     }
+                    control::reload_overrides(&ctx).await;
                 });
             }
             _ => {}
@@ -1056,17 +1061,8 @@ async fn pubsub_loop(
                     ctx.mesh.send(core, MeshMsg::Resync);
                 }
                 // Admin changes made meanwhile reached this node by no message: read them.
-                match control::load_overrides(&ctx.keys.prefix, &mut conn).await {
-                    Ok(all) => {
-                        let ctx = ctx.clone();
-                        tokio::spawn(async move {
-                            ctx.mesh
-                                .admin(crate::runtime::core::AdminCmd::Replace(all))
-                                .await
-                        });
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot read the admins' changes"),
-                }
+                let ctx = ctx.clone();
+                tokio::spawn(async move { control::reload_overrides(&ctx).await });
             }
         }
         // A connection that went away without a word (a lost host, a failover behind a
@@ -1135,9 +1131,17 @@ async fn health_loop(
                 connect(&client, &ctx.settings, pushes.clone()),
             )
             .await;
-            if let Ok(Ok(fresh @ Conn::Cluster(_))) = fresh {
+            if let Ok(Ok(mut fresh @ Conn::Cluster(_))) = fresh {
                 tracing::warn!("the Redis Cluster connection stopped answering: made anew");
+                if let Conn::Cluster(c) = &mut fresh {
+                    let control = control::channel(&ctx.keys.prefix);
+                    if let Err(e) = c.ssubscribe(control).await {
+                        tracing::warn!(error = %e, "cannot subscribe to the control channel");
+                    }
+                }
                 *ctx.conn.write().expect("not poisoned") = fresh;
+                let again = ctx.clone();
+                tokio::spawn(async move { control::reload_overrides(&again).await });
                 ctx.health.resubscribe.store(true, Ordering::Relaxed);
                 for core in 0..ctx.mesh.cores() {
                     ctx.mesh.send(core, MeshMsg::Resync);

@@ -15,7 +15,7 @@ use crate::cluster::control::Admission;
 use crate::delivery::access::{Claims, Overrides};
 use crate::delivery::channel;
 use crate::delivery::limits::{Checks, Refused};
-use crate::delivery::presence::Presence;
+use crate::delivery::presence::{Change, Presence};
 use crate::delivery::queue::Bucket;
 use crate::delivery::rooms::Rooms;
 use crate::delivery::sequencer::{Answer, Outcome, Sequencer, SubscribeAck, Subscribed};
@@ -64,9 +64,12 @@ pub enum AdminCmd {
     /// What the registry holds of every connection (cluster mode).
     Registry,
     /// Event frames per second the whole node may send (0: no limit), shared by its cores.
-    NodeRate(u32),
-    /// The users each presence channel of this node has announced (cluster mode).
-    Presence,
+    NodeRate { rate: u32 },
+    /// Renew in Redis the users each presence channel of this core has announced (cluster
+    /// mode; they go the way its presence changes go, after them).
+    PresenceRefresh,
+    /// Every user's changes this core holds (the same on every core).
+    Overrides,
 }
 
 /// Which connections a list shows: all filters must match; ordered by connection id, the
@@ -101,7 +104,7 @@ pub enum AdminAnswer {
     Count(usize),
     Connections(Vec<ConnInfo>),
     Members(Vec<crate::cluster::control::Member>),
-    Presence(Vec<(Arc<str>, Vec<String>)>),
+    Overrides(HashMap<String, Overrides>),
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -326,8 +329,11 @@ impl Core {
                 }
                 Effect::Presence { channel } => self.answer_presence(conn, channel),
                 Effect::Audit { kind, mut fields } => {
-                    if self.shared.instance().is_some() {
-                        fields["connection_id"] = self.shared.conn_name(conn.id()).into();
+                    if let (Some(_), Some(all)) = (self.shared.instance(), fields.as_object_mut()) {
+                        all.insert(
+                            "connection_id".into(),
+                            self.shared.conn_name(conn.id()).into(),
+                        );
                     }
                     self.shared.audit(kind, fields)
                 }
@@ -904,8 +910,21 @@ impl Core {
                 query.page(&mut list);
                 AdminAnswer::Connections(list)
             }
-            AdminCmd::Presence => AdminAnswer::Presence(self.presence.borrow().announced()),
-            AdminCmd::NodeRate(rate) => {
+            AdminCmd::PresenceRefresh => {
+                if let Broker::Redis(redis) = &self.shared.broker {
+                    for (channel, joined) in self.presence.borrow().announced() {
+                        let left = Vec::new();
+                        redis.presence(Change {
+                            channel,
+                            joined,
+                            left,
+                        });
+                    }
+                }
+                AdminAnswer::Count(0)
+            }
+            AdminCmd::Overrides => AdminAnswer::Overrides(self.overrides.borrow().clone()),
+            AdminCmd::NodeRate { rate } => {
                 let share = rate.div_ceil(self.shared.mesh.cores() as u32);
                 self.bucket.borrow_mut().set_rate(share);
                 AdminAnswer::Count(0)
