@@ -633,3 +633,125 @@ async fn revocations_outlive_a_redis_that_lost_its_data() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_handshakes_of_one_user_under_close_oldest_leave_exactly_the_limit_open() {
+    let redis = Redis::start();
+    let env = [
+        ("RINGCAST_MAX_CONNECTIONS_PER_USER", "2"),
+        ("RINGCAST_USER_LIMIT_POLICY", "close-oldest"),
+    ];
+    let nodes = std::sync::Arc::new((node(&redis, &env), node(&redis, &env)));
+    let mut opening = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let nodes = nodes.clone();
+        opening.spawn(async move {
+            let n = if i % 2 == 0 { &nodes.0 } else { &nodes.1 };
+            let url = n.url(&format!(
+                "/ws?channels=project:p1&token={}",
+                user_token("una")
+            ));
+            ws_connect(url).await.expect("admitted").0
+        });
+    }
+    let mut sockets = Vec::new();
+    while let Some(ws) = opening.join_next().await {
+        sockets.push(ws.unwrap());
+    }
+    // Each socket: its first frame past the welcome and `subscribed` is a close (displaced)
+    // or the marker published once ten were closed.
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut readers = tokio::task::JoinSet::new();
+    for mut ws in sockets {
+        let closed_tx = closed_tx.clone();
+        readers.spawn(async move {
+            use futures_util::StreamExt;
+            loop {
+                match tokio::time::timeout(WAIT, ws.next()).await {
+                    Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f))))) => {
+                        let _ = closed_tx.send(u16::from(f.code));
+                        return None;
+                    }
+                    Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))))
+                        if t.contains("\"marker\"") =>
+                    {
+                        return Some(ws); // still open: kept
+                    }
+                    Ok(Some(Ok(_))) => continue,
+                    other => panic!("neither closed nor reached: {other:?}"),
+                }
+            }
+        });
+    }
+    for _ in 0..10 {
+        let code = tokio::time::timeout(WAIT, closed_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(code, 4008);
+    }
+    // A survivor's subscription may become active after the tenth close: markers go out
+    // until every reader is done.
+    let publisher = {
+        let nodes = nodes.clone();
+        tokio::spawn(async move {
+            loop {
+                nodes.0.publish_one("project:p1", "marker", json!(1)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let mut open = Vec::new();
+    while let Some(reached) = readers.join_next().await {
+        open.extend(reached.unwrap());
+    }
+    publisher.abort();
+    assert_eq!(open.len(), 2, "exactly the limit stays open");
+    let deadline = Instant::now() + WAIT;
+    while redis_cli(&redis, &["ZCARD", "ringcast:{c}:u:una"]) != ["2"] {
+        assert!(
+            Instant::now() < deadline,
+            "Redis does not count the two: {:?} {:?} {:?}",
+            redis_cli(&redis, &["ZRANGE", "ringcast:{c}:u:una", "0", "-1"]),
+            redis_cli(&redis, &["SMEMBERS", "ringcast:{c}:ev:una"]),
+            redis_cli(&redis, &["KEYS", "ringcast:{c}:n:*"]),
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_cannot_open_the_admin_channels_or_another_users_channel() {
+    let redis = Redis::start();
+    let n = node(&redis, &[]);
+    for channel in ["audit", "system", "alerts", "user:bob"] {
+        let (status, answer) = admin(
+            &n,
+            "POST",
+            "grant",
+            json!({"user_id": "vic", "channels": [channel]}),
+        )
+        .await;
+        assert_eq!(status, 400, "{channel}: {answer}");
+    }
+    let (status, _) = admin(
+        &n,
+        "POST",
+        "grant",
+        json!({"user_id": "vic", "channels": ["user:vic"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "a user's own channel may be granted");
+    for bad in ["", "a b", "a,b"] {
+        let (status, _) = admin(
+            &n,
+            "POST",
+            "revoke",
+            json!({"user_id": "vic", "project_id": bad}),
+        )
+        .await;
+        assert_eq!(status, 400, "project_id {bad:?}");
+    }
+    let (status, _) = admin(&n, "GET", "connections?channel=bad%20name", Value::Null).await;
+    assert_eq!(status, 400);
+}

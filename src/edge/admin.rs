@@ -8,7 +8,7 @@
 use serde::Deserialize;
 
 use crate::cluster::control::{Change, NodeAnswer};
-use crate::delivery::channel;
+use crate::delivery::channel::{self, ChannelKind};
 use crate::proto::http::Request;
 use crate::runtime::core::{AdminAnswer, AdminCmd, ConnInfo, Core, ListQuery};
 use crate::runtime::node::Broker;
@@ -63,6 +63,26 @@ pub async fn handle(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Opt
     for name in &target.channels {
         if let Err(e) = channel::validate(name) {
             return Some(Reply::error(400, &format!("channels: {e}")));
+        }
+        // A grant is for the app's channels: the admin channels stay the admin role's, and a
+        // user's own channel stays that user's.
+        let closed = match channel::kind(name) {
+            ChannelKind::Admin => true,
+            ChannelKind::User(owner) => owner != target.user_id,
+            _ => false,
+        };
+        if action == "grant" && closed {
+            let msg =
+                format!("channels: a grant cannot open {name} (admins only, or another user's)");
+            return Some(Reply::error(400, &msg));
+        }
+    }
+    if let Some(p) = &target.project_id {
+        if let Err(e) = channel::validate(&format!("project:{p}")) {
+            return Some(Reply::error(400, &format!("project_id: {e}")));
+        }
+        if p.is_empty() {
+            return Some(Reply::error(400, "project_id must not be empty"));
         }
     }
     let projects: Vec<String> = target.project_id.iter().cloned().collect();
@@ -191,6 +211,11 @@ async fn list(core: &Core, req: &Request) -> Reply {
         Some(Ok(n)) if (1..=MAX_PAGE).contains(&n) => n,
         Some(_) => return Reply::error(400, &format!("limit must be 1 to {MAX_PAGE}")),
     };
+    if let Some(name) = req.query_param("channel") {
+        if let Err(e) = channel::validate(&name) {
+            return Reply::error(400, &format!("channel: {e}"));
+        }
+    }
     let query = ListQuery {
         user_id: req.query_param("user_id"),
         project_id: req.query_param("project_id"),

@@ -221,6 +221,8 @@ pub(super) fn start(
         }
         s.greet_after(welcome, subscribed);
     });
+    // Displaced by a newer connection of its user while it was being set up.
+    core.close_if_displaced(&conn);
     conn
 }
 

@@ -87,13 +87,24 @@ pub struct ListQuery {
 impl ListQuery {
     /// Keeps the first `limit` of `list` after `after`, in id order; says whether more match.
     pub fn page(&self, list: &mut Vec<ConnInfo>) -> bool {
+        self.first(list, self.limit + 1);
+        let more = list.len() > self.limit;
+        list.truncate(self.limit);
+        more
+    }
+
+    /// What one core (or node) contributes to a page: its first `limit + 1` after `after`,
+    /// so that the page knows whether more follow.
+    pub fn part(&self, list: &mut Vec<ConnInfo>) {
+        self.first(list, self.limit + 1);
+    }
+
+    fn first(&self, list: &mut Vec<ConnInfo>, n: usize) {
         list.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
         if let Some(after) = &self.after {
             list.retain(|c| c.connection_id.as_str() > after.as_str());
         }
-        let more = list.len() > self.limit;
-        list.truncate(self.limit);
-        more
+        list.truncate(n);
     }
 }
 
@@ -135,6 +146,19 @@ pub enum Received {
     Closed,
 }
 
+/// A close for a connection not registered yet.
+struct EarlyClose {
+    conn: u64,
+    code: u16,
+    reason: &'static str,
+    at: Instant,
+}
+
+/// Most closes kept for connections not registered yet, and for how long (a handshake's
+/// answer takes far less).
+const MAX_EARLY_CLOSES: usize = 1024;
+const EARLY_CLOSE_KEPT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Most users one `presence` event names (a storm of joins goes out in several).
 const PRESENCE_CHUNK: usize = 100;
 
@@ -165,6 +189,9 @@ pub struct Core {
     pub(super) bucket: RefCell<Bucket>,
     /// Who is on the presence channels this core owns.
     presence: RefCell<Presence>,
+    /// Closes that came for connections not registered yet (displaced while their handshake
+    /// was being answered): carried out when they register. Bounded; forgotten after a while.
+    early_closes: RefCell<Vec<EarlyClose>>,
     /// Admin changes per user, the same on every core (each command reaches all of them).
     overrides: RefCell<HashMap<String, Overrides>>,
     /// Every connection's reads pass through here, so none holds a read buffer of its own.
@@ -200,6 +227,7 @@ impl Core {
             channels_reported: Cell::new(0),
             bucket: RefCell::new(Bucket::new(node_share)),
             presence: RefCell::new(Presence::default()),
+            early_closes: RefCell::new(Vec::new()),
             overrides: RefCell::new(match &shared.broker {
                 Broker::Local => HashMap::new(),
                 Broker::Redis(redis) => redis.overrides_at_start.clone(),
@@ -604,11 +632,22 @@ impl Core {
             MeshMsg::Admin { cmd, reply } => {
                 let _ = reply.send(self.admin(&cmd));
             }
-            MeshMsg::Close { conn, code, reason } => {
-                if let Some(c) = self.conn(conn) {
-                    self.close(&c, code, reason);
+            MeshMsg::Close { conn, code, reason } => match self.conn(conn) {
+                Some(c) => self.close(&c, code, reason),
+                // Not registered yet, or already gone (ids are never reused): kept a while.
+                None => {
+                    let mut early = self.early_closes.borrow_mut();
+                    if early.len() >= MAX_EARLY_CLOSES {
+                        early.remove(0);
+                    }
+                    early.push(EarlyClose {
+                        conn,
+                        code,
+                        reason,
+                        at: Instant::now(),
+                    });
                 }
-            }
+            },
             MeshMsg::Presence {
                 channel,
                 user,
@@ -803,8 +842,21 @@ impl Core {
         }
     }
 
+    /// Closes `conn` if a close came for it before it registered.
+    pub fn close_if_displaced(&self, conn: &Rc<Conn>) {
+        let mut early = self.early_closes.borrow_mut();
+        if let Some(at) = early.iter().position(|e| e.conn == conn.id()) {
+            let e = early.swap_remove(at);
+            drop(early);
+            self.close(conn, e.code, e.reason);
+        }
+    }
+
     /// Runs the periodic checks of every connection (heartbeats, deadlines).
     pub fn tick(&self) {
+        self.early_closes
+            .borrow_mut()
+            .retain(|e| e.at.elapsed() < EARLY_CLOSE_KEPT);
         for conn in self.connections() {
             self.with_session(&conn, |s, ctx, out| s.tick(ctx, out));
         }
@@ -907,7 +959,7 @@ impl Core {
                         wanted.then(|| self.conn_info(&s))
                     })
                     .collect();
-                query.page(&mut list);
+                query.part(&mut list);
                 AdminAnswer::Connections(list)
             }
             AdminCmd::PresenceRefresh => {
@@ -1007,4 +1059,50 @@ pub fn shutdown_frame(encoding: Encoding) -> bytes::Bytes {
         reason: "server is shutting down; reconnect and resume",
     }
     .frame_in(encoding)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str) -> ConnInfo {
+        ConnInfo {
+            connection_id: id.into(),
+            instance_id: None,
+            core: 0,
+            user_id: "u".into(),
+            channels: Vec::new(),
+            project_ids: Vec::new(),
+            ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            transport: "websocket".into(),
+            connected_at: 0,
+        }
+    }
+
+    #[test]
+    fn pages_of_one_walk_every_connection_of_every_core() {
+        let cores = [vec!["1", "2", "3", "a"], vec!["1000000000001"], vec![]];
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let query = ListQuery {
+                after: after.clone(),
+                limit: 1,
+                ..ListQuery::default()
+            };
+            let mut page: Vec<ConnInfo> = Vec::new();
+            for core in &cores {
+                let mut part: Vec<ConnInfo> = core.iter().map(|id| info(id)).collect();
+                query.part(&mut part);
+                page.extend(part);
+            }
+            let more = query.page(&mut page);
+            seen.extend(page.iter().map(|c| c.connection_id.clone()));
+            if !more {
+                break;
+            }
+            after = page.last().map(|c| c.connection_id.clone());
+        }
+        assert_eq!(seen, ["1", "1000000000001", "2", "3", "a"]);
+    }
 }

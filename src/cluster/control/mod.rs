@@ -221,6 +221,8 @@ pub(super) struct State {
     version: AtomicU64,
     /// Presence changes, to the one task that records them in order.
     presence_queue: tokio::sync::mpsc::UnboundedSender<crate::delivery::presence::Change>,
+    /// Member lists read from Redis in the last second, by channel (see `presence::members`).
+    members: presence::Recent,
 }
 
 impl State {
@@ -248,6 +250,7 @@ impl State {
             held: Default::default(),
             version: Default::default(),
             presence_queue,
+            members: Default::default(),
         };
         (state, changes)
     }
@@ -395,7 +398,8 @@ pub(super) async fn handle(ctx: Arc<Ctx>, cmd: Cmd) {
         }
         Cmd::Presence(change) => ctx.control.queue_presence(change),
         Cmd::Members { channel, reply } => {
-            let _ = reply.send(presence::members(&ctx, &channel).await);
+            let list = presence::members(&ctx, &channel).await;
+            let _ = reply.send(list.map(|l| l.as_ref().clone()));
         }
         Cmd::Store {
             user,

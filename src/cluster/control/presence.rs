@@ -5,7 +5,9 @@
 //! Invariant: one task sends a node's presence changes and refreshes, in the order the owner
 //! cores made them, so a refresh never brings back a user whose leave went before it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::delivery::presence::Change;
 use crate::delivery::Publication;
@@ -15,7 +17,7 @@ use super::super::{groups, Cmd as RedisCmd, Ctx};
 
 /// Runs this node's presence changes one after the other.
 pub(in crate::cluster) async fn run(
-    ctx: std::sync::Arc<Ctx>,
+    ctx: Arc<Ctx>,
     mut changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
 ) {
     while let Some(change) = changes.recv().await {
@@ -55,8 +57,37 @@ async fn record(ctx: &Ctx, change: Change) {
     }
 }
 
+/// Member lists read in the last `FRESH`, by channel: a flood of `presence` questions costs
+/// Redis one read per channel per `FRESH`, however many clients ask.
+#[derive(Default)]
+pub(super) struct Recent(Mutex<HashMap<String, Read>>);
+
+/// When a member list was read, and what it held.
+type Read = (Instant, Arc<Vec<String>>);
+
+const FRESH: Duration = Duration::from_secs(1);
+/// Channels whose lists are kept at once (all are forgotten past it).
+const MAX_RECENT: usize = 10_000;
+
+/// The users on a presence channel on any live node, as of at most a second ago.
+pub(super) async fn members(ctx: &Ctx, channel: &str) -> Option<Arc<Vec<String>>> {
+    let recent = &ctx.control.members.0;
+    if let Some((at, list)) = recent.lock().expect("not poisoned").get(channel) {
+        if at.elapsed() < FRESH {
+            return Some(list.clone());
+        }
+    }
+    let list = Arc::new(read_members(ctx, channel).await?);
+    let mut recent = recent.lock().expect("not poisoned");
+    if recent.len() >= MAX_RECENT {
+        recent.clear();
+    }
+    recent.insert(channel.to_owned(), (Instant::now(), list.clone()));
+    Some(list)
+}
+
 /// The users on a presence channel on any live node (by Redis's clock).
-pub(super) async fn members(ctx: &Ctx, channel: &str) -> Option<Vec<String>> {
+async fn read_members(ctx: &Ctx, channel: &str) -> Option<Vec<String>> {
     let mut conn = ctx.conn();
     let read = redis::pipe()
         .cmd("TIME")
