@@ -755,3 +755,18 @@ async fn a_grant_cannot_open_the_admin_channels_or_another_users_channel() {
     let (status, _) = admin(&n, "GET", "connections?channel=bad%20name", Value::Null).await;
     assert_eq!(status, 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_started_with_one_instance_id_are_told_in_the_log() {
+    let redis = Redis::start();
+    let env = [
+        ("RINGCAST_INSTANCE_ID", "twin"),
+        ("RINGCAST_REGISTRY_REFRESH_MS", "300"),
+    ];
+    let first = node(&redis, &env);
+    let _second = node(&redis, &env);
+    until("the first node says so", WAIT, || {
+        first.logged("another node runs with this node's instance id")
+    })
+    .await;
+}

@@ -28,6 +28,8 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    /// The server's latest log lines (stderr), the newest last.
+    log: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
 }
 
 impl Server {
@@ -119,14 +121,21 @@ impl Server {
             }
         };
         let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if std::env::var_os("RINGCAST_TEST_LOG").is_some() {
                     eprintln!("[server] {line}");
                 }
+                let mut kept = kept.lock().unwrap();
+                if kept.len() >= 2000 {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
             }
         });
-        Server { child, addr }
+        Server { child, addr, log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -158,6 +167,11 @@ impl Server {
         std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5")
             .expect("write 5 to /proc/<pid>/clear_refs");
         self.rss_kib()
+    }
+
+    /// Whether one of the server's latest log lines holds `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(text))
     }
 
     pub fn url(&self, path_and_query: &str) -> String {

@@ -223,6 +223,8 @@ pub(super) struct State {
     presence_queue: tokio::sync::mpsc::UnboundedSender<crate::delivery::presence::Change>,
     /// Member lists read from Redis in the last second, by channel (see `presence::members`).
     members: presence::Recent,
+    /// This run of the node, told apart from another node that took the same instance id.
+    run: String,
 }
 
 impl State {
@@ -251,6 +253,7 @@ impl State {
             version: Default::default(),
             presence_queue,
             members: Default::default(),
+            run: format!("{:016x}", rand::random::<u64>()),
         };
         (state, changes)
     }
@@ -548,6 +551,12 @@ pub(super) async fn reset(ctx: &Ctx) -> redis::RedisResult<usize> {
         .arg(s.lease(ctx.settings.timeout).as_millis() as u64);
     let mut conn = ctx.conn();
     let stale: Vec<String> = call.invoke_async(&mut conn).await?;
+    // This run's token: another live node with the same instance id overwrites it.
+    redis::cmd("SET")
+        .arg(run_key(ctx))
+        .arg(&ctx.control.run)
+        .query_async::<()>(&mut conn)
+        .await?;
     let dels = stale
         .iter()
         .map(|name| {
@@ -649,6 +658,40 @@ pub(super) async fn refresh_loop(ctx: Arc<Ctx>) {
         }
         ctx.mesh.admin(AdminCmd::PresenceRefresh).await;
         admin::settle_overrides(&ctx).await;
+        check_instance_unique(&ctx).await;
+    }
+}
+
+/// Where a node's run token is kept.
+fn run_key(ctx: &Ctx) -> String {
+    format!("{}run:{}", key_prefix(ctx), ctx.control.settings.instance)
+}
+
+/// Says so (at every refresh) when another node started with this node's instance id: the two
+/// would undo each other's counts.
+async fn check_instance_unique(ctx: &Ctx) {
+    let mut conn = ctx.conn();
+    let get = redis::cmd("GET").arg(run_key(ctx)).clone();
+    let held = tokio::time::timeout(
+        ctx.settings.timeout,
+        get.query_async::<Option<String>>(&mut conn),
+    );
+    match held.await {
+        Ok(Ok(Some(token))) if token != ctx.control.run => tracing::error!(
+            instance = %ctx.control.settings.instance,
+            "another node runs with this node's instance id: the cluster's counts of both are \
+             wrong; give each node its own RINGCAST_INSTANCE_ID"
+        ),
+        Ok(Ok(None)) => {
+            // Redis lost it (a restart without persistence): this run's again.
+            let set = redis::cmd("SET")
+                .arg(run_key(ctx))
+                .arg(&ctx.control.run)
+                .clone();
+            let _ =
+                tokio::time::timeout(ctx.settings.timeout, set.query_async::<()>(&mut conn)).await;
+        }
+        _ => {}
     }
 }
 
