@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use support::redis::{Redis, RedisCluster};
+use support::redis::{node_at, Redis, RedisCluster};
 use support::sse::Sse;
 use support::*;
 use tokio::task::JoinSet;
@@ -19,15 +19,6 @@ fn node(redis: &Redis) -> Server {
 
 fn node_with(redis: &Redis, extra: &[(&str, &str)]) -> Server {
     node_at(&redis.url(), extra)
-}
-
-fn node_at(url: &str, extra: &[(&str, &str)]) -> Server {
-    let mut env = vec![
-        ("RINGCAST_REDIS_URL", url),
-        ("RINGCAST_REDIS_TIMEOUT_MS", "500"),
-    ];
-    env.extend_from_slice(extra);
-    Server::start_with(&env)
 }
 
 fn reader() -> String {

@@ -7,20 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::redis::{Redis, RedisCluster};
+use support::redis::{node_at, Redis, RedisCluster};
 use support::*;
 
 fn node(redis: &Redis, extra: &[(&str, &str)]) -> Server {
     node_at(&redis.url(), extra)
-}
-
-fn node_at(url: &str, extra: &[(&str, &str)]) -> Server {
-    let mut env = vec![
-        ("RINGCAST_REDIS_URL", url),
-        ("RINGCAST_REDIS_TIMEOUT_MS", "500"),
-    ];
-    env.extend_from_slice(extra);
-    Server::start_with(&env)
 }
 
 fn nodes(redis: &Redis, n: usize, extra: &[(&str, &str)]) -> Vec<Server> {

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::redis::Redis;
+use support::redis::{node_at, Redis};
 use support::*;
 
 const PRESENCE: (&str, &str) = ("RINGCAST_PRESENCE_CHANNELS", "task:*");
@@ -17,12 +17,7 @@ fn single() -> Server {
 }
 
 fn clustered(redis: &Redis) -> Server {
-    let url = redis.url();
-    Server::start_with(&[
-        PRESENCE,
-        ("RINGCAST_REDIS_URL", url.as_str()),
-        ("RINGCAST_REDIS_TIMEOUT_MS", "500"),
-    ])
+    node_at(&redis.url(), &[PRESENCE])
 }
 
 fn viewer(user: &str) -> String {
@@ -226,15 +221,9 @@ async fn a_channel_without_presence_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_users_of_a_killed_node_leave_once_its_entries_run_out() {
     let redis = Redis::start();
-    let url = redis.url();
-    let fast = [
-        PRESENCE,
-        ("RINGCAST_REDIS_URL", url.as_str()),
-        ("RINGCAST_REDIS_TIMEOUT_MS", "500"),
-        ("RINGCAST_REGISTRY_REFRESH_MS", "300"),
-    ];
-    let a = Server::start_with(&fast);
-    let b = Server::start_with(&fast);
+    let fast = [PRESENCE, ("RINGCAST_REGISTRY_REFRESH_MS", "300")];
+    let a = node_at(&redis.url(), &fast);
+    let b = node_at(&redis.url(), &fast);
     let mut watcher = join(&a, "wendy", "task:t4").await;
     let mut seen = Seen::new();
     let _bob = join(&b, "bob", "task:t4").await;

@@ -38,6 +38,7 @@ use crate::delivery::channel;
 use crate::delivery::ring::RingBounds;
 use crate::delivery::Publication;
 use crate::runtime::mesh::{Mesh, MeshMsg};
+use crate::runtime::worker::SharedRateLimitedLog;
 use wire::{Batch, Entry, Keys, Read, Stored};
 
 /// How the node reaches Redis.
@@ -978,13 +979,8 @@ async fn read_stream(
 /// Logs a Pub/Sub message this node could not read, at most one line every 10 s (a flood of
 /// them must not become a flood of log lines).
 fn unreadable(e: &wire::WireError) {
-    static LOG: std::sync::Mutex<Option<crate::runtime::worker::RateLimitedLog>> =
-        std::sync::Mutex::new(None);
-    let mut log = LOG.lock().expect("not poisoned");
-    let log = log.get_or_insert_with(|| {
-        crate::runtime::worker::RateLimitedLog::new(Duration::from_secs(10))
-    });
-    if let Some(held_back) = log.ready(std::time::Instant::now()) {
+    static LOG: SharedRateLimitedLog = SharedRateLimitedLog::new();
+    if let Some(held_back) = LOG.ready() {
         tracing::warn!(error = %e, held_back, "unreadable message on Redis Pub/Sub: skipped");
     }
 }

@@ -262,10 +262,6 @@ impl Limits {
     pub fn total(&self) -> u32 {
         self.total.load(Ordering::Acquire)
     }
-
-    pub fn config(&self) -> &LimitConfig {
-        &self.cfg
-    }
 }
 
 #[cfg(test)]

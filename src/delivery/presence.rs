@@ -41,10 +41,6 @@ impl PresenceRule {
             None => p == channel,
         })
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// What changed on one channel since the last flush.
@@ -180,7 +176,10 @@ mod tests {
         assert!(!rule.matches("dashboards") && !rule.matches("project:p1"));
         assert!(PresenceRule::parse("ta*sk").is_err());
         assert!(PresenceRule::parse("bad name").is_err());
-        assert!(PresenceRule::parse("").unwrap().is_empty());
+        assert!(
+            !PresenceRule::parse("").unwrap().matches("task:t1"),
+            "none by default"
+        );
     }
 
     #[test]

@@ -304,6 +304,23 @@ impl RateLimitedLog {
     }
 }
 
+/// A `RateLimitedLog` for a `static`, shared by threads: a line at most every 10 s.
+#[derive(Default)]
+pub struct SharedRateLimitedLog(std::sync::Mutex<Option<RateLimitedLog>>);
+
+impl SharedRateLimitedLog {
+    pub const fn new() -> SharedRateLimitedLog {
+        SharedRateLimitedLog(std::sync::Mutex::new(None))
+    }
+
+    /// `Some(lines held back since the last one)` when a line may go out now.
+    pub fn ready(&self) -> Option<u64> {
+        let mut log = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        log.get_or_insert_with(|| RateLimitedLog::new(Duration::from_secs(10)))
+            .ready(Instant::now())
+    }
+}
+
 async fn mesh_loop(core: Rc<Core>, inbox: Inbox) {
     let mut batch: Vec<MeshMsg> = Vec::with_capacity(MESH_BATCH);
     loop {

@@ -6,7 +6,18 @@ use std::net::TcpStream as StdTcp;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::WAIT;
+use super::{Server, WAIT};
+
+/// A ringcast node in cluster mode on the Redis at `url` (a 500 ms Redis timeout, so faults
+/// show fast), with `extra` settings.
+pub fn node_at(url: &str, extra: &[(&str, &str)]) -> Server {
+    let mut env = vec![
+        ("RINGCAST_REDIS_URL", url),
+        ("RINGCAST_REDIS_TIMEOUT_MS", "500"),
+    ];
+    env.extend_from_slice(extra);
+    Server::start_with(&env)
+}
 
 pub struct Redis {
     child: Option<Child>,

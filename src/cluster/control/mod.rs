@@ -38,6 +38,7 @@ use crate::delivery::access::Overrides;
 use crate::delivery::limits::{LimitConfig, Refused, UserPolicy};
 use crate::runtime::core::{AdminAnswer, AdminCmd, ConnInfo};
 use crate::runtime::shared::now_ms;
+use crate::runtime::worker::SharedRateLimitedLog;
 
 use super::{Conn, Ctx};
 pub use admin::Elsewhere;
@@ -220,7 +221,9 @@ pub(super) struct State {
     /// The version of the admins' changes this node holds.
     version: AtomicU64,
     /// Presence changes, to the one task that records them in order.
-    presence_queue: tokio::sync::mpsc::UnboundedSender<crate::delivery::presence::Change>,
+    /// Bounded: while Redis stalls, changes past `PRESENCE_QUEUE` are dropped (logged); the
+    /// refreshes after it announce who is there again.
+    presence_queue: tokio::sync::mpsc::Sender<crate::delivery::presence::Change>,
     /// Member lists read from Redis in the last second, by channel (see `presence::members`).
     members: presence::Recent,
     /// This run of the node, told apart from another node that took the same instance id.
@@ -233,10 +236,10 @@ impl State {
         settings: ControlSettings,
     ) -> (
         State,
-        tokio::sync::mpsc::UnboundedReceiver<crate::delivery::presence::Change>,
+        tokio::sync::mpsc::Receiver<crate::delivery::presence::Change>,
     ) {
         let script = |body: &str| Script::new(&format!("{}{body}", scripts::PRELUDE));
-        let (presence_queue, changes) = tokio::sync::mpsc::unbounded_channel();
+        let (presence_queue, changes) = tokio::sync::mpsc::channel(PRESENCE_QUEUE);
         let state = State {
             settings,
             admit: script(scripts::ADMIT),
@@ -260,7 +263,15 @@ impl State {
 
     /// Queues one channel's presence changes (in the order they come).
     pub fn queue_presence(&self, change: crate::delivery::presence::Change) {
-        let _ = self.presence_queue.send(change);
+        static LOG: SharedRateLimitedLog = SharedRateLimitedLog::new();
+        if self.presence_queue.try_send(change).is_err() {
+            if let Some(held_back) = LOG.ready() {
+                tracing::warn!(
+                    held_back,
+                    "presence changes wait for Redis past the bound: dropped"
+                );
+            }
+        }
     }
 
     fn version(&self) -> u64 {
@@ -271,6 +282,9 @@ impl State {
         self.version.store(v, Ordering::Relaxed);
     }
 }
+
+/// Presence changes that may wait for Redis at once (one per channel and tick that changed).
+const PRESENCE_QUEUE: usize = 65_536;
 
 /// The name of a connection across the cluster (the registry's and the admin API's).
 pub fn conn_name(instance: &str, conn: u64) -> String {
@@ -293,7 +307,19 @@ pub(in crate::cluster) fn channel(prefix: &str) -> String {
 }
 
 fn registry_key(instance: &str, conn: u64) -> String {
-    format!("ws:connections:{}", conn_name(instance, conn))
+    registry_key_of(&conn_name(instance, conn))
+}
+
+/// The registry hash of a connection named `name` (`conn_name`).
+fn registry_key_of(name: &str) -> String {
+    format!("ws:connections:{name}")
+}
+
+/// The commands that delete these registry hashes.
+fn registry_deletes(keys: impl IntoIterator<Item = String>) -> Vec<redis::Cmd> {
+    keys.into_iter()
+        .map(|key| redis::cmd("DEL").arg(key).clone())
+        .collect()
 }
 
 /// The commands that write one connection's registry hash.
@@ -371,14 +397,7 @@ pub(super) async fn handle(ctx: Arc<Ctx>, cmd: Cmd) {
             // The handshake goes on now; the registry is written behind it.
             let _ = reply.send(answer);
             let s = &ctx.control.settings;
-            let mut writes: Vec<redis::Cmd> = gone
-                .iter()
-                .map(|name| {
-                    redis::cmd("DEL")
-                        .arg(format!("ws:connections:{name}"))
-                        .clone()
-                })
-                .collect();
+            let mut writes = registry_deletes(gone.iter().map(|name| registry_key_of(name)));
             if admitted {
                 writes.extend(registry_write(s, &member));
             }
@@ -428,14 +447,7 @@ async fn release(ctx: &Ctx, conns: &[u64]) {
         let _ =
             tokio::time::timeout(ctx.settings.timeout, call.invoke_async::<Value>(&mut c)).await;
     }
-    let dels = conns
-        .iter()
-        .map(|&conn| {
-            redis::cmd("DEL")
-                .arg(registry_key(&s.instance, conn))
-                .clone()
-        })
-        .collect();
+    let dels = registry_deletes(conns.iter().map(|&conn| registry_key(&s.instance, conn)));
     send_all(ctx, dels).await;
 }
 
@@ -527,11 +539,8 @@ async fn admit(ctx: &Ctx, m: &Member) -> Option<(Admission, Vec<String>)> {
 
 /// An admission Redis did not answer: said at most every 10 s.
 fn admission_failed(why: &str) {
-    use crate::runtime::worker::RateLimitedLog;
-    static LOG: Mutex<Option<RateLimitedLog>> = Mutex::new(None);
-    let mut log = LOG.lock().expect("not poisoned");
-    let log = log.get_or_insert_with(|| RateLimitedLog::new(Duration::from_secs(10)));
-    if let Some(held_back) = log.ready(std::time::Instant::now()) {
+    static LOG: SharedRateLimitedLog = SharedRateLimitedLog::new();
+    if let Some(held_back) = LOG.ready() {
         tracing::warn!(
             why,
             held_back,
@@ -557,14 +566,7 @@ pub(super) async fn reset(ctx: &Ctx) -> redis::RedisResult<usize> {
         .arg(&ctx.control.run)
         .query_async::<()>(&mut conn)
         .await?;
-    let dels = stale
-        .iter()
-        .map(|name| {
-            redis::cmd("DEL")
-                .arg(format!("ws:connections:{name}"))
-                .clone()
-        })
-        .collect();
+    let dels = registry_deletes(stale.iter().map(|name| registry_key_of(name)));
     send_all(ctx, dels).await;
     Ok(stale.len())
 }

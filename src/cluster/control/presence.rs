@@ -18,9 +18,19 @@ use super::super::{groups, Cmd as RedisCmd, Ctx};
 /// Runs this node's presence changes one after the other.
 pub(in crate::cluster) async fn run(
     ctx: Arc<Ctx>,
-    mut changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
+    mut changes: tokio::sync::mpsc::Receiver<Change>,
 ) {
     while let Some(change) = changes.recv().await {
+        if !ctx
+            .health
+            .commands
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Redis away: waiting a timeout per change would only grow the queue. What was
+            // announced is renewed by the refreshes once it is back; a leave shows when the
+            // entry runs out.
+            continue;
+        }
         record(&ctx, change).await;
     }
 }
