@@ -285,6 +285,7 @@ fn settings(config: &Config) -> Settings {
         ring: config.ring,
         session: SessionConfig {
             heartbeat: config.heartbeat,
+            socketio_heartbeat: config.socketio_heartbeat,
             max_channels_per_connection: config.max_channels_per_connection,
             max_queue_bytes: config.max_queue_bytes,
             max_client_messages_per_sec: config.max_client_messages_per_sec,
@@ -298,6 +299,7 @@ fn settings(config: &Config) -> Settings {
         },
         drain_timeout: config.drain_timeout,
         max_message_bytes: config.max_message_bytes,
+        socketio_max_payload: config.socketio_max_payload,
         node_rate_limit: config.node_rate_limit,
         compress_over: config.compress_over,
         terminal_max_bytes_per_sec: config.terminal_max_bytes_per_sec,

@@ -72,8 +72,10 @@ pub struct Twins {
     msgpack: OnceLock<Bytes>,
     /// The Server-Sent Events message.
     sse: OnceLock<Bytes>,
-    /// permessage-deflate frames, by encoding (JSON, MessagePack).
-    deflated: [OnceLock<Bytes>; 2],
+    /// The Socket.IO EVENT packet.
+    socketio: OnceLock<Bytes>,
+    /// permessage-deflate frames, by encoding (JSON, MessagePack, Socket.IO).
+    deflated: [OnceLock<Bytes>; 3],
 }
 
 impl Delivery {
@@ -94,12 +96,23 @@ impl Delivery {
                 })
                 .0
             }
+            Encoding::SocketIo => {
+                shared(&self.twins.socketio, || {
+                    msg::event_frame_socketio(&self.frame, &self.channel, self.seq, &self.event)
+                })
+                .0
+            }
             // Not a WebSocket frame: never compressed.
             Encoding::Sse => return shared(&self.twins.sse, || msg::event_sse(&self.frame)).0,
         };
         match format.compress_over {
             Some(min) if plain.len() > min as usize => {
-                let cell = &self.twins.deflated[format.encoding as usize];
+                let slot = match format.encoding {
+                    Encoding::MessagePack => 1,
+                    Encoding::SocketIo => 2,
+                    _ => 0,
+                };
+                let cell = &self.twins.deflated[slot];
                 let (frame, stored) = shared(cell, || {
                     deflate::compress_frame(plain).unwrap_or_else(|| plain.clone())
                 });

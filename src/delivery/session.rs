@@ -45,6 +45,9 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub heartbeat: HeartbeatConfig,
+    /// Engine.IO's heartbeat for Socket.IO sessions (`pingInterval`, `pingTimeout`; one missed
+    /// pong closes).
+    pub socketio_heartbeat: HeartbeatConfig,
     pub max_channels_per_connection: usize,
     /// Bytes a connection may have waiting to be written before it is closed as too slow.
     pub max_queue_bytes: usize,
@@ -226,6 +229,8 @@ struct Cold {
     closed_with: Option<(u16, String)>,
     /// Since when the client has been behind without catching up.
     behind_since: Option<Instant>,
+    /// Socket.IO sessions: acknowledgements and state replies in flight.
+    sio: socketio::Pending,
 }
 
 impl Cold {
@@ -238,6 +243,7 @@ impl Cold {
             && self.handshake_projects.is_empty()
             && self.closed_with.is_none()
             && self.behind_since.is_none()
+            && self.sio.is_idle()
     }
 }
 
@@ -293,7 +299,7 @@ impl Session {
             queue,
             format,
             bucket: Bucket::new(config.connection_rate_limit),
-            heartbeat: Heartbeat::new(now, &config.heartbeat),
+            heartbeat: Heartbeat::new(now, socketio::heartbeat_config(format, config)),
             messages: Window::new(now),
             connected: heartbeat::coarse(now),
             sse: None,
@@ -431,7 +437,12 @@ impl Session {
     }
 
     fn control(&mut self, control: Control<'_>, ctx: &Ctx) {
-        let frame = control.frame_in(self.encoding());
+        // Socket.IO: the first answer to an event sent with an acknowledgement id is that
+        // acknowledgement.
+        let frame = match self.take_ack() {
+            Some(id) => control.ack_frame(id),
+            None => control.frame_in(self.encoding()),
+        };
         self.push_control(frame, ctx.now, ctx.config);
     }
 
@@ -469,6 +480,11 @@ impl Session {
             .closed_with
             .get_or_insert_with(|| (code, reason.to_owned()));
         self.open_now();
+        if self.encoding() == Encoding::SocketIo && !reason.is_empty() {
+            // Socket.IO clients see no close frame: they hear why as an event first.
+            let why = Control::Closed { code, reason }.frame_in(Encoding::SocketIo);
+            self.queue.push_control(why);
+        }
         let last = match self.sse {
             Some(_) => Control::Closed { code, reason }.frame_in(Encoding::Sse),
             None => codec::close_frame(code, reason),
@@ -782,6 +798,7 @@ impl Session {
             _ => return false,
         };
         *entry = (channel.clone(), SubState::Active);
+        self.ack_subscribed(channel);
         self.control(
             Control::Subscribed {
                 channel,
@@ -789,6 +806,12 @@ impl Session {
             },
             ctx,
         );
+        if self.answer_state(channel, &ack, ctx) {
+            if initial {
+                self.initial_subscribed();
+            }
+            return true;
+        }
         // An SSE stream starting live owes nothing before the head: its position is the head.
         if let (None, Some(sse)) = (&ack.replay, self.sse.as_deref()) {
             sse.advance(channel, ack.last_seq);
@@ -906,6 +929,13 @@ impl Session {
             }
         }
         match event {
+            Event::Text(text) if self.encoding() == Encoding::SocketIo => {
+                let text = std::str::from_utf8(&text).unwrap_or_default();
+                self.on_socketio_text(text, ctx, out)
+            }
+            Event::Binary(_) if self.encoding() == Encoding::SocketIo => {
+                self.on_socketio_binary(ctx)
+            }
             Event::Text(text) => self.on_message(&text, ctx, out),
             // MessagePack clients may send their messages as MessagePack maps too.
             Event::Binary(bytes) if self.encoding() == Encoding::MessagePack => {
@@ -1203,13 +1233,19 @@ impl Session {
             Phase::Closing { since } if now.duration_since(since) >= CLOSE_GRACE => {
                 out.push(Effect::Cut)
             }
-            Phase::Open => match self.heartbeat.poll(now, &ctx.config.heartbeat) {
+            Phase::Open => match self
+                .heartbeat
+                .poll(now, socketio::heartbeat_config(self.format, ctx.config))
+            {
                 Beat::Nothing => {}
                 Beat::SendPing if self.sse.is_some() => {
                     // An SSE client cannot answer: the comment keeps proxies and the browser's
                     // idle timers happy, and a dead peer fails the write.
                     self.push_control(Bytes::from_static(b": ping\n\n"), now, ctx.config);
                     self.heartbeat.handle_pong(now);
+                }
+                Beat::SendPing if self.encoding() == Encoding::SocketIo => {
+                    self.push_control(socketio::ping_frame(), now, ctx.config)
                 }
                 Beat::SendPing => {
                     self.push_control(Bytes::from_static(&[0x89, 0x00]), now, ctx.config)
@@ -1226,5 +1262,6 @@ impl Session {
     }
 }
 
+pub mod socketio;
 #[cfg(test)]
 mod tests;

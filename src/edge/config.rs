@@ -115,6 +115,15 @@ pub struct Flags {
     /// Missed pongs in a row that close a connection with 4002 [default: 3]
     #[arg(long, env = "RINGCAST_MAX_MISSED_PONGS")]
     pub max_missed_pongs: Option<u32>,
+    /// Socket.IO: Engine.IO ping to every client this often (`pingInterval`) [default: 25000]
+    #[arg(long, env = "RINGCAST_SOCKETIO_PING_INTERVAL_MS")]
+    pub socketio_ping_interval_ms: Option<u64>,
+    /// Socket.IO: how long a ping waits for its pong before the session closes (`pingTimeout`) [default: 20000]
+    #[arg(long, env = "RINGCAST_SOCKETIO_PING_TIMEOUT_MS")]
+    pub socketio_ping_timeout_ms: Option<u64>,
+    /// Socket.IO: largest Engine.IO packet or polling body a client may send (`maxPayload`) [default: 1000000]
+    #[arg(long, env = "RINGCAST_SOCKETIO_MAX_PAYLOAD")]
+    pub socketio_max_payload: Option<usize>,
     /// After SIGTERM, how long clients have to leave before the rest are closed with 1012 [default: 30000]
     #[arg(long, env = "RINGCAST_DRAIN_TIMEOUT_MS")]
     pub drain_timeout_ms: Option<u64>,
@@ -339,6 +348,9 @@ struct FileSettings {
     ping_interval_ms: Option<u64>,
     pong_timeout_ms: Option<u64>,
     max_missed_pongs: Option<u32>,
+    socketio_ping_interval_ms: Option<u64>,
+    socketio_ping_timeout_ms: Option<u64>,
+    socketio_max_payload: Option<usize>,
     drain_timeout_ms: Option<u64>,
     max_message_bytes: Option<usize>,
     max_channels_per_connection: Option<usize>,
@@ -391,6 +403,10 @@ pub struct Config {
     pub io_driver: IoDriver,
     pub ring: RingBounds,
     pub heartbeat: HeartbeatConfig,
+    /// Engine.IO's `pingInterval` and `pingTimeout` (one missed pong closes).
+    pub socketio_heartbeat: HeartbeatConfig,
+    /// Engine.IO's `maxPayload`.
+    pub socketio_max_payload: usize,
     pub drain_timeout: Duration,
     pub max_message_bytes: usize,
     pub max_channels_per_connection: usize,
@@ -600,6 +616,25 @@ impl Config {
                     .or(file.max_missed_pongs)
                     .unwrap_or(3),
             },
+            socketio_heartbeat: HeartbeatConfig {
+                ping_interval: ms(
+                    flags
+                        .socketio_ping_interval_ms
+                        .or(file.socketio_ping_interval_ms),
+                    25_000,
+                ),
+                pong_timeout: ms(
+                    flags
+                        .socketio_ping_timeout_ms
+                        .or(file.socketio_ping_timeout_ms),
+                    20_000,
+                ),
+                max_missed: 1,
+            },
+            socketio_max_payload: flags
+                .socketio_max_payload
+                .or(file.socketio_max_payload)
+                .unwrap_or(1_000_000),
             drain_timeout: ms(flags.drain_timeout_ms.or(file.drain_timeout_ms), 30_000),
             max_message_bytes: flags
                 .max_message_bytes
@@ -760,6 +795,13 @@ impl Config {
         }
         if self.heartbeat.ping_interval.is_zero() || self.heartbeat.pong_timeout.is_zero() {
             return fail("ping_interval_ms and pong_timeout_ms must be above 0");
+        }
+        let sio = &self.socketio_heartbeat;
+        if sio.ping_interval.is_zero() || sio.pong_timeout.is_zero() {
+            return fail("socketio_ping_interval_ms and socketio_ping_timeout_ms must be above 0");
+        }
+        if self.socketio_max_payload < 1024 {
+            return fail("socketio_max_payload must be at least 1024");
         }
         if self.heartbeat.max_missed == 0 {
             return fail("max_missed_pongs must be at least 1");

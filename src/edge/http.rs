@@ -19,7 +19,7 @@ use crate::runtime::node::Broker;
 use crate::runtime::pending::{Expired, Full, Stage, Ticket};
 
 use super::jwt::Verifier;
-use super::{admin, publish, sse, terminal, upgrade};
+use super::{admin, publish, socketio, sse, terminal, upgrade};
 
 /// Largest request body accepted (a publish batch).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -179,6 +179,23 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
             let leftover = BytesMut::from(&buf[..]);
             drop(buf);
             return Box::pin(terminal::produce(&edge, core, stream, request, leftover)).await;
+        }
+        if socketio::route(&request.path)
+            && request.method == "GET"
+            && http::is_upgrade_request(&request)
+        {
+            // Until its CONNECT the socket stays a pending one (deadline, eviction).
+            let leftover = std::mem::take(&mut buf);
+            return Box::pin(socketio::serve(
+                &edge,
+                core,
+                stream,
+                peer.ip(),
+                request,
+                leftover,
+                ticket,
+            ))
+            .await;
         }
         if request.path.starts_with("/ws") && request.method == "GET" {
             // A WebSocket lives for hours in a task of its own: keep none of the HTTP buffers.
@@ -349,7 +366,7 @@ fn parse_if_complete(buf: &[u8]) -> Option<Result<Parse, HeadError>> {
 /// Waits (within the socket's deadline) for bytes and appends what one receive brings, at
 /// most `max` bytes, growing `buf` by at least `step` at a time. Ok(false) at the end of the
 /// stream.
-async fn read_some(
+pub(super) async fn read_some(
     core: &Core,
     stream: &TcpStream,
     ticket: &Ticket,
@@ -454,6 +471,7 @@ async fn route(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
         ("GET", "/metrics") => metrics(core),
         ("POST", "/api/v1/publish") => publish::handle(edge, core, req, body).await,
         ("GET", "/api/v1/presence") => presence(edge, core, req).await,
+        (_, path) if socketio::route(path) => socketio::answer(req),
         (_, path) if path.starts_with("/api/v1/admin/") => admin::handle(edge, core, req, body)
             .await
             .unwrap_or_else(|| Reply::error(404, "no such endpoint")),

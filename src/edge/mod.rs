@@ -5,6 +5,7 @@ pub mod config;
 pub mod http;
 pub mod jwt;
 pub mod publish;
+pub mod socketio;
 pub mod sse;
 pub mod terminal;
 pub mod token;

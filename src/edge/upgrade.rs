@@ -17,7 +17,7 @@ use crate::delivery::channel;
 use crate::delivery::filter::{parse_list, text_match, Filter};
 use crate::delivery::limits::Refused;
 use crate::delivery::sequencer::Resume;
-use crate::delivery::session::Session;
+use crate::delivery::session::{socketio, Session};
 use crate::delivery::sse::SseStream;
 use crate::proto::http::{self, Request};
 use crate::proto::msg::{Control, Encoding, Format};
@@ -181,7 +181,11 @@ pub(super) fn start(
     let now = std::time::Instant::now();
     let claims = core.share_claims(opening.claims);
     let mut session = Session::new(id, peer, claims, format, &core.shared.settings.session, now);
-    let transport = if sse.is_some() { "sse" } else { "websocket" };
+    let transport = match (&sse, format.encoding) {
+        (Some(_), _) => "sse",
+        (None, Encoding::SocketIo) => "socket.io",
+        (None, _) => "websocket",
+    };
     if let Some(sse) = sse {
         session.set_sse(sse);
     }
@@ -209,6 +213,14 @@ pub(super) fn start(
         note: opening.encoding_note.as_deref(),
     }
     .frame_in(encoding);
+    // Socket.IO: the answer to the client's CONNECT comes first.
+    let welcome = match encoding {
+        Encoding::SocketIo => {
+            let connect = socketio::connect_frame(&core.shared.conn_name(id));
+            [connect, welcome].concat().into()
+        }
+        _ => welcome,
+    };
     core.with_session(&conn, |s, ctx, out| {
         let mut subscribed = 0;
         for (name, resume) in opening.channels.iter().zip(resumes) {
@@ -234,6 +246,44 @@ pub(super) fn open(
     peer: IpAddr,
     req: &Request,
     protocols: &[String],
+    channels: Vec<String>,
+    audit_stream: bool,
+) -> Result<Opening, Reply> {
+    let token = request_token(req, protocols);
+    open_with_token(
+        edge,
+        core,
+        peer,
+        req,
+        protocols,
+        token,
+        channels,
+        audit_stream,
+    )
+}
+
+/// The token a request carries: `?token=`, `Authorization: Bearer`, or a `bearer.<token>`
+/// subprotocol offer.
+pub(super) fn request_token(req: &Request, protocols: &[String]) -> Option<String> {
+    req.query_param("token")
+        .filter(|t| !t.is_empty())
+        .or_else(|| bearer(req).map(str::to_owned))
+        .or_else(|| {
+            protocols
+                .iter()
+                .find_map(|p| p.strip_prefix(TOKEN_PROTOCOL_PREFIX).map(str::to_owned))
+        })
+}
+
+/// `open` with the token given (a Socket.IO client sends it after the upgrade).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn open_with_token(
+    edge: &Edge,
+    core: &Core,
+    peer: IpAddr,
+    req: &Request,
+    protocols: &[String],
+    token: Option<String>,
     mut channels: Vec<String>,
     audit_stream: bool,
 ) -> Result<Opening, Reply> {
@@ -243,15 +293,6 @@ pub(super) fn open(
                 .with_header("Retry-After", "1"),
         );
     }
-    let token = req
-        .query_param("token")
-        .filter(|t| !t.is_empty())
-        .or_else(|| bearer(req).map(str::to_owned))
-        .or_else(|| {
-            protocols
-                .iter()
-                .find_map(|p| p.strip_prefix(TOKEN_PROTOCOL_PREFIX).map(str::to_owned))
-        });
     let audit = |kind: &str, fields: serde_json::Value| core.shared.audit(kind, fields);
     let Some(token) = token else {
         audit(

@@ -230,8 +230,60 @@ impl Control<'_> {
                 let json = serde_json::to_vec(self).expect("control frames always serialize");
                 sse_message(&json)
             }
+            Encoding::SocketIo => {
+                let value = serde_json::to_value(self).expect("control frames always serialize");
+                let name = value["type"].as_str().unwrap_or("control");
+                let mut buf = vec![0; HEADER_ROOM];
+                buf.extend_from_slice(b"42[\"ringcast:");
+                buf.extend_from_slice(name.as_bytes());
+                buf.extend_from_slice(b"\",");
+                serde_json::to_writer(&mut buf, &value).expect("a value serializes");
+                buf.push(b']');
+                frame_in_place(buf)
+            }
         }
     }
+
+    /// A Socket.IO acknowledgement (`43<id>[...]`) carrying this control's object, with
+    /// `"ok"`: false for an `error`, true for anything else.
+    pub fn ack_frame(&self, id: u64) -> Bytes {
+        let mut value = serde_json::to_value(self).expect("control frames always serialize");
+        let ok = value["type"] != "error";
+        if let Some(map) = value.as_object_mut() {
+            map.insert("ok".into(), ok.into());
+        }
+        socketio_ack_frame(id, &value)
+    }
+}
+
+/// A Socket.IO acknowledgement (`43<id>[value]`) as a text frame.
+pub fn socketio_ack_frame(id: u64, value: &serde_json::Value) -> Bytes {
+    let mut buf = vec![0; HEADER_ROOM];
+    buf.extend_from_slice(b"43");
+    buf.extend_from_slice(itoa::Buffer::new().format(id).as_bytes());
+    buf.push(b'[');
+    serde_json::to_writer(&mut buf, value).expect("a value serializes");
+    buf.push(b']');
+    frame_in_place(buf)
+}
+
+/// A Socket.IO EVENT (`42["name",value]`) of the server's own as a text frame.
+pub fn socketio_event_frame(name: &str, value: &serde_json::Value) -> Bytes {
+    let mut buf = vec![0; HEADER_ROOM];
+    buf.extend_from_slice(b"42[");
+    write_json_str(&mut buf, name);
+    buf.push(b',');
+    serde_json::to_writer(&mut buf, value).expect("a value serializes");
+    buf.push(b']');
+    frame_in_place(buf)
+}
+
+/// An Engine.IO text packet of the server's own (`2` ping, `40{...}` connect answer) as a
+/// text frame.
+pub fn engineio_frame(packet: &str) -> Bytes {
+    let mut buf = vec![0; HEADER_ROOM];
+    buf.extend_from_slice(packet.as_bytes());
+    frame_in_place(buf)
 }
 
 /// How a connection wants its frames.
@@ -245,6 +297,9 @@ pub enum Encoding {
     /// Server-Sent Events: each message the JSON text in `data:` lines (not a WebSocket
     /// encoding; `/events` streams use it).
     Sse,
+    /// Socket.IO v5 over Engine.IO v4: text frames of `42[...]` EVENT packets (see
+    /// `event_frame_socketio`; `/socket.io/` sessions use it).
+    SocketIo,
 }
 
 impl Encoding {
@@ -262,6 +317,7 @@ impl Encoding {
             Encoding::Json => "json",
             Encoding::MessagePack => "messagepack",
             Encoding::Sse => "sse",
+            Encoding::SocketIo => "socket.io",
         }
     }
 }
@@ -314,6 +370,48 @@ pub fn sse_message(json: &[u8]) -> Bytes {
 /// The SSE message of an event: the same JSON object as its WebSocket frame.
 pub fn event_sse(json_frame: &[u8]) -> Bytes {
     sse_message(codec::server_frame_payload(json_frame))
+}
+
+/// The Socket.IO twin of an event frame: one text frame of the EVENT packet
+/// `42["<event>",<data>,{"channel":…,"seq":…,"ts":…}]`, so that `socket.on(event,
+/// (data, meta) => …)` gets the publisher's `data` as it is and where it came from beside it.
+/// Built from the JSON frame, once per message, the first time a Socket.IO subscriber needs it.
+pub fn event_frame_socketio(json_frame: &[u8], channel: &str, seq: u64, event: &str) -> Bytes {
+    let data = event_data(json_frame);
+    let ts = event_ts(json_frame);
+    let mut buf = Vec::with_capacity(HEADER_ROOM + 48 + channel.len() + event.len() + data.len());
+    buf.resize(HEADER_ROOM, 0);
+    buf.extend_from_slice(b"42[");
+    write_json_str(&mut buf, event);
+    buf.push(b',');
+    buf.extend_from_slice(if data.is_empty() {
+        b"null"
+    } else {
+        data.as_bytes()
+    });
+    buf.extend_from_slice(b",{\"channel\":");
+    write_json_str(&mut buf, channel);
+    buf.extend_from_slice(b",\"seq\":");
+    buf.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    buf.extend_from_slice(b",\"ts\":");
+    buf.extend_from_slice(itoa::Buffer::new().format(ts).as_bytes());
+    buf.extend_from_slice(b"}]");
+    frame_in_place(buf)
+}
+
+/// The `ts` of an event frame (0 if it has none).
+pub fn event_ts(frame: &[u8]) -> u64 {
+    let payload = codec::server_frame_payload(frame);
+    // As with `data`: `,"ts":` cannot occur inside the JSON strings before it.
+    let Some(at) = payload.windows(6).position(|w| w == b",\"ts\":") else {
+        return 0;
+    };
+    payload[at + 6..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .fold(0u64, |n, b| {
+            n.saturating_mul(10).saturating_add(u64::from(b - b'0'))
+        })
 }
 
 /// The `data` of an event frame, as the JSON text the publisher sent.

@@ -51,7 +51,7 @@ impl Kind {
         }
     }
 
-    fn is_binary(self) -> bool {
+    pub fn is_binary(self) -> bool {
         matches!(self, Kind::BinaryEvent | Kind::BinaryAck)
     }
 }

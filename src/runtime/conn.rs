@@ -17,6 +17,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 
 use crate::delivery::session::{Flow, Session, CLOSE_GRACE};
+use crate::proto::msg::Encoding;
 use crate::proto::ws::codec::Decoder;
 use crate::proto::ws::deflate::InflateBudget;
 
@@ -159,7 +160,11 @@ enum End {
 
 async fn read_loop(core: &Rc<Core>, conn: &Rc<Conn>, socket: &Socket, mut acc: BytesMut) -> End {
     let settings = &core.shared.settings;
-    let mut decoder = Decoder::new(settings.max_message_bytes);
+    let max = match conn.session.borrow().encoding() {
+        Encoding::SocketIo => settings.socketio_max_payload,
+        _ => settings.max_message_bytes,
+    };
+    let mut decoder = Decoder::new(max);
     // Only a connection that negotiated compression can inflate, so only it holds a budget.
     let mut inflate_budget = None;
     if conn.session.borrow().format().compress_over.is_some() {

@@ -24,6 +24,8 @@ pub struct Settings {
     pub session: SessionConfig,
     pub drain_timeout: Duration,
     pub max_message_bytes: usize,
+    /// Socket.IO: the largest Engine.IO packet or polling body a client may send.
+    pub socketio_max_payload: usize,
     /// Event frames per second on the whole node (0: no limit), shared evenly by the cores.
     pub node_rate_limit: u32,
     /// permessage-deflate: event frames larger than this go compressed (`None`: not offered).

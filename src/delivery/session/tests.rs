@@ -30,6 +30,11 @@ fn config() -> SessionConfig {
             pong_timeout: secs(10),
             max_missed: 3,
         },
+        socketio_heartbeat: HeartbeatConfig {
+            ping_interval: secs(25),
+            pong_timeout: secs(20),
+            max_missed: 1,
+        },
         max_channels_per_connection: 4,
         max_queue_bytes: 64 * 1024,
         max_client_messages_per_sec: 50,

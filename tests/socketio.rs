@@ -1,0 +1,187 @@
+//! Socket.IO: the real `socket.io-client` v4 from npm (in Node) against `/socket.io/`
+//! (tests/node/socketio_check.cjs), and the Engine.IO handshake seen over a raw socket.
+//! The client library is installed under target/ on first use.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::json;
+use support::*;
+
+/// `node_modules` holding socket.io-client, made once for every test of this file.
+fn node_modules() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("node-socketio");
+        let modules = dir.join("node_modules");
+        if !modules.join("socket.io-client/package.json").exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+            let ok = Command::new("npm")
+                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&dir)
+                .arg("socket.io-client@4")
+                .status()
+                .expect("npm is needed for the Socket.IO tests")
+                .success();
+            assert!(
+                ok,
+                "npm install socket.io-client failed (the npm registry must be reachable)"
+            );
+        }
+        modules
+    })
+    .clone()
+}
+
+fn run_node(script: &str, server: &Server, env: &[(&str, &str)]) {
+    let script = format!("{}/tests/node/{script}", env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = Command::new("node");
+    cmd.arg(&script)
+        .env("NODE_PATH", node_modules())
+        .env("URL", format!("http://{}", server.addr))
+        .env("API_KEY", API_KEY);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .expect("node is needed for the Socket.IO tests");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{script} failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    assert!(stdout.contains("checks passed"), "{stdout}");
+}
+
+fn tokens() -> Vec<(&'static str, String)> {
+    let good = token(json!({"sub": "u1", "projects": ["p1"], "channels": ["task:*", "dashboard"]}));
+    let other = token(json!({"sub": "u2", "projects": ["p2"]}));
+    let bad = token(json!({"sub": "u1", "exp": now_secs() - 60}));
+    vec![("TOKEN", good), ("OTHER_TOKEN", other), ("BAD_TOKEN", bad)]
+}
+
+#[test]
+fn socket_io_client_over_websocket_joins_rooms_and_gets_events() {
+    let server = Server::start();
+    let tokens = tokens();
+    let mut env: Vec<(&str, &str)> = tokens.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("TRANSPORTS", "websocket"));
+    run_node("socketio_check.cjs", &server, &env);
+}
+
+#[tokio::test]
+async fn the_engine_io_handshake_has_the_fields_and_a_deadline() {
+    let server = Server::start_with(&[
+        ("RINGCAST_SOCKETIO_PING_INTERVAL_MS", "300"),
+        ("RINGCAST_SOCKETIO_PING_TIMEOUT_MS", "200"),
+        ("RINGCAST_HEADER_TIMEOUT_MS", "500"),
+    ]);
+    let mut ws = RawWs::connect(server.addr, "/socket.io/?EIO=4&transport=websocket").await;
+    let open = ws.recv().await.expect("the open packet");
+    let text = String::from_utf8(open.payload.clone()).unwrap();
+    let handshake: serde_json::Value =
+        serde_json::from_str(text.strip_prefix('0').unwrap()).unwrap();
+    assert_eq!(handshake["upgrades"], json!([]), "{text}");
+    assert_eq!(handshake["pingInterval"], 300, "{text}");
+    assert_eq!(handshake["pingTimeout"], 200, "{text}");
+    assert_eq!(handshake["maxPayload"], 1_000_000, "{text}");
+    assert!(
+        handshake["sid"].as_str().is_some_and(|s| !s.is_empty()),
+        "{text}"
+    );
+    // No CONNECT: the socket is closed at the head deadline.
+    let started = std::time::Instant::now();
+    assert_eq!(ws.recv_close_code().await, 1008);
+    assert!(started.elapsed() < WAIT);
+
+    // A CONNECT with a good token: `40{"sid"}`, the welcome, then Engine.IO pings that a pong
+    // answers; without pongs the session closes.
+    let t = token(json!({"sub": "raw", "projects": ["p"]}));
+    let mut ws = RawWs::connect(server.addr, "/socket.io/?EIO=4&transport=websocket").await;
+    ws.recv().await.expect("the open packet");
+    ws.send_frame(true, 0x1, format!("40{{\"token\":\"{t}\"}}").as_bytes())
+        .await;
+    let connect = String::from_utf8(ws.recv().await.unwrap().payload).unwrap();
+    assert!(connect.starts_with("40{\"sid\":"), "{connect}");
+    let welcome = String::from_utf8(ws.recv().await.unwrap().payload).unwrap();
+    assert!(welcome.starts_with("42[\"ringcast:welcome\","), "{welcome}");
+    let ping = ws.recv().await.unwrap();
+    assert_eq!(ping.payload, b"2");
+    ws.send_frame(true, 0x1, b"3").await;
+    let ping = ws.recv().await.unwrap();
+    assert_eq!(ping.payload, b"2", "pinged again after a pong");
+    // Now silent: closed after pingTimeout, saying why first.
+    let why = String::from_utf8(ws.recv().await.unwrap().payload).unwrap();
+    assert!(why.contains("heartbeat timeout"), "{why}");
+    assert_eq!(ws.recv_close_code().await, 4002);
+}
+
+#[tokio::test]
+async fn malformed_packets_close_that_session_only() {
+    let server = Server::start();
+    let t = token(json!({"sub": "raw", "projects": ["p"]}));
+    let open = |t: String| async move {
+        let mut ws = RawWs::connect(server.addr, "/socket.io/?EIO=4&transport=websocket").await;
+        ws.recv().await.expect("the open packet");
+        ws.send_frame(true, 0x1, format!("40{{\"token\":\"{t}\"}}").as_bytes())
+            .await;
+        let connect = String::from_utf8(ws.recv().await.unwrap().payload).unwrap();
+        assert!(connect.starts_with("40{"), "{connect}");
+        ws.recv().await.unwrap(); // welcome
+        ws
+    };
+    let mut bystander = open(t.clone()).await;
+    for bad in [
+        "42[\"x\"",
+        "4x",
+        "9",
+        "42{\"not\":\"an array\"}",
+        "452-[\"x\"]",
+    ] {
+        let mut ws = open(t.clone()).await;
+        ws.send_frame(true, 0x1, bad.as_bytes()).await;
+        let why = String::from_utf8(ws.recv().await.unwrap().payload).unwrap();
+        assert!(
+            why.contains("malformed") || why.contains("binary"),
+            "{bad}: {why}"
+        );
+        if bad.starts_with("45") {
+            continue; // a binary packet is refused with an error, then its frame would follow
+        }
+        assert_eq!(ws.recv_close_code().await, 1008, "{bad}");
+    }
+    // The bystander is untouched: it still answers.
+    bystander
+        .send_frame(true, 0x1, b"421[\"subscribe\",{\"channel\":\"project:p\"}]")
+        .await;
+    let ack = String::from_utf8(bystander.recv().await.unwrap().payload).unwrap();
+    assert!(
+        ack.starts_with("431[{") && ack.contains("\"ok\":true"),
+        "{ack}"
+    );
+}
+
+#[tokio::test]
+async fn polling_and_old_protocols_get_engine_io_errors() {
+    let server = Server::start();
+    let (status, _, body) = server
+        .http("GET", "/socket.io/?EIO=3&transport=polling", &[], "")
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["code"],
+        5
+    );
+    let (status, _, body) = server
+        .http("GET", "/socket.io/?EIO=4&transport=carrier-pigeon", &[], "")
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["code"],
+        0
+    );
+}
