@@ -73,6 +73,24 @@ fn socket_io_client_over_websocket_joins_rooms_and_gets_events() {
     run_node("socketio_check.cjs", &server, &env);
 }
 
+#[test]
+fn socket_io_client_polling_first_then_upgrading_gets_the_same() {
+    let server = Server::start();
+    let tokens = tokens();
+    let mut env: Vec<(&str, &str)> = tokens.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("TRANSPORTS", "polling,websocket"));
+    run_node("socketio_check.cjs", &server, &env);
+}
+
+#[test]
+fn socket_io_client_over_polling_only_gets_the_same() {
+    let server = Server::start();
+    let tokens = tokens();
+    let mut env: Vec<(&str, &str)> = tokens.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("TRANSPORTS", "polling"));
+    run_node("socketio_check.cjs", &server, &env);
+}
+
 #[tokio::test]
 async fn the_engine_io_handshake_has_the_fields_and_a_deadline() {
     let server = Server::start_with(&[
@@ -166,8 +184,21 @@ async fn malformed_packets_close_that_session_only() {
 }
 
 #[tokio::test]
-async fn polling_and_old_protocols_get_engine_io_errors() {
+async fn old_protocols_unknown_transports_and_sessions_get_engine_io_errors() {
     let server = Server::start();
+    for sid in ["1-nope", "zz", "ffffffffffffffff-x", "-"] {
+        let (status, _, body) = server
+            .http(
+                "GET",
+                &format!("/socket.io/?EIO=4&transport=polling&sid={sid}"),
+                &[],
+                "",
+            )
+            .await;
+        assert_eq!(status, 400, "{sid}: {body}");
+        let code = &serde_json::from_str::<serde_json::Value>(&body).unwrap()["code"];
+        assert_eq!(code, 1, "{sid}: {body}");
+    }
     let (status, _, body) = server
         .http("GET", "/socket.io/?EIO=3&transport=polling", &[], "")
         .await;

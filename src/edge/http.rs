@@ -221,9 +221,15 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
         };
         // A body is read only for a route that takes one, from a publisher holding the API
         // key, and within the core's budget; anything else is answered on its head alone.
-        let read_body = body_len > 0 && takes_body(&request) && has_api_key(&edge, &request);
+        // A Socket.IO polling POST carries the session's packets (its id is checked where the
+        // session lives), up to Engine.IO's maxPayload.
+        let polling_post = socketio::takes_body(&request);
+        let read_body = body_len > 0
+            && ((takes_body(&request) && has_api_key(&edge, &request)) || polling_post);
         let refusal = if !read_body {
             None
+        } else if polling_post && body_len > core.shared.settings.socketio_max_payload {
+            Some(Reply::error(413, "the packets are larger than maxPayload"))
         } else if body_len > max_body(&core) {
             let message = match max_body(&core) {
                 MAX_BODY_BYTES => "request body is larger than 8 MiB".to_owned(),
@@ -283,6 +289,14 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
             && requests < MAX_REQUESTS_PER_CONNECTION;
         let mut reply = if request.method == "OPTIONS" {
             preflight()
+        } else if socketio::route(&request.path) {
+            // A held GET is answered when its session has something to say.
+            ticket.stage(Stage::Stream, Instant::now());
+            let reply = socketio::polling(&edge, &core, &stream, peer.ip(), &request, &body).await;
+            match reply {
+                Some(reply) => reply,
+                None => return, // the client went away while its GET was held
+            }
         } else {
             route(&edge, &core, &request, &body).await
         };
@@ -471,7 +485,6 @@ async fn route(edge: &Edge, core: &Core, req: &Request, body: &[u8]) -> Reply {
         ("GET", "/metrics") => metrics(core),
         ("POST", "/api/v1/publish") => publish::handle(edge, core, req, body).await,
         ("GET", "/api/v1/presence") => presence(edge, core, req).await,
-        (_, path) if socketio::route(path) => socketio::answer(req),
         (_, path) if path.starts_with("/api/v1/admin/") => admin::handle(edge, core, req, body)
             .await
             .unwrap_or_else(|| Reply::error(404, "no such endpoint")),

@@ -7,10 +7,17 @@
 //! connection like any other, whose session speaks Socket.IO; a bad one gets `CONNECT_ERROR`,
 //! which the client's `connect_error` handler sees.
 
+use std::future::{poll_fn, Future};
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll as TaskPoll;
+use std::time::Instant;
 
-use bytes::BytesMut;
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use futures_channel::oneshot;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use serde_json::{json, Value};
@@ -25,6 +32,7 @@ use crate::proto::ws::deflate;
 use crate::runtime::conn;
 use crate::runtime::core::Core;
 use crate::runtime::pending::{Expired, Stage, Ticket};
+use crate::runtime::polling::{Answer, Connecting, PollError, Upgraded};
 use crate::runtime::socket::Socket;
 
 use super::http::{read_some, Edge, Reply};
@@ -49,17 +57,8 @@ fn engine_error(status: u16, code: u8, message: &str) -> Reply {
     )
 }
 
-/// A `/socket.io/` request that is not a WebSocket upgrade: the long-polling transport, which
-/// this version does not serve.
-pub fn answer(req: &Request) -> Reply {
-    if req.query_param("EIO").as_deref() != Some("4") {
-        return engine_error(400, 5, "Unsupported protocol version");
-    }
-    engine_error(400, 0, "Transport unknown")
-}
-
 pub async fn serve(
-    edge: &Edge,
+    edge: &Arc<Edge>,
     core: Rc<Core>,
     mut stream: TcpStream,
     peer: IpAddr,
@@ -67,31 +66,19 @@ pub async fn serve(
     leftover: Vec<u8>,
     ticket: Ticket,
 ) {
-    if req.query_param("EIO").as_deref() != Some("4") {
-        let reply = engine_error(400, 5, "Unsupported protocol version");
-        let _ = stream.write_all(reply.encode(false)).await;
-        return;
-    }
-    let transport = req.query_param("transport");
-    match transport.as_deref() {
-        Some("websocket") if req.query_param("sid").is_none() => {}
-        Some("websocket") | Some("polling") => {
-            // Long-polling (and upgrading from it) is not served yet: the client is told so
-            // and, with its default options, falls back to nothing; `transports:
-            // ["websocket"]` connects.
-            let reply = engine_error(400, 0, "Transport unknown");
-            let _ = stream.write_all(reply.encode(false)).await;
-            return;
-        }
-        _ => {
-            let reply = engine_error(400, 0, "Transport unknown");
-            let _ = stream.write_all(reply.encode(false)).await;
-            return;
-        }
-    }
-    if core.shared.is_draining() {
-        let reply = Reply::error(503, "node is draining; reconnect to another node")
-            .with_header("Retry-After", "1");
+    let refusal = if req.query_param("EIO").as_deref() != Some("4") {
+        Some(engine_error(400, 5, "Unsupported protocol version"))
+    } else if req.query_param("transport").as_deref() != Some("websocket") {
+        Some(engine_error(400, 0, "Transport unknown"))
+    } else if core.shared.is_draining() {
+        Some(
+            Reply::error(503, "node is draining; reconnect to another node")
+                .with_header("Retry-After", "1"),
+        )
+    } else {
+        None
+    };
+    if let Some(reply) = refusal {
         let _ = stream.write_all(reply.encode(false)).await;
         return;
     }
@@ -107,51 +94,48 @@ pub async fn serve(
         .compress_over
         .and_then(|_| deflate::negotiate(req.tokens("sec-websocket-extensions")));
     let compress_over = settings.compress_over.filter(|_| extensions.is_some());
-    let sid = core.shared.conn_name(core.next_conn_id());
-    let open = Handshake {
-        sid: &sid,
-        upgrades: &[],
-        ping_interval: settings
-            .session
-            .socketio_heartbeat
-            .ping_interval
-            .as_millis() as u64,
-        ping_timeout: settings.session.socketio_heartbeat.pong_timeout.as_millis() as u64,
-        max_payload: settings.socketio_max_payload as u64,
-    };
-    let mut out = http::accept_response(&upgrade.key, None, extensions.as_deref());
-    out.extend_from_slice(&msg::engineio_frame(&open.packet()));
-    let (res, _) = stream.write_all(out).await;
-    if res.is_err() {
-        return;
-    }
-    ticket.stage(Stage::Head, std::time::Instant::now());
+    let accept = http::accept_response(&upgrade.key, None, extensions.as_deref());
     let mut acc = BytesMut::from(&leftover[..]);
     let mut decoder = Decoder::new(PREAUTH_MAX_BYTES);
     if compress_over.is_some() {
         decoder = decoder.with_deflate();
     }
-    let Some(opening) = wait_for_connect(
-        edge,
-        &core,
-        &mut stream,
-        peer,
-        &req,
-        &ticket,
-        &mut decoder,
-        &mut acc,
-    )
-    .await
-    else {
+    ticket.stage(Stage::Head, Instant::now());
+    if let Some(sid) = req.query_param("sid") {
+        // An upgrade of a polling session: the probe, then the socket moves to the session.
+        let (res, _) = stream.write_all(accept).await;
+        if res.is_ok() {
+            let ws = PreAuth {
+                core: &core,
+                ticket: &ticket,
+                decoder: &mut decoder,
+                acc: &mut acc,
+            };
+            upgrade_polling(ws, stream, &sid).await;
+        }
+        return;
+    }
+    let sid = sid_of(core.next_conn_id(), "ws");
+    let mut out = accept;
+    out.extend_from_slice(&msg::engineio_frame(&handshake(&core, &sid, &[])));
+    let (res, _) = stream.write_all(out).await;
+    if res.is_err() {
+        return;
+    }
+    let ws = PreAuth {
+        core: &core,
+        ticket: &ticket,
+        decoder: &mut decoder,
+        acc: &mut acc,
+    };
+    let Some(opening) = wait_for_connect(edge, ws, &mut stream, peer, &req).await else {
         return;
     };
     drop(ticket);
     let (id, projects) = match upgrade::admit(&core, peer, &opening, "socket.io").await {
         Ok(admitted) => admitted,
         Err(reply) => {
-            let message = reply_message(&reply);
-            let refusal = connect_error_frame("/", &message, Some(json!({"status": reply.status})));
-            let _ = stream.write_all(refusal).await;
+            let _ = stream.write_all(refused_frame(&reply)).await;
             let _ = stream.write_all(codec::close_frame(1008, "refused")).await;
             return;
         }
@@ -164,105 +148,478 @@ pub async fn serve(
     let resumes = vec![opening.resume; opening.channels.len()];
     let socket = Socket::new(stream);
     let conn = upgrade::start(
-        &core, id, peer, &socket, projects, opening, format, resumes, None,
+        &core,
+        id,
+        peer,
+        Some(&socket),
+        projects,
+        opening,
+        format,
+        resumes,
+        None,
     );
     monoio::spawn(conn::run(core, socket, conn, acc));
 }
 
-/// Reads Engine.IO packets until the client's CONNECT to `/` carries a token that opens a
-/// connection; None if the socket closed, misbehaved or ran out of time.
-#[allow(clippy::too_many_arguments)]
-async fn wait_for_connect(
-    edge: &Edge,
-    core: &Core,
-    stream: &mut TcpStream,
-    peer: IpAddr,
-    req: &Request,
-    ticket: &Ticket,
-    decoder: &mut Decoder,
-    acc: &mut BytesMut,
-) -> Option<Opening> {
-    let mut attempts = 0;
-    let mut buf = Vec::new();
-    loop {
-        while let Some(event) = match decoder.decode(acc) {
-            Ok(event) => event,
-            Err(e) => {
-                let _ = stream
-                    .write_all(codec::close_frame(e.close_code(), e.reason()))
-                    .await;
-                return None;
-            }
-        } {
-            let text = match event {
-                Event::Text(text) => text,
-                Event::Close { .. } => {
+/// A WebSocket before its session: read under the edge's deadline, within a small bound.
+struct PreAuth<'a> {
+    core: &'a Rc<Core>,
+    ticket: &'a Ticket,
+    decoder: &'a mut Decoder,
+    acc: &'a mut BytesMut,
+}
+
+impl PreAuth<'_> {
+    /// The next Engine.IO text packet; None if the socket closed, broke the protocol (it was
+    /// told why) or ran out of time.
+    async fn next_text(&mut self, stream: &mut TcpStream) -> Option<String> {
+        let mut buf = Vec::new();
+        loop {
+            match self.decoder.decode(self.acc) {
+                Ok(Some(Event::Text(text))) => {
+                    return Some(String::from_utf8_lossy(&text).into_owned())
+                }
+                Ok(Some(Event::Close { .. })) => {
                     let _ = stream.write_all(codec::close_frame(1000, "")).await;
                     return None;
                 }
                 // Nothing binary means anything before the CONNECT; pings get no pong yet.
-                _ => continue,
-            };
-            let text = std::str::from_utf8(&text).unwrap_or_default();
-            let packet = match engineio::decode_text(text) {
-                Ok(EnginePacket::Message(engineio::Data::Text(packet))) => packet,
-                Ok(EnginePacket::Close) => return None,
-                Ok(_) => continue,
-                Err(_) => return refuse(stream, "malformed Engine.IO packet").await,
-            };
-            let packet = match socketio::decode(packet) {
-                Ok(p) => p,
-                Err(_) => return refuse(stream, "malformed Socket.IO packet").await,
-            };
-            if packet.kind != Kind::Connect {
-                continue; // nothing is connected yet: there is nobody to give it to
-            }
-            if packet.namespace != "/" {
-                let refusal = connect_error_frame(packet.namespace, "Invalid namespace", None);
-                if stream.write_all(refusal).await.0.is_err() {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = stream
+                        .write_all(codec::close_frame(e.close_code(), e.reason()))
+                        .await;
                     return None;
                 }
-                continue;
             }
-            attempts += 1;
-            let token = packet
-                .data
-                .and_then(|d| serde_json::from_str::<Value>(d).ok())
-                .and_then(|auth| auth.get("token").and_then(Value::as_str).map(str::to_owned))
-                .or_else(|| upgrade::request_token(req, &[]));
-            match upgrade::open_with_token(edge, core, peer, req, &[], token, Vec::new(), false) {
-                Ok(mut opening) => {
-                    opening.encoding = Encoding::SocketIo;
-                    return Some(opening);
+            let room = PREAUTH_MAX_BYTES.saturating_sub(self.acc.len()).max(1);
+            match read_some(self.core, stream, self.ticket, &mut buf, room, room).await {
+                Ok(true) => {
+                    self.acc.extend_from_slice(&buf);
+                    buf.clear();
                 }
-                Err(reply) => {
-                    let message = reply_message(&reply);
-                    let data = json!({ "status": reply.status });
-                    let refusal = connect_error_frame("/", &message, Some(data));
-                    if stream.write_all(refusal).await.0.is_err() {
-                        return None;
-                    }
-                    if attempts >= MAX_CONNECT_ATTEMPTS {
-                        return refuse(stream, "too many refused CONNECT packets").await;
-                    }
+                Ok(false) | Err(Expired::Evicted) => return None,
+                Err(Expired::Deadline) => {
+                    let _ = stream
+                        .write_all(codec::close_frame(1008, "no CONNECT in time"))
+                        .await;
+                    return None;
                 }
-            }
-        }
-        let room = PREAUTH_MAX_BYTES.saturating_sub(acc.len()).max(1);
-        match read_some(core, stream, ticket, &mut buf, room, room).await {
-            Ok(true) => {
-                acc.extend_from_slice(&buf);
-                buf.clear();
-            }
-            Ok(false) | Err(Expired::Evicted) => return None,
-            Err(Expired::Deadline) => {
-                let _ = stream
-                    .write_all(codec::close_frame(1008, "no CONNECT in time"))
-                    .await;
-                return None;
             }
         }
     }
+}
+
+/// The WebSocket of a polling session's upgrade: `2probe` answered `3probe` (the session's
+/// held GET gets a noop), then on the client's `5` the socket moves to the session's core.
+async fn upgrade_polling(mut ws: PreAuth<'_>, mut stream: TcpStream, sid: &str) {
+    let unknown = codec::close_frame(1008, "Session ID unknown");
+    let Some((id, key)) = parse_sid(sid) else {
+        let _ = stream.write_all(unknown).await;
+        return;
+    };
+    let home = (id >> 48) as usize;
+    if home >= ws.core.cores() {
+        let _ = stream.write_all(unknown).await;
+        return;
+    }
+    let me = ws.core.clone();
+    if ws.next_text(&mut stream).await.as_deref() != Some("2probe") {
+        let _ = stream
+            .write_all(codec::close_frame(1008, "expected the probe"))
+            .await;
+        return;
+    }
+    let key_home: Box<str> = key.into();
+    let probed = me
+        .at_home(home, move |core, tx| {
+            let _ = tx.send(core.poll_probed(id, &key_home));
+        })
+        .await;
+    if probed != Some(true) {
+        let _ = stream.write_all(unknown).await;
+        return;
+    }
+    if stream
+        .write_all(msg::engineio_frame("3probe"))
+        .await
+        .0
+        .is_err()
+    {
+        return;
+    }
+    if ws.next_text(&mut stream).await.as_deref() != Some("5") {
+        let _ = stream
+            .write_all(codec::close_frame(1008, "expected the upgrade"))
+            .await;
+        return;
+    }
+    // The socket, and what was read past the upgrade packet, go to the session's core.
+    let leftover = std::mem::take(ws.acc);
+    let std_stream = {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: the descriptor comes out of `stream`, which gives it up here.
+        unsafe { std::net::TcpStream::from_raw_fd(stream.into_raw_fd()) }
+    };
+    let key_home: Box<str> = key.into();
+    let moved = me
+        .at_home(home, move |core, tx| {
+            let moved = match TcpStream::from_std(std_stream) {
+                Ok(stream) => core.poll_upgrade(
+                    id,
+                    &key_home,
+                    Upgraded {
+                        socket: Socket::new(stream),
+                        leftover,
+                    },
+                ),
+                Err(_) => false,
+            };
+            let _ = tx.send(moved);
+        })
+        .await;
+    if moved != Some(true) {
+        tracing::debug!(sid, "a polling session went away during its upgrade");
+    }
+}
+
+/// Reads Engine.IO packets until the client's CONNECT to `/` carries a token that opens a
+/// connection; None if the socket closed, misbehaved or ran out of time.
+async fn wait_for_connect(
+    edge: &Edge,
+    mut ws: PreAuth<'_>,
+    stream: &mut TcpStream,
+    peer: IpAddr,
+    req: &Request,
+) -> Option<Opening> {
+    let mut attempts = 0;
+    loop {
+        let text = ws.next_text(stream).await?;
+        let packet = match engineio::decode_text(&text) {
+            Ok(EnginePacket::Message(engineio::Data::Text(packet))) => packet,
+            Ok(EnginePacket::Close) => return None,
+            Ok(_) => continue,
+            Err(_) => return refuse(stream, "malformed Engine.IO packet").await,
+        };
+        let packet = match socketio::decode(packet) {
+            Ok(p) => p,
+            Err(_) => return refuse(stream, "malformed Socket.IO packet").await,
+        };
+        if packet.kind != Kind::Connect {
+            continue; // nothing is connected yet: there is nobody to give it to
+        }
+        if packet.namespace != "/" {
+            let refusal = connect_error_frame(packet.namespace, "Invalid namespace", None);
+            if stream.write_all(refusal).await.0.is_err() {
+                return None;
+            }
+            continue;
+        }
+        attempts += 1;
+        match open_for_connect(edge, ws.core, peer, req, packet.data) {
+            Ok(opening) => return Some(opening),
+            Err(refusal) => {
+                if stream.write_all(refusal).await.0.is_err() {
+                    return None;
+                }
+                if attempts >= MAX_CONNECT_ATTEMPTS {
+                    return refuse(stream, "too many refused CONNECT packets").await;
+                }
+            }
+        }
+    }
+}
+
+/// A session id: the home core's connection id and the secret key (`<id hex>-<key>`).
+fn parse_sid(sid: &str) -> Option<(u64, &str)> {
+    let (id, key) = sid.split_once('-')?;
+    Some((u64::from_str_radix(id, 16).ok()?, key))
+}
+
+fn sid_of(id: u64, key: &str) -> String {
+    format!("{id:x}-{key}")
+}
+
+fn unknown_sid() -> Reply {
+    engine_error(400, 1, "Session ID unknown")
+}
+
+fn text(body: Vec<u8>) -> Reply {
+    Reply {
+        status: 200,
+        content_type: "text/plain; charset=UTF-8",
+        headers: Vec::new(),
+        body,
+    }
+}
+
+/// Whether a request carries a body this module reads (a polling POST), and how large it
+/// may be.
+pub fn takes_body(req: &Request) -> bool {
+    req.method == "POST" && route(&req.path) && req.query_param("sid").is_some()
+}
+
+fn handshake(core: &Core, sid: &str, upgrades: &[&str]) -> String {
+    let settings = &core.shared.settings;
+    Handshake {
+        sid,
+        upgrades,
+        ping_interval: settings
+            .session
+            .socketio_heartbeat
+            .ping_interval
+            .as_millis() as u64,
+        ping_timeout: settings.session.socketio_heartbeat.pong_timeout.as_millis() as u64,
+        max_payload: settings.socketio_max_payload as u64,
+    }
+    .packet()
+}
+
+/// A `/socket.io/` request that is not a WebSocket upgrade: the long-polling transport. None
+/// if the client went away while its GET was held.
+pub async fn polling(
+    edge: &Arc<Edge>,
+    core: &Rc<Core>,
+    stream: &TcpStream,
+    peer: IpAddr,
+    req: &Request,
+    body: &[u8],
+) -> Option<Reply> {
+    if req.query_param("EIO").as_deref() != Some("4") {
+        return Some(engine_error(400, 5, "Unsupported protocol version"));
+    }
+    if req.query_param("transport").as_deref() != Some("polling") {
+        return Some(engine_error(400, 0, "Transport unknown"));
+    }
+    let Some(sid) = req.query_param("sid") else {
+        if req.method != "GET" {
+            return Some(engine_error(400, 2, "Bad handshake method"));
+        }
+        return Some(open_polling(core));
+    };
+    let Some((id, key)) = parse_sid(&sid) else {
+        return Some(unknown_sid());
+    };
+    let home = (id >> 48) as usize;
+    if home >= core.cores() {
+        return Some(unknown_sid());
+    }
+    let key: Box<str> = key.into();
+    match req.method.as_str() {
+        "GET" => {
+            let answer = core
+                .at_home(home, move |core, tx| {
+                    let _ = tx.send(core.poll_get(id, &key));
+                })
+                .await;
+            match answer {
+                None | Some(Err(PollError::Unknown | PollError::Full)) => Some(unknown_sid()),
+                Some(Err(PollError::Overlap)) => Some(engine_error(400, 3, "Bad request")),
+                Some(Ok(Answer::Now(body))) => Some(text(body)),
+                Some(Ok(Answer::Later(rx))) => held(stream, rx).await.map(text),
+            }
+        }
+        "POST" => {
+            let (edge, body, req) = (edge.clone(), body.to_vec(), req.clone());
+            core.at_home(home, move |core, tx| {
+                monoio::spawn(async move {
+                    let _ = tx.send(post(&edge, &core, id, &key, peer, &req, &body).await);
+                });
+            })
+            .await
+            .or_else(|| Some(unknown_sid()))
+        }
+        _ => Some(engine_error(400, 2, "Bad request method")),
+    }
+}
+
+/// The handshake of a polling session: it lives on this core, waiting for its CONNECT until
+/// the head deadline.
+fn open_polling(core: &Core) -> Reply {
+    if core.shared.is_draining() {
+        return Reply::error(503, "node is draining; reconnect to another node")
+            .with_header("Retry-After", "1");
+    }
+    let key = format!("{:032x}", rand::random::<u128>());
+    let expires = Instant::now() + core.shared.settings.edge.header_timeout;
+    match core.poll_open(key.clone().into(), expires) {
+        Ok(id) => text(handshake(core, &sid_of(id, &key), &["websocket"]).into_bytes()),
+        Err(_) => Reply::error(
+            503,
+            "too many Socket.IO sessions are waiting for their CONNECT",
+        )
+        .with_header("Retry-After", "1"),
+    }
+}
+
+/// Waits for a held GET's answer, noticing a client that goes away meanwhile (its GET is
+/// then cancelled and what it would have carried goes with the next one).
+async fn held(stream: &TcpStream, rx: oneshot::Receiver<Vec<u8>>) -> Option<Vec<u8>> {
+    let mut rx = rx;
+    let mut watching = true;
+    loop {
+        if !watching {
+            return Some(rx.await.unwrap_or_else(|_| b"1".to_vec()));
+        }
+        let mut readable: Pin<Box<dyn Future<Output = _>>> = Box::pin(stream.readable(false));
+        let outcome = poll_fn(|cx| {
+            if let TaskPoll::Ready(answer) = Pin::new(&mut rx).poll(cx) {
+                return TaskPoll::Ready(Some(answer));
+            }
+            match readable.as_mut().poll(cx) {
+                TaskPoll::Ready(_) => TaskPoll::Ready(None),
+                TaskPoll::Pending => TaskPoll::Pending,
+            }
+        })
+        .await;
+        drop(readable);
+        match outcome {
+            // The session ended without a last word: the close packet says so.
+            Some(answer) => return Some(answer.unwrap_or_else(|_| b"1".to_vec())),
+            None if peer_closed(stream) => return None,
+            // Something pipelined behind the GET: it waits in the kernel; stop watching.
+            None => watching = false,
+        }
+    }
+}
+
+/// Whether the peer closed its end (a peek reads 0 bytes).
+fn peer_closed(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    // SAFETY: a peek of at most one byte into a local buffer on a descriptor `stream` owns.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            byte.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0 || (n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock)
+}
+
+/// A polling POST at the session's home: its packets, in order, to the session (or, before
+/// the session exists, its CONNECT).
+async fn post(
+    edge: &Edge,
+    core: &Rc<Core>,
+    id: u64,
+    key: &str,
+    peer: IpAddr,
+    req: &Request,
+    body: &[u8],
+) -> Reply {
+    let conn = match core.poll_conn(id, key) {
+        Ok(conn) => conn,
+        Err(_) => return unknown_sid(),
+    };
+    let Ok(text) = std::str::from_utf8(body) else {
+        core.poll_close(id, key);
+        return engine_error(400, 3, "Bad request");
+    };
+    if let Some(conn) = conn {
+        for record in text.split('\x1e') {
+            let event = match record.strip_prefix('b') {
+                Some(b64) => match base64::engine::general_purpose::STANDARD.decode(b64) {
+                    Ok(bytes) => Event::Binary(bytes.into()),
+                    Err(_) => Event::Text(Bytes::from_static(b"b")), // malformed: the session closes
+                },
+                None => Event::Text(Bytes::copy_from_slice(record.as_bytes())),
+            };
+            core.on_ws_event(&conn, event);
+        }
+        return text_ok();
+    }
+    for record in text.split('\x1e') {
+        let packet = match engineio::decode_text(record) {
+            Ok(EnginePacket::Message(engineio::Data::Text(p))) => p,
+            Ok(EnginePacket::Close) => {
+                core.poll_close(id, key);
+                return text_ok();
+            }
+            Ok(_) => continue,
+            Err(_) => {
+                core.poll_close(id, key);
+                return engine_error(400, 3, "Bad request");
+            }
+        };
+        let Ok(packet) = socketio::decode(packet) else {
+            core.poll_close(id, key);
+            return engine_error(400, 3, "Bad request");
+        };
+        if packet.kind != Kind::Connect {
+            continue;
+        }
+        if packet.namespace != "/" {
+            let refusal = connect_error_frame(packet.namespace, "Invalid namespace", None);
+            core.poll_refused(id, key, refusal);
+            continue;
+        }
+        if let Ok(Connecting::Check) = core.poll_connecting(id, key) {
+            connect_polling(edge, core, id, key, peer, req, packet.data).await;
+        }
+    }
+    text_ok()
+}
+
+fn text_ok() -> Reply {
+    text(b"ok".to_vec())
+}
+
+/// A polling session's CONNECT: the token checked and the limits asked, the session opened
+/// (its `40` and welcome wait for the next GET) or refused with CONNECT_ERROR.
+async fn connect_polling(
+    edge: &Edge,
+    core: &Rc<Core>,
+    id: u64,
+    key: &str,
+    peer: IpAddr,
+    req: &Request,
+    auth: Option<&str>,
+) {
+    let opening = match open_for_connect(edge, core, peer, req, auth) {
+        Ok(o) => o,
+        Err(refusal) => return core.poll_refused(id, key, refusal),
+    };
+    let projects = match upgrade::admit_as(core, id, peer, &opening, "socket.io").await {
+        Ok(projects) => projects,
+        Err(reply) => return core.poll_refused(id, key, refused_frame(&reply)),
+    };
+    let format = Format::from(Encoding::SocketIo);
+    let resumes = vec![opening.resume; opening.channels.len()];
+    let conn = upgrade::start(
+        core, id, peer, None, projects, opening, format, resumes, None,
+    );
+    core.poll_connected(id, key, conn);
+}
+
+/// A CONNECT's token checked like a WebSocket handshake's (`auth.token`, else the request's
+/// `?token=` or `Authorization`): the opening, or the CONNECT_ERROR frame.
+fn open_for_connect(
+    edge: &Edge,
+    core: &Core,
+    peer: IpAddr,
+    req: &Request,
+    auth: Option<&str>,
+) -> Result<Opening, Bytes> {
+    let token = auth
+        .and_then(|d| serde_json::from_str::<Value>(d).ok())
+        .and_then(|auth| auth.get("token").and_then(Value::as_str).map(str::to_owned))
+        .or_else(|| upgrade::request_token(req, &[]));
+    match upgrade::open_with_token(edge, core, peer, req, &[], token, Vec::new(), false) {
+        Ok(mut opening) => {
+            opening.encoding = Encoding::SocketIo;
+            Ok(opening)
+        }
+        Err(reply) => Err(refused_frame(&reply)),
+    }
+}
+
+fn refused_frame(reply: &Reply) -> Bytes {
+    let message = reply_message(reply);
+    connect_error_frame("/", &message, Some(json!({ "status": reply.status })))
 }
 
 /// Closes a socket that broke the protocol before it connected.

@@ -93,7 +93,15 @@ pub async fn serve(
     let sse = Some(Box::new(sse));
     let socket = Socket::new(stream);
     let conn = start(
-        &core, id, peer, &socket, projects, opening, format, resumes, sse,
+        &core,
+        id,
+        peer,
+        Some(&socket),
+        projects,
+        opening,
+        format,
+        resumes,
+        sse,
     );
     monoio::spawn(conn::run_sse(core, socket, conn));
 }

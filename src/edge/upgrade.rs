@@ -107,7 +107,15 @@ pub async fn serve(
     let resumes = vec![opening.resume; opening.channels.len()];
     let socket = Socket::new(stream);
     let conn = start(
-        &core, id, peer, &socket, projects, opening, format, resumes, None,
+        &core,
+        id,
+        peer,
+        Some(&socket),
+        projects,
+        opening,
+        format,
+        resumes,
+        None,
     );
     // The connection lives on in a task of its own, sized for its socket loop alone: this
     // handshake's (and the HTTP router's) state is freed now, not held for hours.
@@ -143,6 +151,20 @@ pub(super) async fn admit(
     transport: &'static str,
 ) -> Result<(u64, Vec<String>), Reply> {
     let id = core.next_conn_id();
+    admit_as(core, id, peer, opening, transport)
+        .await
+        .map(|projects| (id, projects))
+}
+
+/// `admit` for a connection whose id was given out already (a Socket.IO polling session's,
+/// at its handshake): the projects it counts against.
+pub(super) async fn admit_as(
+    core: &Core,
+    id: u64,
+    peer: IpAddr,
+    opening: &Opening,
+    transport: &'static str,
+) -> Result<Vec<String>, Reply> {
     let projects: Vec<String> = opening
         .channels
         .iter()
@@ -152,7 +174,7 @@ pub(super) async fn admit(
         .admit(id, peer, &opening.claims.sub, &projects, transport)
         .await
     {
-        Ok(()) => Ok((id, projects)),
+        Ok(()) => Ok(projects),
         Err(refused) => {
             core.shared.audit(
                 "limit_hit",
@@ -170,7 +192,7 @@ pub(super) fn start(
     core: &Rc<Core>,
     id: u64,
     peer: IpAddr,
-    socket: &Rc<Socket>,
+    socket: Option<&Rc<Socket>>,
     projects: Vec<String>,
     opening: Opening,
     format: Format,
@@ -198,7 +220,10 @@ pub(super) fn start(
                "core": core.id, "channels": opening.channels, "transport": transport}),
     );
     let encoding = session.encoding();
-    let conn = Rc::new(Conn::new(session, socket.clone()));
+    let conn = Rc::new(match socket {
+        Some(socket) => Conn::new(session, socket.clone()),
+        None => Conn::polling(session),
+    });
     core.register(conn.clone());
     if core.shared.is_draining() {
         // Drain began while the answer was on its way: this connection missed the notice.

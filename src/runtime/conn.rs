@@ -52,14 +52,29 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(session: Session, socket: Rc<Socket>) -> Conn {
+        Conn::new_inner(session, Some(socket))
+    }
+
+    fn new_inner(session: Session, socket: Option<Rc<Socket>>) -> Conn {
         Conn {
             session: RefCell::new(session),
-            socket: Cell::new(Some(socket)),
+            socket: Cell::new(socket),
             backlog: Cell::new(None),
             writing: Cell::new(Writing::Idle),
             timer_set: Cell::new(false),
             over_waiter: Cell::new(None),
         }
+    }
+
+    /// A connection without a socket yet: an Engine.IO long-polling session, whose writes
+    /// answer held GETs (see `runtime::polling`) until a WebSocket upgrade gives it one.
+    pub fn polling(session: Session) -> Conn {
+        Conn::new_inner(session, None)
+    }
+
+    /// The socket a polling session upgraded to.
+    pub(super) fn set_socket(&self, socket: Rc<Socket>) {
+        self.socket.set(Some(socket));
     }
 
     pub fn id(&self) -> u64 {
@@ -106,7 +121,7 @@ impl Conn {
         self.end_writing();
     }
 
-    async fn writing_over(&self) {
+    pub(super) async fn writing_over(&self) {
         poll_fn(|cx| {
             if self.writing.get() == Writing::Over {
                 Poll::Ready(())

@@ -101,6 +101,8 @@ pub struct Core {
     pub pending: Rc<Pending>,
     /// Refused sockets being drained before they close (bounded by the edge).
     pub lingering: Cell<usize>,
+    /// Engine.IO long-polling sessions whose home is this core.
+    pub(super) polls: super::polling::Polls,
 }
 
 impl Core {
@@ -136,6 +138,7 @@ impl Core {
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
             pending: Rc::new(Pending::new(shared.settings.edge, cores)),
             lingering: Cell::new(0),
+            polls: Default::default(),
             shared,
         }
     }
@@ -565,6 +568,11 @@ impl Core {
                 let _ = reply.send(self.presence.borrow().members(&channel));
             }
             MeshMsg::Drain => self.drain(),
+            MeshMsg::Run(work) => {
+                if let Some(me) = self.me.upgrade() {
+                    work(me);
+                }
+            }
             MeshMsg::ForceClose => self.force_close(),
         }
     }
@@ -762,13 +770,19 @@ impl Core {
             self.with_session(&conn, |s, ctx, out| s.tick(ctx, out));
         }
         self.claims.borrow_mut().retain(|c| Rc::strong_count(c) > 1);
+        self.poll_sweep(Instant::now());
         self.flush_presence();
     }
 
     /// Drain, first step: tell every connection to go elsewhere (`shutdown`); clients leave on
     /// their own while the node waits.
     fn drain(&self) {
-        let encodings = [Encoding::Json, Encoding::MessagePack, Encoding::Sse];
+        let encodings = [
+            Encoding::Json,
+            Encoding::MessagePack,
+            Encoding::Sse,
+            Encoding::SocketIo,
+        ];
         let notice = encodings.map(shutdown_frame);
         for conn in self.connections() {
             let encoding = conn.session.borrow().encoding();
@@ -777,6 +791,11 @@ impl Core {
                 &conn,
                 notice[at.expect("every encoding has its notice")].clone(),
             );
+            if encoding == Encoding::SocketIo {
+                // socket.io-client does not leave on a notice: closing the transport makes
+                // it reconnect (elsewhere) and recover what it missed.
+                self.close(&conn, 1012, "server restarting");
+            }
         }
     }
 

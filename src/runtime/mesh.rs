@@ -30,6 +30,9 @@ pub type PublishReply = futures_channel::oneshot::Sender<Vec<(usize, u64)>>;
 
 /// Everything that crosses between cores.
 pub enum MeshMsg {
+    /// Work to do on the receiving core (an Engine.IO long-polling request reaching the
+    /// core its session does not live on is carried out at home).
+    Run(Box<dyn FnOnce(std::rc::Rc<super::core::Core>) + Send>),
     /// To the owner core of every channel in the batch.
     Publish {
         batch: Vec<(usize, Publication)>,

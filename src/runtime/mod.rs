@@ -6,6 +6,7 @@ pub mod core;
 pub mod mesh;
 pub mod node;
 pub mod pending;
+pub mod polling;
 pub mod shared;
 pub mod socket;
 pub mod worker;

@@ -96,6 +96,9 @@ impl Core {
     fn write_out(&self, conn: &Rc<Conn>, ctx: &Ctx) {
         let now = ctx.now;
         let Some(socket) = conn.socket() else {
+            if conn.writing() != Writing::Over {
+                self.write_polling(conn, ctx);
+            }
             return;
         };
         if let Some(rest) = conn.take_backlog() {
@@ -227,7 +230,7 @@ impl Core {
 
     /// Puts the connection on the flush list unless it is on it or waits for its socket (a
     /// backlog or an elapsed rate-limit wait may need a flush with nothing new queued).
-    fn schedule_always(&self, conn: &Rc<Conn>) {
+    pub(super) fn schedule_always(&self, conn: &Rc<Conn>) {
         if conn.writing() == Writing::Idle {
             conn.set_writing(Writing::Scheduled);
             self.writer.scheduled.borrow_mut().push_back(conn.clone());
@@ -238,7 +241,7 @@ impl Core {
     }
 
     /// Flushes the connection again at `at` (a rate limit's wait is over).
-    fn wake_at(&self, conn: &Rc<Conn>, at: Instant) {
+    pub(super) fn wake_at(&self, conn: &Rc<Conn>, at: Instant) {
         if conn.timer_set.replace(true) {
             return; // one wake-up pending is enough: the flush then asks again
         }

@@ -147,6 +147,18 @@ async function main() {
   const left = await emitAck(socket, "task:leave", { taskId: "t1" });
   check(left.ok === true && left.type === "unsubscribed", "task:leave ack: " + JSON.stringify(left));
 
+  // Polling first: the session moves to a WebSocket and goes on there.
+  if (transports.length > 1) {
+    const engine = socket.io.engine;
+    if (engine.transport.name !== "websocket") await once(engine, "upgrade");
+    check(engine.transport.name === "websocket", "upgraded to websocket: " + engine.transport.name);
+    const after = once(socket, "mark");
+    const seq = await publish({ channel: "dashboard", event: "mark", data: { n: 4 } });
+    const [data, meta] = await after;
+    check(data.n === 4 && meta.seq === seq, "events flow after the upgrade");
+  }
+  check(socket.io.engine.transport.name === transports[transports.length - 1], "the transport in use is " + socket.io.engine.transport.name);
+
   socket.close();
   other.close();
   console.log("socket.io checks passed over " + transports.join("+"));

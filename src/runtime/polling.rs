@@ -1,0 +1,434 @@
+//! Engine.IO long-polling sessions of one core: a connection whose writes go out as the
+//! answers to held GETs instead of onto a socket of its own.
+//!
+//! A session lives on the core that answered its handshake (its id names the core, so a
+//! request reaching another core is handed over here). Before its CONNECT it is only an
+//! entry here (a secret key, an outbox, a deadline); after, it is a `Conn` like any other
+//! whose session speaks Socket.IO, registered, counted and drained like a WebSocket's. What
+//! the session writes waits in its send queue until a GET is held; the flush then answers
+//! that GET with every queued packet (up to `MAX_BODY_BYTES`), the shared frames' payloads
+//! joined by the record separator, no packet re-encoded. A GET whose client went away is
+//! noticed (its answer channel is cancelled) and what it would have carried waits for the
+//! next one. A WebSocket upgrade hands the session its socket: from the client's upgrade
+//! packet on it is an ordinary WebSocket connection.
+//!
+//! Bounds: at most `MAX_UNCONNECTED` sessions per core wait for their CONNECT, each until
+//! the head deadline; one GET held per session (a second one is an error that ends it).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::Poll as TaskPoll;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures_channel::oneshot;
+
+use crate::delivery::session::{Ctx, Transmit};
+
+use super::conn::{self, Conn};
+use super::core::Core;
+use super::socket::Socket;
+
+/// Sessions per core that may wait for their CONNECT at once.
+pub const MAX_UNCONNECTED: usize = 4096;
+/// Most bytes of packets one GET answer carries (the rest waits for the next GET).
+const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// This core's polling sessions.
+#[derive(Default)]
+pub struct Polls {
+    map: RefCell<HashMap<u64, Entry>>,
+}
+
+struct Entry {
+    /// The secret half of the session id: a request must present it.
+    key: Box<str>,
+    /// Set once the CONNECT opened the session.
+    conn: Option<Rc<Conn>>,
+    /// Packets (server frames) for the next GET: a CONNECT_ERROR, or what a GET that went
+    /// away would have carried.
+    outbox: VecDeque<Bytes>,
+    /// The GET being held.
+    held: Option<oneshot::Sender<Vec<u8>>>,
+    /// Until its CONNECT: when the entry goes.
+    expires: Instant,
+    /// A CONNECT is being checked (one at a time).
+    connecting: bool,
+    /// The session's task, waiting for a WebSocket to move to.
+    upgrade: Option<oneshot::Sender<Upgraded>>,
+    /// A WebSocket probed: the GET being held is answered with a noop and no packet goes
+    /// out any more until the upgrade is done.
+    probed: bool,
+}
+
+/// A probed WebSocket the session moves to.
+pub struct Upgraded {
+    pub socket: Rc<Socket>,
+    pub leftover: BytesMut,
+}
+
+/// Why a request names no session it may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollError {
+    /// No such session (ended, expired, or a wrong key).
+    Unknown,
+    /// A GET while another is held: the session ends.
+    Overlap,
+    /// Too many sessions wait for their CONNECT on this core.
+    Full,
+}
+
+/// What a GET gets.
+pub enum Answer {
+    Now(Vec<u8>),
+    Later(oneshot::Receiver<Vec<u8>>),
+}
+
+/// Where an unconnected session stands for a CONNECT.
+pub enum Connecting {
+    /// Go on: check the token.
+    Check,
+    /// Connected already, or a CONNECT is being checked: nothing to do.
+    Busy,
+}
+
+impl Core {
+    /// How many cores the node runs.
+    pub fn cores(&self) -> usize {
+        self.shared.mesh.cores()
+    }
+
+    /// Runs `work` on core `home` (at once if that is this one): where a request for a
+    /// polling session is carried out. None if it did not answer.
+    pub async fn at_home<R: Send + 'static>(
+        self: &Rc<Self>,
+        home: usize,
+        work: impl FnOnce(Rc<Core>, oneshot::Sender<R>) + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = oneshot::channel();
+        if home == self.id {
+            work(self.clone(), tx);
+        } else {
+            let work = Box::new(move |core| work(core, tx));
+            self.shared.mesh.send(home, super::mesh::MeshMsg::Run(work));
+        }
+        rx.await.ok()
+    }
+
+    /// A new session waiting for its CONNECT: its id.
+    pub fn poll_open(&self, key: Box<str>, expires: Instant) -> Result<u64, PollError> {
+        let mut map = self.polls.map.borrow_mut();
+        if map.values().filter(|e| e.conn.is_none()).count() >= MAX_UNCONNECTED {
+            return Err(PollError::Full);
+        }
+        let id = self.next_conn_id();
+        map.insert(
+            id,
+            Entry {
+                key,
+                conn: None,
+                outbox: VecDeque::new(),
+                held: None,
+                expires,
+                connecting: false,
+                upgrade: None,
+                probed: false,
+            },
+        );
+        Ok(id)
+    }
+
+    fn poll_entry<R>(
+        &self,
+        id: u64,
+        key: &str,
+        f: impl FnOnce(&mut Entry) -> R,
+    ) -> Result<R, PollError> {
+        let mut map = self.polls.map.borrow_mut();
+        match map.get_mut(&id) {
+            Some(e) if *e.key == *key => Ok(f(e)),
+            _ => Err(PollError::Unknown),
+        }
+    }
+
+    /// The session's connection, once its CONNECT opened it.
+    pub fn poll_conn(&self, id: u64, key: &str) -> Result<Option<Rc<Conn>>, PollError> {
+        self.poll_entry(id, key, |e| e.conn.clone())
+    }
+
+    /// A CONNECT arrived: whether to check it.
+    pub fn poll_connecting(&self, id: u64, key: &str) -> Result<Connecting, PollError> {
+        self.poll_entry(id, key, |e| {
+            if e.conn.is_some() || e.connecting {
+                Connecting::Busy
+            } else {
+                e.connecting = true;
+                Connecting::Check
+            }
+        })
+    }
+
+    /// A CONNECT was refused: `frame` (its CONNECT_ERROR) waits for the next GET.
+    pub fn poll_refused(&self, id: u64, key: &str, frame: Bytes) {
+        let _ = self.poll_entry(id, key, |e| {
+            e.connecting = false;
+            e.outbox.push_back(frame);
+            answer_held(e)
+        });
+    }
+
+    /// The CONNECT opened the session as `conn` (registered, welcome queued).
+    pub fn poll_connected(&self, id: u64, key: &str, conn: Rc<Conn>) {
+        let (tx, rx) = oneshot::channel();
+        let attached = self.poll_entry(id, key, |e| {
+            e.connecting = false;
+            e.conn = Some(conn.clone());
+            e.upgrade = Some(tx);
+        });
+        if attached.is_err() {
+            // Gone while the CONNECT was checked (expired, or closed): so is the session.
+            return conn.cut();
+        }
+        let Some(core) = self.me.upgrade() else {
+            return;
+        };
+        monoio::spawn(run(core, conn.clone(), id, rx));
+        self.schedule(&conn);
+    }
+
+    /// A GET: answered now if anything waits, else held until something does.
+    pub fn poll_get(&self, id: u64, key: &str) -> Result<Answer, PollError> {
+        let mut map = self.polls.map.borrow_mut();
+        let Some(e) = map.get_mut(&id).filter(|e| *e.key == *key) else {
+            return Err(PollError::Unknown);
+        };
+        if e.held.as_ref().is_some_and(|h| !h.is_canceled()) {
+            // One GET at a time: the reference server ends such a session too.
+            e.held = None;
+            let conn = e.conn.clone();
+            drop(map);
+            self.poll_end(id, conn);
+            return Err(PollError::Overlap);
+        }
+        if e.probed {
+            return Ok(Answer::Now(b"6".to_vec())); // upgrading: nothing goes this way
+        }
+        if !e.outbox.is_empty() {
+            let frames: Vec<Bytes> = e.outbox.drain(..).collect();
+            return Ok(Answer::Now(payload(&frames).0));
+        }
+        let (tx, rx) = oneshot::channel();
+        e.held = Some(tx);
+        let conn = e.conn.clone();
+        drop(map);
+        if let Some(conn) = conn {
+            self.schedule_always(&conn);
+        }
+        Ok(Answer::Later(rx))
+    }
+
+    /// The client closed the session (a close packet), or broke it: it ends.
+    pub fn poll_close(&self, id: u64, key: &str) {
+        let conn = self.poll_entry(id, key, |e| e.conn.clone());
+        if let Ok(conn) = conn {
+            self.poll_end(id, conn);
+        }
+    }
+
+    fn poll_end(&self, id: u64, conn: Option<Rc<Conn>>) {
+        match conn {
+            Some(conn) => {
+                self.close(&conn, 1000, "");
+                conn.end_writing(); // nobody will fetch the close: the session is over
+            }
+            None => {
+                self.polls.map.borrow_mut().remove(&id);
+            }
+        }
+    }
+
+    /// A WebSocket answered the probe: the held GET gets a noop, and nothing more goes out
+    /// until the upgrade packet. False if there is no such session.
+    pub fn poll_probed(&self, id: u64, key: &str) -> bool {
+        self.poll_entry(id, key, |e| {
+            e.probed = true;
+            if let Some(held) = e.held.take() {
+                let _ = held.send(b"6".to_vec());
+            }
+            e.conn.is_some()
+        })
+        .unwrap_or(false)
+    }
+
+    /// The client sent the upgrade packet on the probed socket: the session moves to it.
+    pub fn poll_upgrade(&self, id: u64, key: &str, upgraded: Upgraded) -> bool {
+        let tx = self.poll_entry(id, key, |e| e.upgrade.take());
+        match tx {
+            Ok(Some(tx)) => tx.send(upgraded).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Unconnected sessions past their deadline go.
+    pub(super) fn poll_sweep(&self, now: Instant) {
+        self.polls
+            .map
+            .borrow_mut()
+            .retain(|_, e| e.conn.is_some() || e.connecting || e.expires > now);
+    }
+
+    /// A polling connection's turn in the flush: answers the held GET with what is queued.
+    pub(super) fn write_polling(&self, conn: &Rc<Conn>, ctx: &Ctx) {
+        let id = conn.id();
+        let mut map = self.polls.map.borrow_mut();
+        let Some(e) = map.get_mut(&id) else {
+            return;
+        };
+        if e.probed {
+            return; // the WebSocket takes over
+        }
+        let Some(held) = e.held.take().filter(|h| !h.is_canceled()) else {
+            return;
+        };
+        let mut frames: Vec<Bytes> = e.outbox.drain(..).collect();
+        let mut size: usize = frames.iter().map(Bytes::len).sum();
+        let mut last = Transmit::Idle;
+        {
+            let mut session = conn.session.borrow_mut();
+            let mut bucket = self.bucket.borrow_mut();
+            while size < MAX_BODY_BYTES {
+                match session.poll_transmit(ctx, &mut bucket) {
+                    Transmit::Frame { frame, .. } => {
+                        size += frame.len();
+                        frames.push(frame);
+                    }
+                    other => {
+                        last = other;
+                        break;
+                    }
+                }
+            }
+            if !frames.is_empty() {
+                session.on_written();
+            }
+        }
+        if frames.is_empty() && !matches!(last, Transmit::Done) {
+            e.held = Some(held);
+            drop(map);
+            if let Transmit::Wait(wait) = last {
+                self.wake_at(conn, ctx.now + wait);
+            }
+            return;
+        }
+        let (body, closed) = payload(&frames);
+        if let Err(body) = held.send(body) {
+            // The GET went away meanwhile: these packets go with the next one.
+            drop(body);
+            e.outbox.extend(frames);
+            return;
+        }
+        drop(map);
+        if closed || matches!(last, Transmit::Done) {
+            conn.end_writing();
+        } else if size >= MAX_BODY_BYTES {
+            self.schedule_always(conn);
+        } else if let Transmit::Wait(wait) = last {
+            self.wake_at(conn, ctx.now + wait);
+        }
+    }
+}
+
+/// Answers the held GET with the outbox, if both are there.
+fn answer_held(e: &mut Entry) {
+    if e.outbox.is_empty() {
+        return;
+    }
+    if let Some(held) = e.held.take().filter(|h| !h.is_canceled()) {
+        let frames: Vec<Bytes> = e.outbox.drain(..).collect();
+        if let Err(body) = held.send(payload(&frames).0) {
+            drop(body);
+            e.outbox.extend(frames);
+        }
+    }
+}
+
+/// A polling body from server frames: each text frame's payload a record, a close frame the
+/// close packet (and true: the session is over). One `Bytes` may hold several frames.
+fn payload(frames: &[Bytes]) -> (Vec<u8>, bool) {
+    let mut out = Vec::with_capacity(frames.iter().map(Bytes::len).sum());
+    let mut closed = false;
+    for frame in frames {
+        let mut rest: &[u8] = frame;
+        while rest.len() >= 2 {
+            let (opcode, len, header) = match rest[1] & 0x7f {
+                126 if rest.len() >= 4 => (
+                    rest[0] & 0x0f,
+                    u16::from_be_bytes([rest[2], rest[3]]) as usize,
+                    4,
+                ),
+                127 if rest.len() >= 10 => {
+                    let mut n = [0u8; 8];
+                    n.copy_from_slice(&rest[2..10]);
+                    (rest[0] & 0x0f, u64::from_be_bytes(n) as usize, 10)
+                }
+                n @ 0..=125 => (rest[0] & 0x0f, n as usize, 2),
+                _ => break,
+            };
+            let Some(body) = rest.get(header..header + len) else {
+                break;
+            };
+            let record: &[u8] = match opcode {
+                0x1 => body,
+                0x8 => {
+                    closed = true;
+                    b"1"
+                }
+                _ => &[], // WebSocket pings and pongs have no polling form
+            };
+            if !record.is_empty() {
+                if !out.is_empty() {
+                    out.push(0x1e);
+                }
+                out.extend_from_slice(record);
+            }
+            rest = &rest[header + len..];
+        }
+    }
+    (out, closed)
+}
+
+/// A polling session's task: it ends with the session, or moves it to a WebSocket.
+async fn run(core: Rc<Core>, conn: Rc<Conn>, id: u64, upgrade: oneshot::Receiver<Upgraded>) {
+    let mut upgrade = Some(upgrade);
+    let mut over: Pin<Box<dyn Future<Output = ()>>> = Box::pin(conn.writing_over());
+    let moved = poll_fn(|cx| {
+        if over.as_mut().poll(cx).is_ready() {
+            return TaskPoll::Ready(None);
+        }
+        if let Some(rx) = upgrade.as_mut() {
+            match Pin::new(rx).poll(cx) {
+                TaskPoll::Ready(Ok(u)) => return TaskPoll::Ready(Some(u)),
+                TaskPoll::Ready(Err(_)) => upgrade = None,
+                TaskPoll::Pending => {}
+            }
+        }
+        TaskPoll::Pending
+    })
+    .await;
+    drop(over);
+    core.polls.map.borrow_mut().remove(&id);
+    match moved {
+        None => {
+            core.deregister(&conn);
+            conn.session.borrow_mut().on_read_closed();
+        }
+        Some(Upgraded { socket, leftover }) => {
+            conn.set_socket(socket.clone());
+            core.schedule_always(&conn);
+            conn::run(core, socket, conn, leftover).await;
+        }
+    }
+}
