@@ -300,6 +300,7 @@ fn settings(config: &Config) -> Settings {
         drain_timeout: config.drain_timeout,
         max_message_bytes: config.max_message_bytes,
         socketio_max_payload: config.socketio_max_payload,
+        socketio_recovery: config.socketio_recovery,
         node_rate_limit: config.node_rate_limit,
         compress_over: config.compress_over,
         terminal_max_bytes_per_sec: config.terminal_max_bytes_per_sec,

@@ -36,6 +36,15 @@ fn node_modules() -> PathBuf {
 }
 
 fn run_node(script: &str, server: &Server, env: &[(&str, &str)]) {
+    let (ok, out) = try_node(script, server, env);
+    assert!(
+        ok && out.contains("checks passed"),
+        "{script} failed\n{out}"
+    );
+}
+
+/// Runs a script: whether it succeeded, and what it printed.
+fn try_node(script: &str, server: &Server, env: &[(&str, &str)]) -> (bool, String) {
     let script = format!("{}/tests/node/{script}", env!("CARGO_MANIFEST_DIR"));
     let mut cmd = Command::new("node");
     cmd.arg(&script)
@@ -50,11 +59,8 @@ fn run_node(script: &str, server: &Server, env: &[(&str, &str)]) {
         .expect("node is needed for the Socket.IO tests");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{script} failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
-    );
-    assert!(stdout.contains("checks passed"), "{stdout}");
+    let text = format!("--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    (out.status.success(), text)
 }
 
 fn tokens() -> Vec<(&'static str, String)> {
@@ -91,6 +97,42 @@ fn socket_io_client_over_polling_only_gets_the_same() {
     run_node("socketio_check.cjs", &server, &env);
 }
 
+fn recovery(transports: &str, window: &str) -> (bool, String) {
+    let server = Server::start_with(&[
+        ("RINGCAST_REPLAY_MAX_MESSAGES", "50"),
+        ("RINGCAST_SOCKETIO_RECOVERY_SECS", window),
+    ]);
+    let t = token(json!({"sub": "u1", "projects": ["p1"], "channels": ["task:*", "dashboard"]}));
+    let env = [
+        ("TOKEN", t.as_str()),
+        ("TRANSPORTS", transports),
+        ("REPLAY", "50"),
+    ];
+    try_node("recovery_check.cjs", &server, &env)
+}
+
+#[test]
+fn a_cut_socket_io_client_recovers_every_missed_event_once_in_order() {
+    let (ok, out) = recovery("websocket", "120");
+    assert!(ok && out.contains("checks passed"), "{out}");
+}
+
+#[test]
+fn a_cut_socket_io_client_that_upgraded_from_polling_recovers_too() {
+    let (ok, out) = recovery("polling,websocket", "120");
+    assert!(ok && out.contains("checks passed"), "{out}");
+}
+
+#[test]
+fn with_recovery_off_a_cut_client_is_told_it_did_not_recover() {
+    let (ok, out) = recovery("websocket", "0");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAILED: socket.recovered is true after the cut"),
+        "{out}"
+    );
+}
+
 #[tokio::test]
 async fn the_engine_io_handshake_has_the_fields_and_a_deadline() {
     let server = Server::start_with(&[
@@ -124,7 +166,11 @@ async fn the_engine_io_handshake_has_the_fields_and_a_deadline() {
     ws.send_frame(true, 0x1, format!("40{{\"token\":\"{t}\"}}").as_bytes())
         .await;
     let connect = String::from_utf8(ws.recv().await.unwrap().payload).unwrap();
-    assert!(connect.starts_with("40{\"sid\":"), "{connect}");
+    let answer: serde_json::Value = serde_json::from_str(&connect[2..]).unwrap();
+    assert!(
+        answer["sid"].is_string() && answer["pid"].is_string(),
+        "{connect}"
+    );
     let welcome = String::from_utf8(ws.recv().await.unwrap().payload).unwrap();
     assert!(welcome.starts_with("42[\"ringcast:welcome\","), "{welcome}");
     let ping = ws.recv().await.unwrap();

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod presence;
 pub mod progress;
 pub mod queue;
+pub mod recovery;
 pub mod ring;
 pub mod rooms;
 pub mod sequencer;

@@ -612,6 +612,9 @@ impl Session {
                     return Transmit::Frame { prefix, frame };
                 }
                 Next::Event(d) => {
+                    if self.encoding() == Encoding::SocketIo {
+                        self.note_written(&d);
+                    }
                     let prefix = self.sse.as_deref().map(|sse| {
                         sse.advance(&d.channel, d.seq);
                         sse.id_line()
@@ -759,6 +762,7 @@ impl Session {
         };
         let (channel, state) = self.subs.swap_remove(at);
         self.purge(|d| d.channel == channel);
+        self.note_unsubscribed(&channel);
         if let SubState::PendingInitial(_) = state {
             self.initial_subscribed(); // the welcome no longer waits for this one
         }
@@ -811,6 +815,18 @@ impl Session {
                 self.initial_subscribed();
             }
             return true;
+        }
+        if self.encoding() == Encoding::SocketIo {
+            // Where the client stands: up to the replay's start (it is written next), else
+            // the head.
+            let start = match &ack.replay {
+                Some(r) if r.recovered => r.deliveries.first().map(|d| d.seq - 1),
+                _ => None,
+            };
+            self.note_subscribed(channel, start.unwrap_or(ack.last_seq));
+            if initial && ack.replay.as_ref().is_some_and(|r| !r.recovered) {
+                self.recovery_lost();
+            }
         }
         // An SSE stream starting live owes nothing before the head: its position is the head.
         if let (None, Some(sse)) = (&ack.replay, self.sse.as_deref()) {

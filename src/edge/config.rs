@@ -124,6 +124,9 @@ pub struct Flags {
     /// Socket.IO: largest Engine.IO packet or polling body a client may send (`maxPayload`) [default: 1000000]
     #[arg(long, env = "RINGCAST_SOCKETIO_MAX_PAYLOAD")]
     pub socketio_max_payload: Option<usize>,
+    /// Socket.IO: how long a session that went away can be recovered, in seconds (`connectionStateRecovery.maxDisconnectionDuration`; 0: off) [default: 120]
+    #[arg(long, env = "RINGCAST_SOCKETIO_RECOVERY_SECS")]
+    pub socketio_recovery_secs: Option<u64>,
     /// After SIGTERM, how long clients have to leave before the rest are closed with 1012 [default: 30000]
     #[arg(long, env = "RINGCAST_DRAIN_TIMEOUT_MS")]
     pub drain_timeout_ms: Option<u64>,
@@ -351,6 +354,7 @@ struct FileSettings {
     socketio_ping_interval_ms: Option<u64>,
     socketio_ping_timeout_ms: Option<u64>,
     socketio_max_payload: Option<usize>,
+    socketio_recovery_secs: Option<u64>,
     drain_timeout_ms: Option<u64>,
     max_message_bytes: Option<usize>,
     max_channels_per_connection: Option<usize>,
@@ -407,6 +411,8 @@ pub struct Config {
     pub socketio_heartbeat: HeartbeatConfig,
     /// Engine.IO's `maxPayload`.
     pub socketio_max_payload: usize,
+    /// How long a Socket.IO session that went away can be recovered (zero: not at all).
+    pub socketio_recovery: Duration,
     pub drain_timeout: Duration,
     pub max_message_bytes: usize,
     pub max_channels_per_connection: usize,
@@ -635,6 +641,12 @@ impl Config {
                 .socketio_max_payload
                 .or(file.socketio_max_payload)
                 .unwrap_or(1_000_000),
+            socketio_recovery: Duration::from_secs(
+                flags
+                    .socketio_recovery_secs
+                    .or(file.socketio_recovery_secs)
+                    .unwrap_or(120),
+            ),
             drain_timeout: ms(flags.drain_timeout_ms.or(file.drain_timeout_ms), 30_000),
             max_message_bytes: flags
                 .max_message_bytes

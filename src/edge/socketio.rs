@@ -22,6 +22,7 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use serde_json::{json, Value};
 
+use crate::delivery::sequencer::Resume;
 use crate::delivery::session::socketio::connect_error_frame;
 use crate::proto::engineio::{self, Handshake, Packet as EnginePacket};
 use crate::proto::http::{self, Request};
@@ -145,7 +146,7 @@ pub async fn serve(
         encoding: Encoding::SocketIo,
         compress_over,
     };
-    let resumes = vec![opening.resume; opening.channels.len()];
+    let resumes = resumes_of(&opening);
     let socket = Socket::new(stream);
     let conn = upgrade::start(
         &core,
@@ -588,7 +589,7 @@ async fn connect_polling(
         Err(reply) => return core.poll_refused(id, key, refused_frame(&reply)),
     };
     let format = Format::from(Encoding::SocketIo);
-    let resumes = vec![opening.resume; opening.channels.len()];
+    let resumes = resumes_of(&opening);
     let conn = upgrade::start(
         core, id, peer, None, projects, opening, format, resumes, None,
     );
@@ -596,7 +597,9 @@ async fn connect_polling(
 }
 
 /// A CONNECT's token checked like a WebSocket handshake's (`auth.token`, else the request's
-/// `?token=` or `Authorization`): the opening, or the CONNECT_ERROR frame.
+/// `?token=` or `Authorization`): the opening, or the CONNECT_ERROR frame. A client that
+/// sends the private id of a session that went away (`pid`, with the `offset` of the last
+/// event it got) gets that session's channels back, each resuming where the client left it.
 fn open_for_connect(
     edge: &Edge,
     core: &Core,
@@ -604,16 +607,54 @@ fn open_for_connect(
     req: &Request,
     auth: Option<&str>,
 ) -> Result<Opening, Bytes> {
-    let token = auth
-        .and_then(|d| serde_json::from_str::<Value>(d).ok())
-        .and_then(|auth| auth.get("token").and_then(Value::as_str).map(str::to_owned))
-        .or_else(|| upgrade::request_token(req, &[]));
-    match upgrade::open_with_token(edge, core, peer, req, &[], token, Vec::new(), false) {
-        Ok(mut opening) => {
-            opening.encoding = Encoding::SocketIo;
-            Ok(opening)
+    let auth = auth.and_then(|d| serde_json::from_str::<Value>(d).ok());
+    let field = |name: &str| {
+        auth.as_ref()
+            .and_then(|a| a.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let token = field("token").or_else(|| upgrade::request_token(req, &[]));
+    let mut opening =
+        match upgrade::open_with_token(edge, core, peer, req, &[], token, Vec::new(), false) {
+            Ok(opening) => opening,
+            Err(reply) => return Err(refused_frame(&reply)),
+        };
+    opening.encoding = Encoding::SocketIo;
+    if let Some(pid) = field("pid").filter(|_| !core.shared.settings.socketio_recovery.is_zero()) {
+        let record = {
+            let mut store = core
+                .shared
+                .recovery
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            store.take(&pid, Instant::now())
+        };
+        let record =
+            record.filter(|r| r.user == opening.claims.sub && r.epoch == core.shared.epoch);
+        if let Some(record) = record {
+            let (resumes, mut exact) = record.resumes(field("offset").as_deref());
+            for (channel, resume) in resumes {
+                // What the token (or an admin since) no longer allows is not restored.
+                if opening.claims.can_subscribe(&channel) {
+                    opening.channels.push(channel.to_string());
+                    opening.resumes.push(resume);
+                } else {
+                    exact = false;
+                }
+            }
+            opening.recovering = Some((pid, exact));
         }
-        Err(reply) => Err(refused_frame(&reply)),
+    }
+    Ok(opening)
+}
+
+/// Where each channel of an opening resumes.
+fn resumes_of(opening: &Opening) -> Vec<Resume> {
+    if opening.resumes.len() == opening.channels.len() {
+        opening.resumes.clone()
+    } else {
+        vec![opening.resume; opening.channels.len()]
     }
 }
 

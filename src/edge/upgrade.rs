@@ -47,6 +47,11 @@ pub(super) struct Opening {
     pub acks: bool,
     pub filter: Filter,
     pub protocol: Option<&'static str>,
+    /// Per channel, where it resumes (empty: all at `resume`).
+    pub resumes: Vec<Resume>,
+    /// A Socket.IO client recovering its session: its private id, and whether every
+    /// channel's position was known.
+    pub recovering: Option<(String, bool)>,
 }
 
 pub async fn serve(
@@ -238,15 +243,35 @@ pub(super) fn start(
         note: opening.encoding_note.as_deref(),
     }
     .frame_in(encoding);
-    // Socket.IO: the answer to the client's CONNECT comes first.
-    let welcome = match encoding {
-        Encoding::SocketIo => {
-            let connect = socketio::connect_frame(&core.shared.conn_name(id));
-            [connect, welcome].concat().into()
-        }
-        _ => welcome,
-    };
     core.with_session(&conn, |s, ctx, out| {
+        // Socket.IO: the answer to the client's CONNECT comes first. It carries a private id
+        // for recovery (when on): the client's own if it recovers its session, unless its
+        // replays turn out not to hold everything missed.
+        let welcome = match encoding {
+            Encoding::SocketIo => {
+                let sid = core.shared.conn_name(id);
+                let on = !core.shared.settings.socketio_recovery.is_zero();
+                let fresh = on.then(|| format!("{:032x}", rand::random::<u128>()));
+                let connect = |pid: Option<&str>| -> bytes::Bytes {
+                    [socketio::connect_frame(&sid, pid), welcome.clone()]
+                        .concat()
+                        .into()
+                };
+                match (fresh, &opening.recovering) {
+                    (Some(fresh), Some((pid, true))) => {
+                        let if_lost = (fresh.as_str().into(), connect(Some(&fresh)));
+                        s.set_recovery(pid.as_str().into(), Some(if_lost));
+                        connect(Some(pid))
+                    }
+                    (Some(fresh), _) => {
+                        s.set_recovery(fresh.as_str().into(), None);
+                        connect(Some(&fresh))
+                    }
+                    (None, _) => connect(None),
+                }
+            }
+            _ => welcome,
+        };
         let mut subscribed = 0;
         for (name, resume) in opening.channels.iter().zip(resumes) {
             match s.subscribe(name, resume, true, ctx, out) {
@@ -451,6 +476,8 @@ pub(super) fn open_with_token(
         acks,
         filter,
         protocol,
+        resumes: Vec::new(),
+        recovering: None,
     })
 }
 

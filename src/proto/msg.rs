@@ -373,8 +373,9 @@ pub fn event_sse(json_frame: &[u8]) -> Bytes {
 }
 
 /// The Socket.IO twin of an event frame: one text frame of the EVENT packet
-/// `42["<event>",<data>,{"channel":…,"seq":…,"ts":…}]`, so that `socket.on(event,
-/// (data, meta) => …)` gets the publisher's `data` as it is and where it came from beside it.
+/// `42["<event>",<data>,{"channel":…,"seq":…,"ts":…},"<seq>:<channel>"]`, so that
+/// `socket.on(event, (data, meta) => …)` gets the publisher's `data` as it is and where it
+/// came from beside it; the last argument is the offset socket.io-client keeps for recovery.
 /// Built from the JSON frame, once per message, the first time a Socket.IO subscriber needs it.
 pub fn event_frame_socketio(json_frame: &[u8], channel: &str, seq: u64, event: &str) -> Bytes {
     let data = event_data(json_frame);
@@ -395,7 +396,13 @@ pub fn event_frame_socketio(json_frame: &[u8], channel: &str, seq: u64, event: &
     buf.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
     buf.extend_from_slice(b",\"ts\":");
     buf.extend_from_slice(itoa::Buffer::new().format(ts).as_bytes());
-    buf.extend_from_slice(b"}]");
+    // The offset, last: what socket.io-client sends back to recover (`<seq>:<channel>`).
+    buf.extend_from_slice(b"},\"");
+    buf.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    buf.push(b':');
+    let escaped = serde_json::to_string(channel).expect("a str serializes");
+    buf.extend_from_slice(&escaped.as_bytes()[1..escaped.len() - 1]);
+    buf.extend_from_slice(b"\"]");
     frame_in_place(buf)
 }
 

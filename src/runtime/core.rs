@@ -381,6 +381,7 @@ impl Core {
             let session = conn.session.borrow();
             self.release(id, session.user(), session.handshake_projects());
             let (code, reason) = session.closed_with();
+            self.keep_for_recovery(&session);
             serde_json::json!({"ip": session.peer(), "user_id": session.user(),
                 "connection_id": self.shared.conn_name(id), "code": code, "reason": reason})
         };
@@ -389,6 +390,22 @@ impl Core {
         conn.session.borrow_mut().end_subscriptions(&mut effects);
         self.apply(conn, &mut effects);
         self.effects.replace(effects);
+    }
+
+    /// A Socket.IO session that went away: kept for its client's recovery, for the window.
+    fn keep_for_recovery(&self, session: &Session) {
+        let window = self.shared.settings.socketio_recovery;
+        if session.encoding() != Encoding::SocketIo || window.is_zero() {
+            return;
+        }
+        if let Some((pid, record)) = session.recovery(&self.shared.epoch) {
+            let mut store = self
+                .shared
+                .recovery
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            store.put(pid, record, Instant::now(), window);
+        }
     }
 
     fn send_unsubscribe(&self, channel: Arc<str>) {

@@ -26,6 +26,8 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Socket.IO: the largest Engine.IO packet or polling body a client may send.
     pub socketio_max_payload: usize,
+    /// Socket.IO: how long a session that went away can be recovered (zero: not at all).
+    pub socketio_recovery: Duration,
     /// Event frames per second on the whole node (0: no limit), shared evenly by the cores.
     pub node_rate_limit: u32,
     /// permessage-deflate: event frames larger than this go compressed (`None`: not offered).
@@ -72,6 +74,9 @@ pub struct Shared {
     pub auth: Arc<dyn Authenticator>,
     /// Connection limits of the whole node (counted once per connect and per disconnect).
     pub limits: Limits,
+    /// Socket.IO sessions that went away, kept for their clients' recovery (node-wide: a
+    /// reconnect lands on any core).
+    pub recovery: std::sync::Mutex<crate::delivery::recovery::Store>,
     pub audit_trail: Audit,
     /// Sockets of the whole node that are not connections (see `runtime::pending`).
     pub pending_sockets: Arc<Tally>,
@@ -100,6 +105,7 @@ impl Shared {
             stats: Stats::default(),
             auth,
             pending_sockets: Arc::new(Tally::new()),
+            recovery: Default::default(),
         }
     }
 

@@ -21,6 +21,7 @@ use serde_json::{json, Map, Value};
 
 use super::{Ctx, Effect, Session, SessionConfig, SubState};
 use crate::delivery::heartbeat::HeartbeatConfig;
+use crate::delivery::recovery::{Positions, Record};
 use crate::delivery::sequencer::{Resume, SubscribeAck};
 use crate::proto::engineio::{self, Packet as EnginePacket};
 use crate::proto::msg::{self, Encoding, ErrorCode, Format};
@@ -39,6 +40,13 @@ pub(super) struct Pending {
     states: Vec<(Arc<str>, StateReply)>,
     /// Binary attachments still to come for a binary packet (dropped as they arrive).
     attachments: u32,
+    /// Connection state recovery: the private session id the client got...
+    pid: Option<Box<str>>,
+    /// ...and, while it recovers, the id and welcome to use instead if the recovery fails.
+    if_lost: Option<(Box<str>, Bytes)>,
+    /// Events written so far, and where each channel stands in that count.
+    written: u64,
+    positions: Vec<(Arc<str>, Positions)>,
 }
 
 impl Pending {
@@ -47,6 +55,9 @@ impl Pending {
             && self.subscribe_acks.is_empty()
             && self.states.is_empty()
             && self.attachments == 0
+            && self.pid.is_none()
+            && self.if_lost.is_none()
+            && self.positions.is_empty()
     }
 }
 
@@ -70,9 +81,14 @@ pub(super) fn ping_frame() -> Bytes {
     Bytes::from_static(&[0x81, 0x01, b'2'])
 }
 
-/// Socket.IO's answer to a CONNECT: `40{"sid":…}` (sent as the session's welcome).
-pub fn connect_frame(sid: &str) -> Bytes {
-    msg::engineio_frame(&format!("40{}", json!({ "sid": sid })))
+/// Socket.IO's answer to a CONNECT: `40{"sid":…,"pid":…}` (sent as the session's welcome;
+/// `pid` only while connection state recovery is on).
+pub fn connect_frame(sid: &str, pid: Option<&str>) -> Bytes {
+    let body = match pid {
+        Some(pid) => json!({ "sid": sid, "pid": pid }),
+        None => json!({ "sid": sid }),
+    };
+    msg::engineio_frame(&format!("40{body}"))
 }
 
 /// A CONNECT refused: `44{"message":…}`, which the client's `connect_error` handler gets.
@@ -92,6 +108,69 @@ pub fn connect_error_frame(namespace: &str, message: &str, data: Option<Value>) 
 }
 
 impl Session {
+    /// Connection state recovery: the private session id this session's client holds; while
+    /// it recovers an earlier session, the id and welcome it gets instead should that fail.
+    pub fn set_recovery(&mut self, pid: Box<str>, if_lost: Option<(Box<str>, Bytes)>) {
+        let sio = &mut self.cold().sio;
+        sio.pid = Some(pid);
+        sio.if_lost = if_lost;
+    }
+
+    /// What this session leaves for its client's recovery (None if it has no private id, or
+    /// the client ended it on purpose).
+    pub fn recovery(&self, epoch: &str) -> Option<(String, Record)> {
+        let sio = &self.cold.as_ref()?.sio;
+        let pid = sio.pid.as_deref()?;
+        if matches!(self.closed_with(), (1000, reason) if reason == "disconnected by the client") {
+            return None;
+        }
+        let record = Record {
+            user: self.claims.sub.clone(),
+            epoch: epoch.to_owned(),
+            channels: sio.positions.clone(),
+        };
+        Some((pid.to_owned(), record))
+    }
+
+    /// A subscription began: the client has everything of it up to `seq`.
+    pub(super) fn note_subscribed(&mut self, channel: &Arc<str>, seq: u64) {
+        let sio = &mut self.cold().sio;
+        sio.positions.retain(|(c, _)| c != channel);
+        let at = Positions::new(seq, sio.written);
+        sio.positions.push((channel.clone(), at));
+    }
+
+    pub(super) fn note_unsubscribed(&mut self, channel: &str) {
+        if let Some(cold) = self.cold.as_mut() {
+            cold.sio.positions.retain(|(c, _)| &**c != channel);
+        }
+    }
+
+    /// An event goes out: its place in the count.
+    pub(super) fn note_written(&mut self, d: &super::Delivery) {
+        let Some(cold) = self.cold.as_mut() else {
+            return;
+        };
+        let sio = &mut cold.sio;
+        sio.written += 1;
+        let w = sio.written;
+        if let Some((_, p)) = sio.positions.iter_mut().find(|(c, _)| *c == d.channel) {
+            p.written(w, d.seq);
+        }
+    }
+
+    /// An initial subscription's replay could not give everything that was missed: a
+    /// recovering client is told it did not recover (a new private id).
+    pub(super) fn recovery_lost(&mut self) {
+        let Some(cold) = self.cold.as_mut() else {
+            return;
+        };
+        if let Some((pid, welcome)) = cold.sio.if_lost.take() {
+            cold.sio.pid = Some(pid);
+            cold.welcome = Some(welcome);
+        }
+    }
+
     pub(super) fn take_ack(&mut self) -> Option<u64> {
         self.cold.as_mut().and_then(|c| c.sio.ack.take())
     }
@@ -122,7 +201,7 @@ impl Session {
             return false;
         };
         let (_, reply) = cold.sio.states.swap_remove(at);
-        self.shed_cold();
+        self.note_subscribed(channel, ack.last_seq);
         let mut newest: Vec<&Arc<super::Delivery>> = Vec::new();
         if let Some(replay) = &ack.replay {
             for d in replay.deliveries.iter().filter(|d| self.wants(d)) {
@@ -329,6 +408,7 @@ impl Session {
         };
         let (channel, state) = self.subs.swap_remove(at);
         self.purge(|d| d.channel == channel);
+        self.note_unsubscribed(&channel);
         if let Some(cold) = self.cold.as_mut() {
             cold.sio.states.retain(|(c, _)| *c != channel);
             cold.sio.subscribe_acks.retain(|(c, _)| *c != channel);
