@@ -133,6 +133,23 @@ fn with_recovery_off_a_cut_client_is_told_it_did_not_recover() {
     );
 }
 
+#[test]
+fn a_socket_io_client_recovers_on_another_node_when_its_node_drains() {
+    let redis = support::redis::Redis::start();
+    let a = support::redis::node_at(&redis.url(), &[("RINGCAST_DRAIN_TIMEOUT_MS", "5000")]);
+    let b = support::redis::node_at(&redis.url(), &[]);
+    let t = token(json!({"sub": "u1", "projects": ["p1"], "channels": ["task:*", "dashboard"]}));
+    let (url_a, url_b) = (format!("http://{}", a.addr), format!("http://{}", b.addr));
+    let pid = a.pid().to_string();
+    let env = [
+        ("TOKEN", t.as_str()),
+        ("URL_A", url_a.as_str()),
+        ("URL_B", url_b.as_str()),
+        ("A_PID", pid.as_str()),
+    ];
+    run_node("recovery_drain_check.cjs", &b, &env);
+}
+
 #[tokio::test]
 async fn the_engine_io_handshake_has_the_fields_and_a_deadline() {
     let server = Server::start_with(&[

@@ -361,6 +361,22 @@ impl Redis {
         answer.await.unwrap_or(Err(control::ControlError::Ended))
     }
 
+    /// Keeps a Socket.IO session that went away, for `ttl`, where any node can recover it.
+    pub fn keep_session(&self, pid: String, record: String, ttl: std::time::Duration) {
+        let _ = self
+            .tx
+            .send(Cmd::Control(control::Cmd::KeepSession { pid, record, ttl }));
+    }
+
+    /// Takes a kept Socket.IO session, once.
+    pub async fn take_session(&self, pid: String) -> Option<String> {
+        let (reply, answer) = futures_channel::oneshot::channel();
+        self.tx
+            .send(Cmd::Control(control::Cmd::TakeSession { pid, reply }))
+            .ok()?;
+        answer.await.ok().flatten()
+    }
+
     /// Whether each channel is subscribed in Redis on its own (a Redis Cluster).
     pub fn sharded(&self) -> bool {
         self.sharded

@@ -28,7 +28,7 @@ pub const MAX_RECORDS: usize = 100_000;
 
 /// Where one channel of a session stands: the seq the client is known to have up to as of
 /// write count `base_w`, and the events written since (write count, seq), oldest first.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Positions {
     base: u64,
     base_w: u64,
@@ -77,7 +77,7 @@ impl Positions {
 }
 
 /// What a session that went away leaves for its client's recovery.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Record {
     pub user: String,
     pub epoch: String,

@@ -318,7 +318,7 @@ async fn wait_for_connect(
             continue;
         }
         attempts += 1;
-        match open_for_connect(edge, ws.core, peer, req, packet.data) {
+        match open_for_connect(edge, ws.core, peer, req, packet.data).await {
             Ok(opening) => return Some(opening),
             Err(refusal) => {
                 if stream.write_all(refusal).await.0.is_err() {
@@ -580,7 +580,7 @@ async fn connect_polling(
     req: &Request,
     auth: Option<&str>,
 ) {
-    let opening = match open_for_connect(edge, core, peer, req, auth) {
+    let opening = match open_for_connect(edge, core, peer, req, auth).await {
         Ok(o) => o,
         Err(refusal) => return core.poll_refused(id, key, refusal),
     };
@@ -600,7 +600,7 @@ async fn connect_polling(
 /// `?token=` or `Authorization`): the opening, or the CONNECT_ERROR frame. A client that
 /// sends the private id of a session that went away (`pid`, with the `offset` of the last
 /// event it got) gets that session's channels back, each resuming where the client left it.
-fn open_for_connect(
+async fn open_for_connect(
     edge: &Edge,
     core: &Core,
     peer: IpAddr,
@@ -622,16 +622,10 @@ fn open_for_connect(
         };
     opening.encoding = Encoding::SocketIo;
     if let Some(pid) = field("pid").filter(|_| !core.shared.settings.socketio_recovery.is_zero()) {
-        let record = {
-            let mut store = core
-                .shared
-                .recovery
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            store.take(&pid, Instant::now())
-        };
-        let record =
-            record.filter(|r| r.user == opening.claims.sub && r.epoch == core.shared.epoch);
+        let record = core
+            .take_recovery(&pid)
+            .await
+            .filter(|r| r.user == opening.claims.sub && r.epoch == core.shared.epoch);
         if let Some(record) = record {
             let (resumes, mut exact) = record.resumes(field("offset").as_deref());
             for (channel, resume) in resumes {

@@ -17,6 +17,7 @@ use crate::delivery::channel;
 use crate::delivery::limits::{Checks, Refused};
 use crate::delivery::presence::Presence;
 use crate::delivery::queue::Bucket;
+use crate::delivery::recovery::Record;
 use crate::delivery::rooms::Rooms;
 use crate::delivery::sequencer::{Answer, Outcome, Sequencer, SubscribeAck, Subscribed};
 use crate::delivery::session::{Ctx, Effect, Flow, Session};
@@ -59,6 +60,10 @@ struct EarlyClose {
 /// answer takes far less).
 const MAX_EARLY_CLOSES: usize = 1024;
 const EARLY_CLOSE_KEPT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a recovering Socket.IO client's CONNECT waits for the session it left to be
+/// seen to end (see `Core::take_recovery`).
+const RECOVERY_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Most users one `presence` event names (a storm of joins goes out in several).
 const PRESENCE_CHUNK: usize = 100;
@@ -398,13 +403,50 @@ impl Core {
         if session.encoding() != Encoding::SocketIo || window.is_zero() {
             return;
         }
-        if let Some((pid, record)) = session.recovery(&self.shared.epoch) {
-            let mut store = self
-                .shared
-                .recovery
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            store.put(pid, record, Instant::now(), window);
+        let Some((pid, record)) = session.recovery(&self.shared.epoch) else {
+            return;
+        };
+        match &self.shared.broker {
+            // Any node may get the reconnect.
+            Broker::Redis(redis) => {
+                let json = serde_json::to_string(&record).expect("a record serializes");
+                redis.keep_session(pid, json, window);
+            }
+            Broker::Local => {
+                let mut store = self
+                    .shared
+                    .recovery
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                store.put(pid, record, Instant::now(), window);
+            }
+        }
+    }
+
+    /// The session a Socket.IO client recovers, once. The connection it left may not have
+    /// been seen to end yet (its client noticed first): looked for again a few times, for at
+    /// most `RECOVERY_WAIT`.
+    pub async fn take_recovery(&self, pid: &str) -> Option<Record> {
+        let deadline = Instant::now() + RECOVERY_WAIT;
+        loop {
+            let found = match &self.shared.broker {
+                Broker::Redis(redis) => redis
+                    .take_session(pid.to_owned())
+                    .await
+                    .and_then(|json| serde_json::from_str(&json).ok()),
+                Broker::Local => {
+                    let mut store = self
+                        .shared
+                        .recovery
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    store.take(pid, Instant::now())
+                }
+            };
+            if found.is_some() || Instant::now() >= deadline {
+                return found;
+            }
+            monoio::time::sleep(RECOVERY_WAIT / 10).await;
         }
     }
 

@@ -145,6 +145,17 @@ pub(super) enum Cmd {
         change: Change,
         reply: futures_channel::oneshot::Sender<Result<Overrides, ControlError>>,
     },
+    /// Keep a Socket.IO session that went away for its client's recovery on any node.
+    KeepSession {
+        pid: String,
+        record: String,
+        ttl: Duration,
+    },
+    /// Take a kept session (once): `None` if there is none, or Redis did not answer.
+    TakeSession {
+        pid: String,
+        reply: futures_channel::oneshot::Sender<Option<String>>,
+    },
 }
 
 /// A revocation or a grant, as the admin API took it.
@@ -430,7 +441,40 @@ pub(super) async fn handle(ctx: Arc<Ctx>, cmd: Cmd) {
         } => {
             let _ = reply.send(admin::store(&ctx, &user, &change).await);
         }
+        Cmd::KeepSession { pid, record, ttl } => keep_session(&ctx, &pid, &record, ttl).await,
+        Cmd::TakeSession { pid, reply } => {
+            let _ = reply.send(take_session(&ctx, &pid).await);
+        }
     }
+}
+
+/// The key of a kept Socket.IO session.
+fn session_key(ctx: &Ctx, pid: &str) -> String {
+    format!("{}:sio:{pid}", ctx.keys.prefix)
+}
+
+async fn keep_session(ctx: &Ctx, pid: &str, record: &str, ttl: Duration) {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(session_key(ctx, pid))
+        .arg(record)
+        .arg("PX")
+        .arg(ttl.as_millis().max(1) as u64);
+    let mut conn = ctx.conn();
+    let done = tokio::time::timeout(ctx.settings.timeout, cmd.query_async::<()>(&mut conn));
+    if !matches!(done.await, Ok(Ok(()))) {
+        tracing::debug!("a Socket.IO session could not be kept in Redis: it will not recover");
+    }
+}
+
+async fn take_session(ctx: &Ctx, pid: &str) -> Option<String> {
+    let mut cmd = redis::cmd("GETDEL");
+    cmd.arg(session_key(ctx, pid));
+    let mut conn = ctx.conn();
+    let taken = tokio::time::timeout(
+        ctx.settings.timeout,
+        cmd.query_async::<Option<String>>(&mut conn),
+    );
+    taken.await.ok()?.ok()?
 }
 
 /// Takes connections off the cluster's counts and the registry (again, harmlessly, if they
