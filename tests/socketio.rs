@@ -80,6 +80,16 @@ fn socket_io_client_over_websocket_joins_rooms_and_gets_events() {
 }
 
 #[test]
+fn socket_io_client_on_a_cluster_node_gets_the_same() {
+    let redis = support::redis::Redis::start();
+    let server = support::redis::node_at(&redis.url(), &[]);
+    let tokens = tokens();
+    let mut env: Vec<(&str, &str)> = tokens.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("TRANSPORTS", "polling,websocket"));
+    run_node("socketio_check.cjs", &server, &env);
+}
+
+#[test]
 fn socket_io_client_polling_first_then_upgrading_gets_the_same() {
     let server = Server::start();
     let tokens = tokens();
@@ -199,6 +209,87 @@ async fn the_engine_io_handshake_has_the_fields_and_a_deadline() {
     let why = String::from_utf8(ws.recv().await.unwrap().payload).unwrap();
     assert!(why.contains("heartbeat timeout"), "{why}");
     assert_eq!(ws.recv_close_code().await, 4002);
+}
+
+/// A polling session's handshake: its sid.
+async fn polling_handshake(server: &Server) -> String {
+    let (status, _, body) = server
+        .http("GET", "/socket.io/?EIO=4&transport=polling", &[], "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let open: serde_json::Value = serde_json::from_str(body.strip_prefix('0').unwrap()).unwrap();
+    assert_eq!(open["upgrades"], json!(["websocket"]), "{body}");
+    open["sid"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn an_upgrade_that_overtakes_the_connect_carries_the_session() {
+    let server = Server::start();
+    let t = token(json!({"sub": "raw", "projects": ["p"]}));
+    let sid = polling_handshake(&server).await;
+    // The WebSocket is probed and upgraded before the CONNECT is even sent...
+    let path = format!("/socket.io/?EIO=4&transport=websocket&sid={sid}");
+    let mut ws = RawWs::connect(server.addr, &path).await;
+    ws.send_frame(true, 0x1, b"2probe").await;
+    assert_eq!(ws.recv().await.unwrap().payload, b"3probe");
+    ws.send_frame(true, 0x1, b"5").await;
+    // ...then the CONNECT comes by POST: the session opens on the WebSocket.
+    let post = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    let (status, _, body) = server
+        .http("POST", &post, &[], &format!("40{{\"token\":\"{t}\"}}"))
+        .await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    let connect = String::from_utf8(ws.recv().await.unwrap().payload).unwrap();
+    assert!(connect.starts_with("40{"), "{connect}");
+    ws.send_frame(true, 0x1, b"421[\"subscribe\",{\"channel\":\"project:p\"}]")
+        .await;
+    loop {
+        let text = String::from_utf8(ws.recv().await.unwrap().payload).unwrap();
+        if text.starts_with("431[") {
+            assert!(text.contains("\"ok\":true"), "{text}");
+            break;
+        }
+    }
+    // Polling is over for it: a GET no longer finds a session to poll.
+    let (status, _, _) = server.http("GET", &post, &[], "").await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn a_second_held_get_ends_the_session_and_a_probe_that_fails_lets_polling_go_on() {
+    let server = Server::start();
+    let t = token(json!({"sub": "raw", "projects": ["p"]}));
+    let sid = polling_handshake(&server).await;
+    let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    let (status, _, body) = server
+        .http("POST", &path, &[], &format!("40{{\"token\":\"{t}\"}}"))
+        .await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    let (_, _, body) = server.http("GET", &path, &[], "").await;
+    assert!(body.starts_with("40{"), "the CONNECT answer first: {body}");
+    // A probe that never upgrades: polling goes on once its socket is gone.
+    let ws_path = format!("/socket.io/?EIO=4&transport=websocket&sid={sid}");
+    let mut ws = RawWs::connect(server.addr, &ws_path).await;
+    ws.send_frame(true, 0x1, b"2probe").await;
+    assert_eq!(ws.recv().await.unwrap().payload, b"3probe");
+    ws.send_frame(true, 0x1, b"2probe").await; // not the upgrade packet
+    assert_eq!(ws.recv_close_code().await, 1008);
+    let subscribe = "42[\"subscribe\",{\"channel\":\"project:p\"}]";
+    let (status, _, _) = server.http("POST", &path, &[], subscribe).await;
+    assert_eq!(status, 200);
+    let (_, _, body) = server.http("GET", &path, &[], "").await;
+    assert!(body.contains("ringcast:subscribed"), "{body}");
+    // Two GETs at once: the second is refused and the session ends.
+    let first = server.http("GET", &path, &[], "");
+    let second = async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        server.http("GET", &path, &[], "").await
+    };
+    let ((_, _, first), (status, _, body)) = tokio::join!(first, second);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(first, "1", "the held GET ends with the close packet");
+    let (status, _, _) = server.http("GET", &path, &[], "").await;
+    assert_eq!(status, 400, "the session is gone");
 }
 
 #[tokio::test]

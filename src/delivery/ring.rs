@@ -125,6 +125,15 @@ impl Ring {
         }
     }
 
+    /// Every message still kept (`recovered` false: older ones may be gone).
+    pub fn held(&mut self, now_ms: u64) -> Replay {
+        self.evict(now_ms);
+        Replay {
+            deliveries: self.entries.iter().map(|e| e.delivery.clone()).collect(),
+            recovered: false,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

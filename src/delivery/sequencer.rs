@@ -43,6 +43,9 @@ pub enum Resume {
     After(u64),
     /// The client's position is from another epoch: history may have been lost.
     OtherEpoch,
+    /// Whatever the channel's history still holds (a channel's state is made of it):
+    /// `recovered` is false, and nothing is promised about what is no longer held.
+    Held,
 }
 
 /// The owner's answer to a subscribe: the channel's seq at that moment and what to replay.
@@ -267,6 +270,7 @@ impl Sequencer {
             Resume::Live => None,
             Resume::After(since) => Some(state.ring.replay(since, last_seq, now_ms)),
             Resume::OtherEpoch => Some(Replay::default()),
+            Resume::Held => Some(state.ring.held(now_ms)),
         };
         SubscribeAck { last_seq, replay }
     }

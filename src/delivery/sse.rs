@@ -40,7 +40,7 @@ impl SseStream {
     pub fn new(epoch: &str, channels: &[String], resumes: &[Resume]) -> SseStream {
         let slot = |r: Option<&Resume>| match r {
             Some(Resume::After(seq)) => Slot::At(*seq),
-            Some(Resume::OtherEpoch) => Slot::Unknown,
+            Some(Resume::OtherEpoch | Resume::Held) => Slot::Unknown,
             Some(Resume::Live) | None => Slot::Empty,
         };
         SseStream {

@@ -242,19 +242,25 @@ async fn upgrade_polling(mut ws: PreAuth<'_>, mut stream: TcpStream, sid: &str) 
         let _ = stream.write_all(unknown).await;
         return;
     }
-    if stream
-        .write_all(msg::engineio_frame("3probe"))
-        .await
-        .0
-        .is_err()
-    {
-        return;
+    let unprobe = |me: Rc<Core>| {
+        let key: Box<str> = key.into();
+        async move {
+            me.at_home(home, move |core, tx| {
+                core.poll_unprobed(id, &key);
+                let _ = tx.send(());
+            })
+            .await;
+        }
+    };
+    let (res, _) = stream.write_all(msg::engineio_frame("3probe")).await;
+    if res.is_err() {
+        return unprobe(me).await;
     }
     if ws.next_text(&mut stream).await.as_deref() != Some("5") {
         let _ = stream
             .write_all(codec::close_frame(1008, "expected the upgrade"))
             .await;
-        return;
+        return unprobe(me).await;
     }
     // The socket, and what was read past the upgrade packet, go to the session's core.
     let leftover = std::mem::take(ws.acc);

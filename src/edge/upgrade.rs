@@ -237,7 +237,11 @@ pub(super) fn start(
     let welcome = Control::Welcome {
         connection_id: &core.shared.conn_name(id),
         epoch: &core.shared.epoch,
-        heartbeat_ms: settings.session.heartbeat.ping_interval.as_millis() as u64,
+        heartbeat_ms: match encoding {
+            Encoding::SocketIo => settings.session.socketio_heartbeat.ping_interval,
+            _ => settings.session.heartbeat.ping_interval,
+        }
+        .as_millis() as u64,
         channels: &opening.channels,
         encoding: encoding.name(),
         note: opening.encoding_note.as_deref(),

@@ -62,6 +62,9 @@ struct Entry {
     /// A WebSocket probed: the GET being held is answered with a noop and no packet goes
     /// out any more until the upgrade is done.
     probed: bool,
+    /// The upgraded socket, when the upgrade came before the CONNECT was through (its
+    /// session then starts on it).
+    early: Option<Upgraded>,
 }
 
 /// A probed WebSocket the session moves to.
@@ -136,6 +139,7 @@ impl Core {
                 connecting: false,
                 upgrade: None,
                 probed: false,
+                early: None,
             },
         );
         Ok(id)
@@ -186,7 +190,11 @@ impl Core {
         let attached = self.poll_entry(id, key, |e| {
             e.connecting = false;
             e.conn = Some(conn.clone());
-            e.upgrade = Some(tx);
+            match e.early.take() {
+                // Upgraded already: the session starts on its WebSocket.
+                Some(upgraded) => drop(tx.send(upgraded)),
+                None => e.upgrade = Some(tx),
+            }
         });
         if attached.is_err() {
             // Gone while the CONNECT was checked (expired, or closed): so is the session.
@@ -258,17 +266,35 @@ impl Core {
             if let Some(held) = e.held.take() {
                 let _ = held.send(b"6".to_vec());
             }
-            e.conn.is_some()
         })
-        .unwrap_or(false)
+        .is_ok()
     }
 
-    /// The client sent the upgrade packet on the probed socket: the session moves to it.
+    /// The probed WebSocket went away before the upgrade: polling goes on.
+    pub fn poll_unprobed(&self, id: u64, key: &str) {
+        let conn = self.poll_entry(id, key, |e| {
+            e.probed = false;
+            e.conn.clone()
+        });
+        if let Ok(Some(conn)) = conn {
+            self.schedule_always(&conn);
+        }
+    }
+
+    /// The client sent the upgrade packet on the probed socket: the session moves to it (at
+    /// once, or as soon as its CONNECT is through).
     pub fn poll_upgrade(&self, id: u64, key: &str, upgraded: Upgraded) -> bool {
-        let tx = self.poll_entry(id, key, |e| e.upgrade.take());
-        match tx {
-            Ok(Some(tx)) => tx.send(upgraded).is_ok(),
-            _ => false,
+        let mut map = self.polls.map.borrow_mut();
+        let Some(e) = map.get_mut(&id).filter(|e| *e.key == *key) else {
+            return false;
+        };
+        match e.upgrade.take() {
+            Some(tx) => tx.send(upgraded).is_ok(),
+            None if e.conn.is_none() && e.early.is_none() => {
+                e.early = Some(upgraded);
+                true
+            }
+            None => false,
         }
     }
 

@@ -332,7 +332,17 @@ async fn mesh_loop(core: Rc<Core>, inbox: Inbox) {
 }
 
 async fn sweep_loop(core: Rc<Core>) {
-    let ping = core.shared.settings.session.heartbeat.ping_interval;
+    let session = &core.shared.settings.session;
+    // Often enough for the shorter of the two heartbeats (and its pong deadline).
+    let ping = [
+        session.heartbeat.ping_interval,
+        session.heartbeat.pong_timeout,
+        session.socketio_heartbeat.ping_interval,
+        session.socketio_heartbeat.pong_timeout,
+    ]
+    .into_iter()
+    .min()
+    .unwrap_or(Duration::from_secs(1));
     let tick = (ping / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut last_evict = Instant::now();
     let mut channels = ChannelSweep::default();

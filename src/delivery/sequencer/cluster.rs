@@ -60,6 +60,8 @@ struct Waiter {
     conn: u64,
     sub: u64,
     since: u64,
+    /// `Resume::Held`: whatever the stream holds, not a resume.
+    held: bool,
     /// The read it waits for.
     read: u64,
 }
@@ -224,7 +226,16 @@ impl Sequencer {
         let state = self.state(channel);
         state.interest[core] += 1;
         let last_seq = state.last_seq;
+        let settled = state.fill.as_ref().is_none_or(|f| f.gap.is_none());
+        let held = resume == Resume::Held;
+        if held && settled && state.life != 0 && state.listening {
+            return Subscribed::Now(SubscribeAck {
+                last_seq,
+                replay: Some(state.ring.held(now_ms)),
+            });
+        }
         let since = match resume {
+            Resume::Held => 0,
             // A channel this node does not follow yet: its seq comes from Redis, so that
             // `subscribed` names a position the client can resume from.
             Resume::Live if state.life == 0 || !state.listening => LIVE,
@@ -239,8 +250,7 @@ impl Sequencer {
             Resume::After(since) if since >= LIVE => return Subscribed::Now(lost(last_seq)),
             Resume::After(since) => since,
         };
-        let settled = state.fill.as_ref().is_none_or(|f| f.gap.is_none());
-        if since != LIVE && settled && state.life != 0 && state.listening {
+        if !held && since != LIVE && settled && state.life != 0 && state.listening {
             if since < state.life {
                 // From before the channel's current life (position 0 included: an earlier
                 // life may have come and gone since): that history is gone.
@@ -274,6 +284,7 @@ impl Sequencer {
             conn,
             sub,
             since,
+            held,
             read,
         });
         if let Some(r) = request {
@@ -398,10 +409,11 @@ impl Sequencer {
                     let rest = ring.replay(from, last_seq, now_ms);
                     let newest = deliveries.last().map_or(w.since, |d| d.seq);
                     deliveries.extend(rest.deliveries.into_iter().filter(|d| d.seq > newest));
-                    let recovered = r.life == state.life
+                    let recovered = !w.held
+                        && r.life == state.life
                         && r.recovered(w.since, oldest_ms)
                         && (last_seq <= r.last || rest.recovered);
-                    if !recovered {
+                    if !recovered && !w.held {
                         deliveries.clear(); // as from the ring: nothing re-sent
                     }
                     SubscribeAck {

@@ -376,8 +376,8 @@ impl Session {
         if self.subs.iter().any(|(c, _)| &**c == channel) {
             self.drop_subscription(channel, out);
         }
-        // Everything the ring holds: the state is made from it.
-        if let Err(e) = self.subscribe(channel, Resume::After(0), false, ctx, out) {
+        // Everything the channel's history holds: the state is made from it.
+        if let Err(e) = self.subscribe(channel, Resume::Held, false, ctx, out) {
             return self.error(e.code, &e.message, Some(channel), ctx);
         }
         let (event, fields) = if task.is_empty() {
