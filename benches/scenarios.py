@@ -5,6 +5,7 @@ one server at a time on loopback, with the project's load generator (ringcast-lo
     python3 benches/scenarios.py                      # everything (about 15 minutes here)
     python3 benches/scenarios.py --quick              # small counts, a smoke test
     python3 benches/scenarios.py --targets ringcast,floor --scenarios S1,S4
+    python3 benches/scenarios.py --targets floor,ringcast,ringcast-socketio,socketio --scenarios S1
     python3 benches/scenarios.py --bin-dir /some/dir --quick --syscalls   # other servers' binaries
 
 Writes every report to --out (JSON) and, with --chart, a PNG next to it. Each scenario starts a
@@ -15,6 +16,11 @@ server's system calls over a fixed window inside the publishing (perf stat, whic
 S3 publishes one message per request on 16 connections for every target ("single"); S3b is
 ringcast's batched publishing (10 messages per request on 4 connections), run only for targets
 whose publish API takes batches.
+
+`ringcast-socketio` is the same ringcast server spoken to through its Socket.IO endpoint
+(Engine.IO over WebSocket, auth in CONNECT, `subscribe` as an event with an acknowledgement);
+it publishes through ringcast's HTTP API exactly like `ringcast`. It is not in the default
+--targets (name it); S5 and S6 (resume by seq) run only for `ringcast`.
 """
 import argparse
 import datetime
@@ -27,15 +33,23 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REL = os.path.join(ROOT, "target", "release")
+# Where `cargo build` puts the binaries (it honours CARGO_TARGET_DIR, relative to ROOT, where
+# this script runs it).
+REL = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR") or "target", "release")
 SECRET = "bench-secret-0123456789"
 API_KEY = "bench-key-0123456789"
-PORTS = {"ringcast": 18080, "floor": 18090, "nchan": 18091, "socketio": 18092}
+PORTS = {"ringcast": 18080, "ringcast-socketio": 18081, "floor": 18090, "nchan": 18091,
+         "socketio": 18092}
+# Targets served by the ringcast binary: `ringcast` over its WebSocket (/ws), `ringcast-socketio`
+# over its Socket.IO endpoint (/socket.io/, same server, same settings, same publish API).
+RINGCAST = {"ringcast", "ringcast-socketio"}
+# Every target, in the order of the tables and the chart.
+ALL_TARGETS = ["floor", "ringcast", "ringcast-socketio", "nchan", "socketio"]
 # The binaries: servers from BIN_DIR (--bin-dir), the generator from LOAD_BIN (--load-bin).
 BIN_DIR = REL
 LOAD_BIN = os.path.join(REL, "ringcast-load")
 SYSCALLS = False  # --syscalls: count the server's syscalls in every publishing run
-BATCHING = {"ringcast"}  # targets whose publish API takes several messages per request
+BATCHING = set(RINGCAST)  # targets whose publish API takes several messages per request
 S3_SINGLE = dict(batch=1, publishers=16)
 S3_BATCH = dict(batch=10, publishers=4)
 
@@ -64,8 +78,8 @@ class Server:
 
     def start(self):
         env = dict(os.environ, RINGCAST_LISTEN=self.addr, RINGCAST_LOG="warn")
-        if self.target in ("ringcast", "floor"):
-            binary = "ringcast" if self.target == "ringcast" else "ringcast-floor"
+        if self.target in RINGCAST or self.target == "floor":
+            binary = "ringcast" if self.target in RINGCAST else "ringcast-floor"
             env.update(RINGCAST_JWT_SECRET=SECRET, RINGCAST_API_KEY=API_KEY,
                        # one bench user holds all the connections
                        RINGCAST_MAX_CONNECTIONS_PER_USER="0",
@@ -108,7 +122,7 @@ def load(server, label, **kw):
     args = [LOAD_BIN, "--target", server.target, "--addr", server.addr,
             "--server-pid", str(server.pid), "--json", "-", "--label", label,
             "--secret", SECRET, "--api-key", API_KEY]
-    return run_load(args, kw, f"{server.target:9} {label:12}", shown_from=13)
+    return run_load(args, kw, f"{server.target:17} {label:12}", shown_from=13)
 
 
 def run_load(args, kw, title, shown_from=1):
@@ -169,7 +183,7 @@ def s3(target, q):
 def s3b(target, q):
     """ringcast's batched publishing: 10 messages per request on 4 connections."""
     if target not in BATCHING:
-        print(f"  {target:9} S3b          skipped: its publish API takes one message per request",
+        print(f"  {target:17} S3b          skipped: its publish API takes one message per request",
               file=sys.stderr)
         return []
     return s3_run(target, q, "S3b", "batch10", S3_BATCH)
@@ -217,7 +231,7 @@ def chart(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    targets = [t for t in ["floor", "ringcast", "nchan", "socketio"] if any(r["target"] == t for r in results)]
+    targets = [t for t in ALL_TARGETS if any(r["target"] == t for r in results)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     # S1 latency percentiles
     ax = axes[0]
@@ -267,7 +281,7 @@ def markdown(data):
     out = []
     def find(t, label):
         return next((r for r in res if r["target"] == t and r["label"] == label), None)
-    targets = [t for t in ["floor", "ringcast", "nchan", "socketio"] if any(r["target"] == t for r in res)]
+    targets = [t for t in ALL_TARGETS if any(r["target"] == t for r in res)]
     floor1 = find("floor", "S1")
     out.append("| S1 | P50 ms | P95 ms | P99 ms | P99.9 ms | server CPU µs/delivery | × floor CPU | lost | generator CPU % |")
     out.append("|---|---|---|---|---|---|---|---|---|")
@@ -388,10 +402,12 @@ def main():
     ap.add_argument("--markdown", metavar="JSON", help="print the tables of an earlier run and exit")
     ap.add_argument("--chart-from", metavar="JSON", help="draw --chart from an earlier run and exit")
     ap.add_argument("--bin-dir", metavar="DIR",
-                    help="take ringcast and ringcast-floor from DIR (default target/release); "
+                    help="take ringcast and ringcast-floor from DIR (default target/release, or "
+                         "$CARGO_TARGET_DIR/release); "
                          "only ringcast-load is built then")
     ap.add_argument("--load-bin", metavar="PATH", default=LOAD_BIN,
-                    help="the load generator (default target/release/ringcast-load)")
+                    help="the load generator (default target/release/ringcast-load, or under "
+                         "$CARGO_TARGET_DIR)")
     ap.add_argument("--syscalls", action="store_true",
                     help="count the server's syscalls over a window of each publishing run "
                          "(perf stat, else strace) and report them per delivery")

@@ -188,8 +188,11 @@ pub async fn subscriber(ctx: Rc<Ctx>, idx: usize, channel: usize, src: Ipv4Addr)
             Err(e) => return fail(&ctx, first, &e.to_string()),
         };
         ctx.stats.borrow_mut().subs[idx].fd = Some(stream.as_raw_fd());
-        let outcome = read_loop(&ctx, &mut stream, buf, idx, first).await;
+        let outcome = read_loop(&ctx, &mut stream, buf, idx, &name, first).await;
         ctx.stats.borrow_mut().subs[idx].fd = None;
+        if let Ended::Refused(why) = &outcome {
+            return fail(&ctx, first, why);
+        }
         first = false;
         let cut_on_purpose = ctx.progress.storm.load(Ordering::Relaxed)
             || ctx.progress.jitter.load(Ordering::Relaxed);
@@ -225,6 +228,9 @@ fn fail(ctx: &Ctx, first: bool, why: &str) {
 #[derive(PartialEq, Eq)]
 enum Ended {
     Closed,
+    /// The server said no before the subscriber was ready (ringcast-socketio's CONNECT or
+    /// subscribe); counted as a failed connect.
+    Refused(String),
 }
 
 async fn read_loop(
@@ -232,6 +238,7 @@ async fn read_loop(
     stream: &mut TcpStream,
     mut buf: Vec<u8>,
     idx: usize,
+    channel: &str,
     first: bool,
 ) -> Ended {
     // Floor and Nchan say nothing after the upgrade: the subscription is live at once.
@@ -255,7 +262,7 @@ async fn read_loop(
                         let p = frame.payload;
                         match classify(ctx.target, p) {
                             Kind::Event(body) => {
-                                let Some(seq) = wire::find_u64(body, b"\"seq\":") else {
+                                let Some(seq) = ctx.target.event_seq(body) else {
                                     continue;
                                 };
                                 events += 1;
@@ -295,8 +302,27 @@ async fn read_loop(
                                 };
                                 counter.fetch_add(1, Ordering::Relaxed);
                             }
+                            Kind::SocketIoOpen if ctx.target == Target::RingcastSocketio => {
+                                let connect = format!(r#"40{{"token":"{}"}}"#, ctx.token);
+                                replies.push(wire::client_frame(0x1, connect.as_bytes()));
+                            }
                             Kind::SocketIoOpen => replies.push(wire::client_frame(0x1, b"40")),
+                            Kind::SocketIoConnected if ctx.target == Target::RingcastSocketio => {
+                                // Connected: join the channel (ack id 1); ready at its ack.
+                                let subscribe =
+                                    format!(r#"421["subscribe",{{"channel":"{channel}"}}]"#);
+                                replies.push(wire::client_frame(0x1, subscribe.as_bytes()));
+                            }
                             Kind::SocketIoConnected => ready = true,
+                            Kind::SocketIoSubscribed => {
+                                if first {
+                                    ready = true;
+                                }
+                            }
+                            Kind::SocketIoRefused => {
+                                let text = String::from_utf8_lossy(&p[..p.len().min(300)]);
+                                return Ended::Refused(format!("refused: {text}"));
+                            }
                             Kind::SocketIoPing => replies.push(wire::client_frame(0x1, b"3")),
                             Kind::Other => {}
                             Kind::Shutdown if ctx.failover.is_some() => return Ended::Closed,
@@ -337,6 +363,10 @@ enum Kind<'a> {
     SocketIoOpen,
     SocketIoConnected,
     SocketIoPing,
+    /// ringcast-socketio: the acknowledgement of our subscribe, `431[{"type":"subscribed"…}]`.
+    SocketIoSubscribed,
+    /// ringcast-socketio: CONNECT_ERROR, or a subscribe acknowledged with something else.
+    SocketIoRefused,
     Other,
 }
 
@@ -365,6 +395,35 @@ fn classify(target: Target, p: &[u8]) -> Kind<'_> {
                 Kind::SocketIoOpen
             } else if p == b"2" {
                 Kind::SocketIoPing
+            } else {
+                Kind::Other
+            }
+        }
+        Target::RingcastSocketio => {
+            if p.starts_with(b"42[") {
+                // Events first: they are nearly every frame. ringcast's own controls come as
+                // `ringcast:*` events (welcome, shutdown, errors...).
+                if !p[3..].starts_with(b"\"ringcast:") {
+                    Kind::Event(p)
+                } else if p[3..].starts_with(b"\"ringcast:shutdown\"") {
+                    Kind::Shutdown
+                } else {
+                    Kind::Other
+                }
+            } else if p == b"2" {
+                Kind::SocketIoPing
+            } else if p.starts_with(b"431[") {
+                if wire::memfind(p, b"\"type\":\"subscribed\"").is_some() {
+                    Kind::SocketIoSubscribed
+                } else {
+                    Kind::SocketIoRefused
+                }
+            } else if p.starts_with(b"40{") {
+                Kind::SocketIoConnected
+            } else if p.starts_with(b"44") {
+                Kind::SocketIoRefused
+            } else if p.starts_with(b"0{") {
+                Kind::SocketIoOpen
             } else {
                 Kind::Other
             }

@@ -192,7 +192,7 @@ struct Report {
 fn main() {
     let args = Args::parse();
     let token = match (&args.secret, args.target) {
-        (Some(secret), Target::Ringcast) => sign(secret),
+        (Some(secret), t) if t.is_ringcast() => sign(secret),
         _ => String::new(),
     };
     let progress = Arc::new(Progress::default());
@@ -299,7 +299,7 @@ fn main() {
 
     let mut report = Report {
         label: args.label.clone(),
-        target: format!("{:?}", args.target).to_lowercase(),
+        target: args.target.name().to_string(),
         mode: format!("{:?}", args.mode).to_lowercase(),
         subscribers: args.subscribers,
         connected,

@@ -1,9 +1,12 @@
 //! What the load generator speaks to each target: the subscribe handshake, the publish
 //! request, and how to find `seq` and the send time `t` in a delivered frame.
 //!
-//! Every target delivers the same JSON object, `{"channel","seq",...,"data":{"t":µs,"p":pad}}`:
-//! ringcast builds it itself (the generator publishes `data`); the floor and Nchan send the
-//! body the generator built; Socket.IO wraps it as `42["event",{...}]`.
+//! Every target but one delivers the same JSON object,
+//! `{"channel","seq",...,"data":{"t":µs,"p":pad}}`: ringcast builds it itself (the generator
+//! publishes `data`); the floor and Nchan send the body the generator built; Socket.IO wraps it
+//! as `42["event",{...}]`. ringcast's own Socket.IO endpoint (`ringcast-socketio`) sends
+//! `42["bench",{"t":µs,"p":pad},{"channel","seq","ts"},"<seq>:<channel>"]`: `t` comes first,
+//! the seq is read back from the offset at the end (see `socketio_offset_seq`).
 
 use clap::ValueEnum;
 
@@ -14,6 +17,11 @@ pub enum Target {
     Floor,
     Nchan,
     Socketio,
+    /// ringcast's own Socket.IO endpoint (`/socket.io/`, Engine.IO over WebSocket); publishes
+    /// through ringcast's HTTP API like `ringcast`.
+    #[value(name = "ringcast-socketio")]
+    #[serde(rename = "ringcast-socketio")]
+    RingcastSocketio,
 }
 
 impl Target {
@@ -29,18 +37,68 @@ impl Target {
             }
             Target::Floor | Target::Nchan => format!("/sub/{channel}"),
             Target::Socketio => format!("/socket.io/?EIO=4&transport=websocket&channel={channel}"),
+            // The token and the channel travel in Socket.IO packets after the upgrade.
+            Target::RingcastSocketio => "/socket.io/?EIO=4&transport=websocket".to_string(),
         }
+    }
+
+    /// The target's name as given on the command line (and written in the report).
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Ringcast => "ringcast",
+            Target::Floor => "floor",
+            Target::Nchan => "nchan",
+            Target::Socketio => "socketio",
+            Target::RingcastSocketio => "ringcast-socketio",
+        }
+    }
+
+    /// Whether this is ringcast (its publish API, its JWT, its seqs), whatever the transport.
+    pub fn is_ringcast(self) -> bool {
+        matches!(self, Target::Ringcast | Target::RingcastSocketio)
     }
 
     /// Whether the server assigns seqs (else the generator numbers messages per channel).
     pub fn server_assigns_seq(self) -> bool {
-        self == Target::Ringcast
+        self.is_ringcast()
     }
 
     /// Whether several messages can travel in one publish request.
     pub fn batches(self) -> bool {
-        self == Target::Ringcast
+        self.is_ringcast()
     }
+
+    /// The seq of a delivered event (`body` as `classify` found it).
+    pub fn event_seq(self, body: &[u8]) -> Option<u64> {
+        match self {
+            Target::RingcastSocketio => {
+                socketio_offset_seq(body).or_else(|| find_u64(body, b"\"seq\":"))
+            }
+            _ => find_u64(body, b"\"seq\":"),
+        }
+    }
+}
+
+/// The seq of ringcast's Socket.IO event packet from its last item, the offset
+/// `"<seq>:<channel>"]`: a scan back over the channel name only, never over the data (which
+/// comes before it and may be long). None if the packet does not end that way (a channel name
+/// with an escaped quote, say: the caller then scans forward for `"seq":`).
+pub fn socketio_offset_seq(packet: &[u8]) -> Option<u64> {
+    let body = packet.strip_suffix(b"\"]")?;
+    let open = body.iter().rposition(|&b| b == b'"')?;
+    let mut n: u64 = 0;
+    let mut any = false;
+    for &b in &body[open + 1..] {
+        match b {
+            b'0'..=b'9' => {
+                n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+                any = true;
+            }
+            b':' if any => return Some(n),
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// One message as the generator publishes it.
@@ -60,7 +118,7 @@ pub fn publish_request(
     msgs: &[Outgoing<'_>],
 ) -> Vec<u8> {
     let (path, body) = match target {
-        Target::Ringcast => {
+        Target::Ringcast | Target::RingcastSocketio => {
             let one = |m: &Outgoing<'_>| {
                 format!(
                     r#"{{"channel":"{}","event":"bench","data":{{"t":{},"p":"{}"}}}}"#,
@@ -207,6 +265,20 @@ mod tests {
         assert_eq!(find_u64(p, b"\"seq\":"), Some(17));
         assert_eq!(find_u64(p, b"\"t\":"), Some(123456));
         assert_eq!(find_u64(p, b"\"nope\":"), None);
+    }
+
+    #[test]
+    fn finds_ringcast_socketio_seq_and_t() {
+        let p = br#"42["bench",{"t":123456,"p":"xx"},{"channel":"bench:3","seq":17,"ts":9},"17:bench:3"]"#;
+        assert_eq!(socketio_offset_seq(p), Some(17));
+        assert_eq!(Target::RingcastSocketio.event_seq(p), Some(17));
+        assert_eq!(find_u64(p, b"\"t\":"), Some(123456));
+        // No offset at the end: the forward scan finds the meta's seq.
+        let q = br#"42["bench",{"t":1,"p":"x"},{"channel":"bench:3","seq":18,"ts":9}]"#;
+        assert_eq!(socketio_offset_seq(q), None);
+        assert_eq!(Target::RingcastSocketio.event_seq(q), Some(18));
+        assert_eq!(socketio_offset_seq(br#"42["a","x:y"]"#), None);
+        assert_eq!(socketio_offset_seq(br#"42["a",":y"]"#), None);
     }
 
     #[test]
