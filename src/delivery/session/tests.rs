@@ -1730,3 +1730,215 @@ fn every_queued_entry_counts_against_the_bound_with_what_it_costs() {
         "{pushed}"
     );
 }
+
+// ---- Socket.IO ---------------------------------------------------------------------------
+
+mod socketio {
+    use super::*;
+    use crate::delivery::recovery::offset;
+    use crate::delivery::session::socketio::connect_frame;
+
+    /// An open Socket.IO session whose CONNECT answer is written.
+    fn open() -> Harness {
+        let format = Format::from(Encoding::SocketIo);
+        let mut h = Harness::greeting(config(), claims(), format);
+        h.s.set_recovery("pid-1".into(), None);
+        h.s.greet_after(connect_frame("c1", Some("pid-1")), 0);
+        assert_eq!(h.drain(), [r#"40{"pid":"pid-1","sid":"c1"}"#]);
+        h
+    }
+
+    fn text(h: &mut Harness, packet: &str) -> Flow {
+        h.event(Event::Text(Bytes::from(packet.to_owned())))
+    }
+
+    fn keyed(channel: &str, seq: u64, event: &str, key: Option<&str>) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            coalesce_key: key.map(Into::into),
+            ..delivery(channel, seq, event, &format!("{{\"n\":{seq}}}"))
+        })
+    }
+
+    #[test]
+    fn an_event_with_an_ack_id_is_answered_through_its_acknowledgement() {
+        let mut h = open();
+        text(&mut h, r#"421["subscribe",{"channel":"task:a"}]"#);
+        let subs = h.subscribes();
+        assert_eq!(subs.len(), 1);
+        assert!(h.drain().is_empty(), "the ack waits for the owner");
+        assert!(h.ack(&subs[0], 7, None));
+        let out = h.drain();
+        assert_eq!(out.len(), 1, "{out:?}");
+        let ack: Value = serde_json::from_str(out[0].strip_prefix("431").unwrap()).unwrap();
+        assert_eq!(
+            ack,
+            json!([{"ok": true, "type": "subscribed", "channel": "task:a", "seq": 7}])
+        );
+        // Refused at once: the error is the acknowledgement.
+        text(&mut h, r#"422["subscribe",{"channel":"project:zz"}]"#);
+        let out = h.drain();
+        let ack: Value = serde_json::from_str(out[0].strip_prefix("432").unwrap()).unwrap();
+        assert_eq!(ack[0]["ok"], false, "{out:?}");
+        assert_eq!(ack[0]["code"], "forbidden");
+        assert_eq!(ack[0]["channel"], "project:zz");
+        // Without an id the same answers are events; unknown events are errors.
+        text(&mut h, r#"42["nope",{}]"#);
+        let out = h.drain();
+        assert!(
+            out[0].starts_with(r#"42["ringcast:error",{"#) && out[0].contains("unknown_type"),
+            "{out:?}"
+        );
+        // Something that asked for an ack and has no answer of its own gets {ok:true}.
+        text(&mut h, r#"423["ack",{"channel":"task:a","seq":1}]"#);
+        assert_eq!(h.drain(), [r#"433[{"ok":true}]"#]);
+    }
+
+    #[test]
+    fn task_join_answers_the_newest_event_per_key_then_live_events_with_no_seam() {
+        let mut h = open();
+        text(&mut h, r#"425["task:join",{"taskId":"t1"}]"#);
+        let subs = h.subscribes();
+        assert_eq!(subs[0].channel.as_ref(), "task:t1");
+        assert_eq!(
+            subs[0].resume,
+            Resume::Held,
+            "the state is made of the history"
+        );
+        let held = Replay {
+            deliveries: vec![
+                keyed("task:t1", 1, "task:created", None),
+                keyed("task:t1", 2, "task:analyzing", Some("status")),
+                keyed("task:t1", 3, "task:dispatched", Some("status")),
+            ],
+            recovered: false,
+        };
+        assert!(h.ack(&subs[0], 3, Some(held)));
+        let out = h.drain();
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(
+            out[0].starts_with("435[") && out[0].contains(r#""seq":3"#),
+            "{out:?}"
+        );
+        let state: Value = serde_json::from_str(out[1].strip_prefix("42").unwrap()).unwrap();
+        assert_eq!(state[0], "task:state");
+        assert_eq!(state[1]["taskId"], "t1");
+        assert_eq!(state[1]["seq"], 3);
+        let seqs: Vec<u64> = state[1]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, [1, 3], "the newest per key, in seq order");
+        // Live: the shared packet, with meta and offset.
+        assert!(h.deliver(&keyed("task:t1", 4, "task:pr_opened", None)));
+        let out = h.drain();
+        assert_eq!(
+            out,
+            [r#"42["task:pr_opened",{"n":4},{"channel":"task:t1","seq":4,"ts":1004},"4:task:t1"]"#]
+        );
+        // A task id that is not one: an error, through the ack.
+        text(&mut h, r#"426["task:join",{"taskId":""}]"#);
+        let out = h.drain();
+        assert!(
+            out[0].starts_with("436[") && out[0].contains("bad_message"),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn engine_io_pings_need_pongs_and_a_missed_one_closes() {
+        let mut h = open();
+        h.advance(secs(25));
+        h.tick();
+        assert_eq!(h.drain(), ["2"]);
+        text(&mut h, "3");
+        h.advance(secs(25));
+        h.tick();
+        assert_eq!(h.drain(), ["2"], "pinged again after the pong");
+        h.advance(secs(20));
+        h.tick();
+        let out = h.drain();
+        assert!(out[0].contains("ringcast:closed") && out[0].contains("heartbeat timeout"));
+        assert_eq!(out[1], "close 4002 heartbeat timeout");
+    }
+
+    #[test]
+    fn a_malformed_packet_or_an_unannounced_attachment_closes_the_session() {
+        for bad in ["4x", "9", "42[\"x\"", "42{}"] {
+            let mut h = open();
+            text(&mut h, bad);
+            let out = h.drain();
+            assert!(
+                out.last().is_some_and(|c| c.starts_with("close 1008")),
+                "{bad}: {out:?}"
+            );
+        }
+        let mut h = open();
+        h.event(Event::Binary(Bytes::from_static(b"\x01")));
+        assert!(h.drain().last().unwrap().starts_with("close 1008"));
+        // An announced attachment is taken (and dropped) without harm.
+        let mut h = open();
+        text(&mut h, r#"451-["x",{"_placeholder":true,"num":0}]"#);
+        assert!(h.drain()[0].contains("binary_not_supported"));
+        h.event(Event::Binary(Bytes::from_static(b"\x01")));
+        assert!(h.drain().is_empty(), "still open");
+    }
+
+    #[test]
+    fn the_record_a_session_leaves_resumes_each_channel_where_the_client_left_it() {
+        let mut h = open();
+        let a = h.join_socketio("task:a", 10);
+        let b = h.join_socketio("dashboard", 20);
+        let _ = (a, b);
+        for (channel, seq) in [("task:a", 11), ("dashboard", 21), ("task:a", 12)] {
+            assert!(h.deliver(&keyed(channel, seq, "e", None)));
+            h.drain();
+        }
+        let (pid, record) = h.s.recovery(EPOCH).expect("a record");
+        assert_eq!(pid, "pid-1");
+        let (resumes, exact) = record.resumes(Some(&offset("dashboard", 21)));
+        assert!(exact);
+        let resumes: HashMap<String, Resume> = resumes
+            .into_iter()
+            .map(|(c, r)| (c.to_string(), r))
+            .collect();
+        assert_eq!(resumes["task:a"], Resume::After(11));
+        assert_eq!(resumes["dashboard"], Resume::After(21));
+        // A client that disconnected on purpose leaves nothing.
+        text(&mut h, "41");
+        assert!(h.s.recovery(EPOCH).is_none());
+    }
+
+    #[test]
+    fn a_recovery_whose_replay_is_incomplete_is_answered_with_a_new_private_id() {
+        let format = Format::from(Encoding::SocketIo);
+        let mut h = Harness::greeting(config(), claims(), format);
+        let lost = connect_frame("c2", Some("fresh"));
+        h.s.set_recovery("old".into(), Some(("fresh".into(), lost)));
+        h.with(|s, ctx, out| s.subscribe("task:a", Resume::After(5), true, ctx, out))
+            .unwrap();
+        h.s.greet_after(connect_frame("c2", Some("old")), 1);
+        let subs = h.subscribes();
+        let replay = Replay {
+            deliveries: Vec::new(),
+            recovered: false,
+        };
+        assert!(h.ack(&subs[0], 9, Some(replay)));
+        let out = h.drain();
+        assert_eq!(out[0], r#"40{"pid":"fresh","sid":"c2"}"#, "{out:?}");
+        assert_eq!(h.s.recovery(EPOCH).unwrap().0, "fresh");
+    }
+
+    impl Harness {
+        /// Subscribes a Socket.IO session to `channel` (live, at `seq`).
+        fn join_socketio(&mut self, channel: &str, seq: u64) -> Sub {
+            let packet = format!(r#"42["subscribe",{{"channel":"{channel}"}}]"#);
+            self.event(Event::Text(Bytes::from(packet)));
+            let sub = self.subscribes().remove(0);
+            assert!(self.ack(&sub, seq, None));
+            self.drain();
+            sub
+        }
+    }
+}
