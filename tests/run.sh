@@ -12,6 +12,7 @@
 #   curl          tests/sse.rs reads Server-Sent Events with `curl -N`
 #   redis-server  tests/cluster.rs starts its own Redis servers on free loopback ports
 #   python3-venv  tests/python_client.rs builds a virtualenv and installs `websockets` from PyPI
+#   nodejs, npm   tests/socketio.rs runs the real socket.io-client (installed from npm) in Node
 #   gcc           a C compiler and linker for the crates with C parts
 #   g++           libFuzzer (the fuzz targets' engine) is C++; fuzz/run.sh installs cargo-fuzz
 set -euo pipefail
@@ -27,6 +28,8 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 

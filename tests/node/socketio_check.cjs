@@ -136,6 +136,23 @@ async function main() {
   check(markMeta.seq === mark, "the marker arrives");
   check(!seen.some((s) => s.includes("secret") || s.includes("stat")), "no event of another project: " + JSON.stringify(seen));
 
+  // A plain WebSocket client on the same channel gets the same events, same seqs, same data.
+  const WebSocket = require("ws");
+  const plain = new WebSocket(URL.replace("http", "ws") + "/ws?channels=dashboard&token=" + TOKEN);
+  const plainGot = [];
+  plain.on("message", (m) => { const v = JSON.parse(m); if (v.event === "both") plainGot.push(v); });
+  await within(new Promise((r) => plain.on("message", (m) => { if (JSON.parse(m).type === "subscribed") r(); })), "plain subscribed");
+  const sioGot = [];
+  socket.on("both", (data, meta) => sioGot.push({ data, meta }));
+  for (let i = 0; i < 20; i++) await publish({ channel: "dashboard", event: "both", data: { i, text: "é\n\"q\"" } });
+  await within(new Promise((r) => { const t = setInterval(() => { if (plainGot.length >= 20 && sioGot.length >= 20) { clearInterval(t); r(); } }, 5); }), "both clients");
+  for (let i = 0; i < 20; i++) {
+    check(plainGot[i].seq === sioGot[i].meta.seq && plainGot[i].channel === sioGot[i].meta.channel &&
+      plainGot[i].ts === sioGot[i].meta.ts && JSON.stringify(plainGot[i].data) === JSON.stringify(sioGot[i].data),
+      "the same event both ways: " + JSON.stringify(plainGot[i]) + " vs " + JSON.stringify(sioGot[i]));
+  }
+  plain.close();
+
   // resync_requested answers the task's state again.
   const again = once(socket, "task:state");
   const resync = await emitAck(socket, "resync_requested", { taskIds: ["t1"] });
