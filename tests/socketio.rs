@@ -293,6 +293,149 @@ async fn a_second_held_get_ends_the_session_and_a_probe_that_fails_lets_polling_
 }
 
 #[tokio::test]
+async fn a_polling_session_is_a_connection_counted_listed_and_limited_like_any_other() {
+    let server = Server::start_with(&[
+        ("RINGCAST_MAX_CONNECTIONS_PER_USER", "1"),
+        ("RINGCAST_ALLOWED_ORIGINS", "http://app.example"),
+    ]);
+    let t = token(json!({"sub": "once", "projects": ["p"]}));
+    let origin = [("Origin", "http://app.example")];
+    let (status, head, _) = server
+        .http("GET", "/socket.io/?EIO=4&transport=polling", &origin, "")
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("access-control-allow-origin: http://app.example"),
+        "{head}"
+    );
+    let (status, _, _) = server
+        .http(
+            "GET",
+            "/socket.io/?EIO=4&transport=polling",
+            &[("Origin", "http://evil.example")],
+            "",
+        )
+        .await;
+    assert_eq!(status, 403, "an origin off the list is refused");
+    let connect = format!("40{{\"token\":\"{t}\"}}");
+    let open = |server: &Server| {
+        let connect = connect.clone();
+        let server_addr = server.addr;
+        async move {
+            let server = Probe(server_addr);
+            let sid = server.handshake().await;
+            let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+            server.post(&path, &connect).await;
+            server.get(&path).await
+        }
+    };
+    let first = open(&server).await;
+    assert!(first.starts_with("40{"), "{first}");
+    // Listed by the admin API as a connection of its user...
+    let auth = format!("Bearer {API_KEY}");
+    let (status, _, body) = server
+        .http(
+            "GET",
+            "/api/v1/admin/connections?user_id=once",
+            &[("Authorization", &auth)],
+            "",
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"transport\":\"socket.io\""), "{body}");
+    // ...and counted: the user's second one is refused, with the reason.
+    let second = open(&server).await;
+    assert!(second.starts_with("44{"), "{second}");
+    assert!(second.contains("\"status\":429"), "{second}");
+}
+
+#[tokio::test]
+async fn polling_sessions_time_out_before_and_after_their_connect() {
+    let server = Server::start_with(&[
+        ("RINGCAST_HEADER_TIMEOUT_MS", "300"),
+        ("RINGCAST_SOCKETIO_PING_INTERVAL_MS", "200"),
+        ("RINGCAST_SOCKETIO_PING_TIMEOUT_MS", "200"),
+    ]);
+    let probe = Probe(server.addr);
+    // No CONNECT within the head deadline: the session is gone.
+    let idle = probe.handshake().await;
+    let path = |sid: &str| format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    // A client that stops polling after its CONNECT misses the pings: closed, then gone.
+    let quiet = probe.handshake().await;
+    let t = token(json!({"sub": "q", "projects": ["p"]}));
+    probe
+        .post(&path(&quiet), &format!("40{{\"token\":\"{t}\"}}"))
+        .await;
+    let auth = format!("Bearer {API_KEY}");
+    let listed = || async {
+        let (_, _, body) = server
+            .http(
+                "GET",
+                "/api/v1/admin/connections?user_id=q",
+                &[("Authorization", &auth)],
+                "",
+            )
+            .await;
+        body.contains("socket.io")
+    };
+    assert!(listed().await, "connected");
+    let started = std::time::Instant::now();
+    loop {
+        let (status, _) = probe.request("GET", &path(&idle), "").await;
+        if status == 400 {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "an unconnected session outlived its deadline"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    while listed().await {
+        assert!(
+            started.elapsed() < WAIT,
+            "a silent polling session was never closed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Raw polling requests to one server.
+struct Probe(std::net::SocketAddr);
+
+impl Probe {
+    async fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (status, _, body) = raw_exchange(self.0, req.as_bytes()).await;
+        (status, body)
+    }
+
+    async fn handshake(&self) -> String {
+        let (status, body) = self
+            .request("GET", "/socket.io/?EIO=4&transport=polling", "")
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let open: serde_json::Value = serde_json::from_str(&body[1..]).unwrap();
+        open["sid"].as_str().unwrap().to_owned()
+    }
+
+    async fn post(&self, path: &str, body: &str) {
+        let (status, answer) = self.request("POST", path, body).await;
+        assert_eq!((status, answer.as_str()), (200, "ok"));
+    }
+
+    async fn get(&self, path: &str) -> String {
+        let (status, body) = self.request("GET", path, "").await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+}
+
+#[tokio::test]
 async fn malformed_packets_close_that_session_only() {
     let server = Server::start();
     let t = token(json!({"sub": "raw", "projects": ["p"]}));

@@ -278,6 +278,8 @@ fn wall_ms(at: Instant) -> u64 {
 pub fn transport(s: &Session) -> &'static str {
     if s.is_sse() {
         "sse"
+    } else if s.encoding() == crate::proto::msg::Encoding::SocketIo {
+        "socket.io"
     } else {
         "websocket"
     }
