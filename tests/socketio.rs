@@ -382,8 +382,9 @@ async fn polling_sessions_time_out_before_and_after_their_connect() {
     assert!(listed().await, "connected");
     let started = std::time::Instant::now();
     loop {
-        let (status, _) = probe.request("GET", &path(&idle), "").await;
-        if status == 400 {
+        // Held until the deadline (answered with a close packet, or closed unanswered), then
+        // no such session.
+        if probe.status("GET", &path(&idle)).await == Some(400) {
             break;
         }
         assert!(
@@ -401,6 +402,46 @@ async fn polling_sessions_time_out_before_and_after_their_connect() {
     }
 }
 
+#[tokio::test]
+async fn refused_connects_are_bounded_on_both_transports_and_per_address() {
+    let server = Server::start_with(&[
+        ("RINGCAST_LIMIT_LOOPBACK", "true"),
+        ("RINGCAST_MAX_PENDING_PER_IP", "4"),
+        ("RINGCAST_CONNECTIONS_PER_IP_PER_MINUTE", "0"),
+    ]);
+    // WebSocket: refusals of any kind count; the third closes the socket.
+    let mut ws = RawWs::connect(server.addr, "/socket.io/?EIO=4&transport=websocket").await;
+    ws.recv().await.expect("the open packet");
+    for packet in ["40/a,", "40{\"token\":\"bad\"}", "40/b,"] {
+        ws.send_frame(true, 0x1, packet.as_bytes()).await;
+        let answer = String::from_utf8(ws.recv().await.unwrap().payload).unwrap();
+        assert!(answer.starts_with("44"), "{packet}: {answer}");
+    }
+    assert_eq!(ws.recv_close_code().await, 1008);
+    // Polling: the same bound; the session ends past it, and one GET never carries more.
+    let probe = Probe(server.addr);
+    let sid = probe.handshake().await;
+    let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    let bad = vec!["40{\"token\":\"bad\"}"; 50].join("\x1e");
+    probe.post(&path, &bad).await;
+    assert_eq!(
+        probe.status("GET", &path).await,
+        Some(400),
+        "the session ended"
+    );
+    // Sessions waiting for their CONNECT, from one address: at most its share (4 on the
+    // node, 2 per worker here), then 429.
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(
+            probe
+                .status("GET", "/socket.io/?EIO=4&transport=polling")
+                .await,
+        );
+    }
+    assert!(statuses.contains(&Some(429)), "{statuses:?}");
+}
+
 /// Raw polling requests to one server.
 struct Probe(std::net::SocketAddr);
 
@@ -412,6 +453,24 @@ impl Probe {
         );
         let (status, _, body) = raw_exchange(self.0, req.as_bytes()).await;
         (status, body)
+    }
+
+    /// The status of a request, None if the socket closed without an answer.
+    async fn status(&self, method: &str, path: &str) -> Option<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut s = tokio::net::TcpStream::connect(self.0).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+            .await
+            .expect("answered or closed")
+            .ok()?;
+        String::from_utf8_lossy(&out)
+            .split(' ')
+            .nth(1)?
+            .parse()
+            .ok()
     }
 
     async fn handshake(&self) -> String {

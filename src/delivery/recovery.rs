@@ -162,9 +162,13 @@ impl Store {
         self.records.insert(pid, (until, record));
     }
 
-    /// The record of `pid`, once: a session is recovered at most once.
-    pub fn take(&mut self, pid: &str, now: Instant) -> Option<Record> {
+    /// The record of `pid`, once, for its own user only: a session is recovered at most once,
+    /// and someone else presenting its id does not use it up.
+    pub fn take(&mut self, pid: &str, user: &str, now: Instant) -> Option<Record> {
         self.expire(now);
+        if self.records.get(pid)?.1.user != user {
+            return None;
+        }
         self.records.remove(pid).map(|(_, r)| r)
     }
 
@@ -271,12 +275,14 @@ mod tests {
         let window = Duration::from_secs(120);
         store.put("p1".into(), record(vec![]), t0, window);
         store.put("p2".into(), record(vec![]), t0, window);
-        assert!(store.take("p1", t0 + Duration::from_secs(1)).is_some());
+        let later = t0 + Duration::from_secs(1);
         assert!(
-            store.take("p1", t0 + Duration::from_secs(1)).is_none(),
-            "once"
+            store.take("p1", "mallory", later).is_none(),
+            "not someone else's"
         );
-        assert!(store.take("p2", t0 + window).is_none(), "expired");
+        assert!(store.take("p1", "u", later).is_some());
+        assert!(store.take("p1", "u", later).is_none(), "once");
+        assert!(store.take("p2", "u", t0 + window).is_none(), "expired");
         assert!(store.is_empty());
     }
 }

@@ -291,8 +291,16 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
             preflight()
         } else if socketio::route(&request.path) {
             // A held GET is answered when its session has something to say.
-            ticket.stage(Stage::Stream, Instant::now());
-            let reply = socketio::polling(&edge, &core, &stream, peer.ip(), &request, &body).await;
+            let polled = socketio::polling(
+                &edge,
+                &core,
+                &stream,
+                &mut ticket,
+                peer.ip(),
+                &request,
+                &body,
+            );
+            let reply = polled.await;
             match reply {
                 Some(reply) => reply,
                 None => return, // the client went away while its GET was held
@@ -312,9 +320,11 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
         if request.method == "HEAD" {
             bytes.truncate(bytes.len() - reply.body.len()); // headers only, length kept
         }
-        let (res, _) = stream.write_all(bytes).await;
-        if res.is_err() {
-            return;
+        // A client that does not read its answer holds the socket no longer than a body.
+        ticket.stage(Stage::Body, Instant::now());
+        match ticket.guard(stream.write_all(bytes)).await {
+            Ok((Ok(_), _)) => {}
+            _ => return,
         }
         ticket.served();
         if !keep_alive {

@@ -80,13 +80,13 @@ pub async fn serve(
         None
     };
     if let Some(reply) = refusal {
-        let _ = stream.write_all(reply.encode(false)).await;
+        send(&ticket, &mut stream, reply.encode(false)).await;
         return;
     }
     let upgrade = match http::websocket_upgrade(&req) {
         Ok(u) => u,
         Err(refusal) => {
-            let _ = stream.write_all(refusal.response()).await;
+            send(&ticket, &mut stream, refusal.response()).await;
             return;
         }
     };
@@ -104,8 +104,7 @@ pub async fn serve(
     ticket.stage(Stage::Head, Instant::now());
     if let Some(sid) = req.query_param("sid") {
         // An upgrade of a polling session: the probe, then the socket moves to the session.
-        let (res, _) = stream.write_all(accept).await;
-        if res.is_ok() {
+        if send(&ticket, &mut stream, accept).await {
             let ws = PreAuth {
                 core: &core,
                 ticket: &ticket,
@@ -119,8 +118,7 @@ pub async fn serve(
     let sid = sid_of(core.next_conn_id(), "ws");
     let mut out = accept;
     out.extend_from_slice(&msg::engineio_frame(&handshake(&core, &sid, &[])));
-    let (res, _) = stream.write_all(out).await;
-    if res.is_err() {
+    if !send(&ticket, &mut stream, out).await {
         return;
     }
     let ws = PreAuth {
@@ -132,15 +130,15 @@ pub async fn serve(
     let Some(opening) = wait_for_connect(edge, ws, &mut stream, peer, &req).await else {
         return;
     };
-    drop(ticket);
     let (id, projects) = match upgrade::admit(&core, peer, &opening, "socket.io").await {
         Ok(admitted) => admitted,
         Err(reply) => {
-            let _ = stream.write_all(refused_frame(&reply)).await;
-            let _ = stream.write_all(codec::close_frame(1008, "refused")).await;
+            let last = [refused_frame(&reply), codec::close_frame(1008, "refused")].concat();
+            send(&ticket, &mut stream, last).await;
             return;
         }
     };
+    drop(ticket);
     drop((req, upgrade));
     let format = Format {
         encoding: Encoding::SocketIo,
@@ -181,16 +179,15 @@ impl PreAuth<'_> {
                     return Some(String::from_utf8_lossy(&text).into_owned())
                 }
                 Ok(Some(Event::Close { .. })) => {
-                    let _ = stream.write_all(codec::close_frame(1000, "")).await;
+                    send(self.ticket, stream, codec::close_frame(1000, "")).await;
                     return None;
                 }
                 // Nothing binary means anything before the CONNECT; pings get no pong yet.
                 Ok(Some(_)) => continue,
                 Ok(None) => {}
                 Err(e) => {
-                    let _ = stream
-                        .write_all(codec::close_frame(e.close_code(), e.reason()))
-                        .await;
+                    let close = codec::close_frame(e.close_code(), e.reason());
+                    send(self.ticket, stream, close).await;
                     return None;
                 }
             }
@@ -202,9 +199,9 @@ impl PreAuth<'_> {
                 }
                 Ok(false) | Err(Expired::Evicted) => return None,
                 Err(Expired::Deadline) => {
-                    let _ = stream
-                        .write_all(codec::close_frame(1008, "no CONNECT in time"))
-                        .await;
+                    // Past the deadline: one try to say why, no waiting for it.
+                    let close = codec::close_frame(1008, "no CONNECT in time");
+                    let _ = crate::runtime::socket::try_send(stream, &close);
                     return None;
                 }
             }
@@ -217,19 +214,18 @@ impl PreAuth<'_> {
 async fn upgrade_polling(mut ws: PreAuth<'_>, mut stream: TcpStream, sid: &str) {
     let unknown = codec::close_frame(1008, "Session ID unknown");
     let Some((id, key)) = parse_sid(sid) else {
-        let _ = stream.write_all(unknown).await;
+        send(ws.ticket, &mut stream, unknown).await;
         return;
     };
     let home = (id >> 48) as usize;
     if home >= ws.core.cores() {
-        let _ = stream.write_all(unknown).await;
+        send(ws.ticket, &mut stream, unknown).await;
         return;
     }
     let me = ws.core.clone();
     if ws.next_text(&mut stream).await.as_deref() != Some("2probe") {
-        let _ = stream
-            .write_all(codec::close_frame(1008, "expected the probe"))
-            .await;
+        let close = codec::close_frame(1008, "expected the probe");
+        send(ws.ticket, &mut stream, close).await;
         return;
     }
     let key_home: Box<str> = key.into();
@@ -239,7 +235,7 @@ async fn upgrade_polling(mut ws: PreAuth<'_>, mut stream: TcpStream, sid: &str) 
         })
         .await;
     if probed != Some(true) {
-        let _ = stream.write_all(unknown).await;
+        send(ws.ticket, &mut stream, unknown).await;
         return;
     }
     let unprobe = |me: Rc<Core>| {
@@ -252,14 +248,12 @@ async fn upgrade_polling(mut ws: PreAuth<'_>, mut stream: TcpStream, sid: &str) 
             .await;
         }
     };
-    let (res, _) = stream.write_all(msg::engineio_frame("3probe")).await;
-    if res.is_err() {
+    if !send(ws.ticket, &mut stream, msg::engineio_frame("3probe")).await {
         return unprobe(me).await;
     }
     if ws.next_text(&mut stream).await.as_deref() != Some("5") {
-        let _ = stream
-            .write_all(codec::close_frame(1008, "expected the upgrade"))
-            .await;
+        let close = codec::close_frame(1008, "expected the upgrade");
+        send(ws.ticket, &mut stream, close).await;
         return unprobe(me).await;
     }
     // The socket, and what was read past the upgrade packet, go to the session's core.
@@ -307,33 +301,34 @@ async fn wait_for_connect(
             Ok(EnginePacket::Message(engineio::Data::Text(packet))) => packet,
             Ok(EnginePacket::Close) => return None,
             Ok(_) => continue,
-            Err(_) => return refuse(stream, "malformed Engine.IO packet").await,
+            Err(_) => return refuse(ws.ticket, stream, "malformed Engine.IO packet").await,
         };
         let packet = match socketio::decode(packet) {
             Ok(p) => p,
-            Err(_) => return refuse(stream, "malformed Socket.IO packet").await,
+            Err(_) => return refuse(ws.ticket, stream, "malformed Socket.IO packet").await,
         };
         if packet.kind != Kind::Connect {
             continue; // nothing is connected yet: there is nobody to give it to
         }
         if packet.namespace != "/" {
             let refusal = connect_error_frame(packet.namespace, "Invalid namespace", None);
-            if stream.write_all(refusal).await.0.is_err() {
+            if !send(ws.ticket, stream, refusal).await {
                 return None;
             }
-            continue;
-        }
-        attempts += 1;
-        match open_for_connect(edge, ws.core, peer, req, packet.data).await {
-            Ok(opening) => return Some(opening),
-            Err(refusal) => {
-                if stream.write_all(refusal).await.0.is_err() {
-                    return None;
-                }
-                if attempts >= MAX_CONNECT_ATTEMPTS {
-                    return refuse(stream, "too many refused CONNECT packets").await;
+        } else {
+            match open_for_connect(edge, ws.core, peer, req, packet.data).await {
+                Ok(opening) => return Some(opening),
+                Err(refusal) => {
+                    if !send(ws.ticket, stream, refusal).await {
+                        return None;
+                    }
                 }
             }
+        }
+        // Every CONNECT refused counts, whatever it was refused for.
+        attempts += 1;
+        if attempts >= MAX_CONNECT_ATTEMPTS {
+            return refuse(ws.ticket, stream, "too many refused CONNECT packets").await;
         }
     }
 }
@@ -389,6 +384,7 @@ pub async fn polling(
     edge: &Arc<Edge>,
     core: &Rc<Core>,
     stream: &TcpStream,
+    ticket: &mut Ticket,
     peer: IpAddr,
     req: &Request,
     body: &[u8],
@@ -403,7 +399,7 @@ pub async fn polling(
         if req.method != "GET" {
             return Some(engine_error(400, 2, "Bad handshake method"));
         }
-        return Some(open_polling(core));
+        return Some(open_polling(core, peer));
     };
     let Some((id, key)) = parse_sid(&sid) else {
         return Some(unknown_sid());
@@ -421,10 +417,26 @@ pub async fn polling(
                 })
                 .await;
             match answer {
-                None | Some(Err(PollError::Unknown | PollError::Full)) => Some(unknown_sid()),
+                None | Some(Err(PollError::Unknown | PollError::Full | PollError::PerIp)) => {
+                    Some(unknown_sid())
+                }
                 Some(Err(PollError::Overlap)) => Some(engine_error(400, 3, "Bad request")),
                 Some(Ok(Answer::Now(body))) => Some(text(body)),
-                Some(Ok(Answer::Later(rx))) => held(stream, rx).await.map(text),
+                // A connected session's GET is the connection's: no pending socket meanwhile.
+                Some(Ok(Answer::Later {
+                    answer,
+                    connected: true,
+                })) => {
+                    ticket.hold();
+                    let body = held(stream, answer).await;
+                    ticket.unhold(Stage::Body, Instant::now());
+                    body.map(text)
+                }
+                // Before the CONNECT it is one still: evictable, with the head deadline.
+                Some(Ok(Answer::Later { answer, .. })) => {
+                    ticket.stage(Stage::Head, Instant::now());
+                    ticket.guard(held(stream, answer)).await.ok()?.map(text)
+                }
             }
         }
         "POST" => {
@@ -443,15 +455,27 @@ pub async fn polling(
 
 /// The handshake of a polling session: it lives on this core, waiting for its CONNECT until
 /// the head deadline.
-fn open_polling(core: &Core) -> Reply {
+fn open_polling(core: &Core, peer: IpAddr) -> Reply {
     if core.shared.is_draining() {
         return Reply::error(503, "node is draining; reconnect to another node")
             .with_header("Retry-After", "1");
     }
     let key = format!("{:032x}", rand::random::<u128>());
-    let expires = Instant::now() + core.shared.settings.edge.header_timeout;
-    match core.poll_open(key.clone().into(), expires) {
+    let limits = core.pending.limits();
+    let expires = Instant::now() + limits.header_timeout;
+    // The same share per address as pending sockets have (loopback alike, unless limited).
+    let per_ip = match limits.max_pending_per_ip {
+        _ if peer.is_loopback() && !limits.limit_loopback => 0,
+        0 => 0,
+        n => n.div_ceil(core.cores() as u32),
+    };
+    match core.poll_open(key.clone().into(), expires, peer, per_ip) {
         Ok(id) => text(handshake(core, &sid_of(id, &key), &["websocket"]).into_bytes()),
+        Err(PollError::PerIp) => Reply::error(
+            429,
+            "too many Socket.IO sessions from this address are waiting for their CONNECT",
+        )
+        .with_header("Retry-After", "1"),
         Err(_) => Reply::error(
             503,
             "too many Socket.IO sessions are waiting for their CONNECT",
@@ -531,7 +555,10 @@ async fn post(
             let event = match record.strip_prefix('b') {
                 Some(b64) => match base64::engine::general_purpose::STANDARD.decode(b64) {
                     Ok(bytes) => Event::Binary(bytes.into()),
-                    Err(_) => Event::Text(Bytes::from_static(b"b")), // malformed: the session closes
+                    Err(_) => {
+                        core.close(&conn, 1008, "bad base64 in a binary message");
+                        return engine_error(400, 3, "Bad request");
+                    }
                 },
                 None => Event::Text(Bytes::copy_from_slice(record.as_bytes())),
             };
@@ -629,7 +656,7 @@ async fn open_for_connect(
     opening.encoding = Encoding::SocketIo;
     if let Some(pid) = field("pid").filter(|_| !core.shared.settings.socketio_recovery.is_zero()) {
         let record = core
-            .take_recovery(&pid)
+            .take_recovery(&pid, &opening.claims.sub)
             .await
             .filter(|r| r.user == opening.claims.sub && r.epoch == core.shared.epoch);
         if let Some(record) = record {
@@ -664,9 +691,20 @@ fn refused_frame(reply: &Reply) -> Bytes {
 }
 
 /// Closes a socket that broke the protocol before it connected.
-async fn refuse(stream: &mut TcpStream, reason: &str) -> Option<Opening> {
-    let _ = stream.write_all(codec::close_frame(1008, reason)).await;
+async fn refuse(ticket: &Ticket, stream: &mut TcpStream, reason: &str) -> Option<Opening> {
+    send(ticket, stream, codec::close_frame(1008, reason)).await;
     None
+}
+
+/// Writes `bytes` to a socket that is not a connection yet, within its deadline: false if the
+/// write failed or the deadline (or an eviction) came first. A client that does not read
+/// cannot hold the socket.
+async fn send<B: monoio::buf::IoBuf + 'static>(
+    ticket: &Ticket,
+    stream: &mut TcpStream,
+    bytes: B,
+) -> bool {
+    matches!(ticket.guard(stream.write_all(bytes)).await, Ok((Ok(_), _)))
 }
 
 /// The message of an error reply (`{"error": …}`).

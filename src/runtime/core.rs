@@ -426,7 +426,7 @@ impl Core {
     /// The session a Socket.IO client recovers, once. The connection it left may not have
     /// been seen to end yet (its client noticed first): looked for again a few times, for at
     /// most `RECOVERY_WAIT`.
-    pub async fn take_recovery(&self, pid: &str) -> Option<Record> {
+    pub async fn take_recovery(&self, pid: &str, user: &str) -> Option<Record> {
         let deadline = Instant::now() + RECOVERY_WAIT;
         loop {
             let found = match &self.shared.broker {
@@ -440,7 +440,7 @@ impl Core {
                         .recovery
                         .lock()
                         .unwrap_or_else(|p| p.into_inner());
-                    store.take(pid, Instant::now())
+                    store.take(pid, user, Instant::now())
                 }
             };
             if found.is_some() || Instant::now() >= deadline {

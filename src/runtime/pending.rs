@@ -188,6 +188,8 @@ impl Pending {
             pending: self.clone(),
             node: node_pending.clone(),
             id,
+            ip,
+            held: false,
             signal,
             body_bytes: 0,
         })
@@ -250,6 +252,9 @@ pub struct Ticket {
     pending: Rc<Pending>,
     node: Arc<Tally>,
     id: u64,
+    ip: IpAddr,
+    /// Serving a connection for now (see `hold`): not registered meanwhile.
+    held: bool,
     signal: Rc<Signal>,
     /// Body bytes this socket holds of its core's budget.
     body_bytes: usize,
@@ -277,6 +282,38 @@ impl Ticket {
         if let Some(e) = self.pending.entries.borrow().get(&self.id) {
             e.served.set(true);
         }
+    }
+
+    /// The socket carries an established connection's traffic for a while (a Socket.IO
+    /// polling session's held GET): meanwhile it is not a pending socket (not counted, no
+    /// deadline, never evicted), as the connection it serves is counted already.
+    pub fn hold(&mut self) {
+        if !self.held {
+            self.pending.remove(self.id);
+            self.node.add(-1);
+            self.held = true;
+        }
+    }
+
+    /// Back from `hold`: a pending socket again, in `stage`.
+    pub fn unhold(&mut self, stage: Stage, now: Instant) {
+        if !self.held {
+            return;
+        }
+        self.held = false;
+        self.pending.entries.borrow_mut().insert(
+            self.id,
+            Entry {
+                ip: self.ip,
+                served: Cell::new(true),
+                stage,
+                deadline: None,
+                signal: self.signal.clone(),
+            },
+        );
+        *self.pending.per_ip.borrow_mut().entry(self.ip).or_default() += 1;
+        self.node.add(1);
+        self.stage(stage, now);
     }
 
     /// Runs `work` unless, or until, the socket expires.
@@ -324,8 +361,10 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.release_body();
-        self.pending.remove(self.id);
-        self.node.add(-1);
+        if !self.held {
+            self.pending.remove(self.id);
+            self.node.add(-1);
+        }
     }
 }
 

@@ -12,12 +12,15 @@
 //! next one. A WebSocket upgrade hands the session its socket: from the client's upgrade
 //! packet on it is an ordinary WebSocket connection.
 //!
-//! Bounds: at most `MAX_UNCONNECTED` sessions per core wait for their CONNECT, each until
-//! the head deadline; one GET held per session (a second one is an error that ends it).
+//! Bounds: at most `MAX_UNCONNECTED` sessions per core wait for their CONNECT at once (and
+//! the per-IP share of pending sockets from one address), each until the head deadline, with
+//! at most `MAX_REFUSED` refused CONNECTs; one GET held per session (a second one is an error
+//! that ends it); one GET answer carries at most `MAX_BODY_BYTES` of packets.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::Poll as TaskPoll;
@@ -36,14 +39,43 @@ use super::socket::Socket;
 pub const MAX_UNCONNECTED: usize = 4096;
 /// Most bytes of packets one GET answer carries (the rest waits for the next GET).
 const MAX_BODY_BYTES: usize = 256 * 1024;
+/// CONNECTs one session may have refused; the next refusal ends it.
+pub const MAX_REFUSED: u8 = 3;
 
 /// This core's polling sessions.
 #[derive(Default)]
 pub struct Polls {
     map: RefCell<HashMap<u64, Entry>>,
+    /// Sessions waiting for their CONNECT, in all and by client address.
+    unconnected: Cell<usize>,
+    per_ip: RefCell<HashMap<IpAddr, u32>>,
+}
+
+impl Polls {
+    fn count(&self, ip: IpAddr) {
+        self.unconnected.set(self.unconnected.get() + 1);
+        *self.per_ip.borrow_mut().entry(ip).or_default() += 1;
+    }
+
+    /// An unconnected session connected or went.
+    fn uncount(&self, ip: IpAddr) {
+        self.unconnected
+            .set(self.unconnected.get().saturating_sub(1));
+        let mut per_ip = self.per_ip.borrow_mut();
+        if let Some(n) = per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+    }
 }
 
 struct Entry {
+    /// The client's address (for the per-address bound before the CONNECT).
+    ip: IpAddr,
+    /// CONNECTs refused so far.
+    refused: u8,
     /// The secret half of the session id: a request must present it.
     key: Box<str>,
     /// Set once the CONNECT opened the session.
@@ -82,12 +114,19 @@ pub enum PollError {
     Overlap,
     /// Too many sessions wait for their CONNECT on this core.
     Full,
+    /// Too many of them come from the client's address.
+    PerIp,
 }
 
 /// What a GET gets.
 pub enum Answer {
     Now(Vec<u8>),
-    Later(oneshot::Receiver<Vec<u8>>),
+    /// Held until the session has something to say; `connected`: the session is a
+    /// connection (its GET is no pending socket while held).
+    Later {
+        answer: oneshot::Receiver<Vec<u8>>,
+        connected: bool,
+    },
 }
 
 /// Where an unconnected session stands for a CONNECT.
@@ -121,16 +160,29 @@ impl Core {
         rx.await.ok()
     }
 
-    /// A new session waiting for its CONNECT: its id.
-    pub fn poll_open(&self, key: Box<str>, expires: Instant) -> Result<u64, PollError> {
-        let mut map = self.polls.map.borrow_mut();
-        if map.values().filter(|e| e.conn.is_none()).count() >= MAX_UNCONNECTED {
+    /// A new session waiting for its CONNECT, from `ip` (at most `per_ip` of them from one
+    /// address on this core; 0: no bound): its id.
+    pub fn poll_open(
+        &self,
+        key: Box<str>,
+        expires: Instant,
+        ip: IpAddr,
+        per_ip: u32,
+    ) -> Result<u64, PollError> {
+        if self.polls.unconnected.get() >= MAX_UNCONNECTED {
             return Err(PollError::Full);
         }
+        let from_ip = self.polls.per_ip.borrow().get(&ip).copied().unwrap_or(0);
+        if per_ip > 0 && from_ip >= per_ip {
+            return Err(PollError::PerIp);
+        }
         let id = self.next_conn_id();
-        map.insert(
+        self.polls.count(ip);
+        self.polls.map.borrow_mut().insert(
             id,
             Entry {
+                ip,
+                refused: 0,
                 key,
                 conn: None,
                 outbox: VecDeque::new(),
@@ -175,13 +227,22 @@ impl Core {
         })
     }
 
-    /// A CONNECT was refused: `frame` (its CONNECT_ERROR) waits for the next GET.
+    /// A CONNECT was refused: `frame` (its CONNECT_ERROR) waits for the next GET; past
+    /// `MAX_REFUSED` refusals the session ends instead.
     pub fn poll_refused(&self, id: u64, key: &str, frame: Bytes) {
-        let _ = self.poll_entry(id, key, |e| {
+        let over = self.poll_entry(id, key, |e| {
             e.connecting = false;
+            e.refused += 1;
+            if e.refused > MAX_REFUSED {
+                return true;
+            }
             e.outbox.push_back(frame);
-            answer_held(e)
+            answer_held(e);
+            false
         });
+        if over == Ok(true) {
+            self.poll_end(id, None);
+        }
     }
 
     /// The CONNECT opened the session as `conn` (registered, welcome queued).
@@ -190,15 +251,18 @@ impl Core {
         let attached = self.poll_entry(id, key, |e| {
             e.connecting = false;
             e.conn = Some(conn.clone());
+            let ip = e.ip;
             match e.early.take() {
                 // Upgraded already: the session starts on its WebSocket.
                 Some(upgraded) => drop(tx.send(upgraded)),
                 None => e.upgrade = Some(tx),
             }
+            ip
         });
-        if attached.is_err() {
+        match attached {
+            Ok(ip) => self.polls.uncount(ip),
             // Gone while the CONNECT was checked (expired, or closed): so is the session.
-            return conn.cut();
+            Err(_) => return conn.cut(),
         }
         let Some(core) = self.me.upgrade() else {
             return;
@@ -225,17 +289,29 @@ impl Core {
             return Ok(Answer::Now(b"6".to_vec())); // upgrading: nothing goes this way
         }
         if !e.outbox.is_empty() {
-            let frames: Vec<Bytes> = e.outbox.drain(..).collect();
+            let mut frames = Vec::new();
+            let mut size = 0;
+            while size < MAX_BODY_BYTES {
+                let Some(frame) = e.outbox.pop_front() else {
+                    break;
+                };
+                size += frame.len();
+                frames.push(frame);
+            }
             return Ok(Answer::Now(payload(&frames).0));
         }
         let (tx, rx) = oneshot::channel();
         e.held = Some(tx);
         let conn = e.conn.clone();
         drop(map);
+        let connected = conn.is_some();
         if let Some(conn) = conn {
             self.schedule_always(&conn);
         }
-        Ok(Answer::Later(rx))
+        Ok(Answer::Later {
+            answer: rx,
+            connected,
+        })
     }
 
     /// The client closed the session (a close packet), or broke it: it ends.
@@ -253,7 +329,10 @@ impl Core {
                 conn.end_writing(); // nobody will fetch the close: the session is over
             }
             None => {
-                self.polls.map.borrow_mut().remove(&id);
+                let gone = self.polls.map.borrow_mut().remove(&id);
+                if let Some(e) = gone.filter(|e| e.conn.is_none()) {
+                    self.polls.uncount(e.ip);
+                }
             }
         }
     }
@@ -300,10 +379,17 @@ impl Core {
 
     /// Unconnected sessions past their deadline go.
     pub(super) fn poll_sweep(&self, now: Instant) {
-        self.polls
-            .map
-            .borrow_mut()
-            .retain(|_, e| e.conn.is_some() || e.connecting || e.expires > now);
+        let mut gone = Vec::new();
+        self.polls.map.borrow_mut().retain(|_, e| {
+            let keep = e.conn.is_some() || e.connecting || e.expires > now;
+            if !keep {
+                gone.push(e.ip);
+            }
+            keep
+        });
+        for ip in gone {
+            self.polls.uncount(ip);
+        }
     }
 
     /// A polling connection's turn in the flush: answers the held GET with what is queued.

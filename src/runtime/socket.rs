@@ -62,6 +62,24 @@ impl Socket {
 
 /// One non-blocking receive into `buf`: `Ok(0)` is the end of the stream, `WouldBlock` a
 /// spurious readiness wake-up.
+/// One non-blocking send on a stream that has no `Socket` (yet): what the kernel takes now.
+pub fn try_send(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: the descriptor belongs to `stream`, open for this call; `buf` is only read.
+    let n = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 pub fn recv(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: the descriptor belongs to `stream`, borrowed for this call, so it is open; `buf`
     // is ours, writable for its length; MSG_DONTWAIT never blocks the core.
