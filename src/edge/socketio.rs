@@ -91,8 +91,13 @@ pub async fn serve(
         }
     };
     let settings = &core.shared.settings;
+    // The upgrade of a polling session goes on uncompressed: that session was made without
+    // permessage-deflate and its connection cannot inflate, so the offer is declined (a
+    // browser compresses every message it sends once the extension is accepted).
+    let upgrading = req.query_param("sid").is_some();
     let extensions = settings
         .compress_over
+        .filter(|_| !upgrading)
         .and_then(|_| deflate::negotiate(req.tokens("sec-websocket-extensions")));
     let compress_over = settings.compress_over.filter(|_| extensions.is_some());
     let accept = http::accept_response(&upgrade.key, None, extensions.as_deref());
