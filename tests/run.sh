@@ -8,7 +8,7 @@
 #   tests/run.sh
 #
 # Needs Rust (cargo) already; installs with apt-get, through sudo when not root:
-#   chromium      tests/browser.rs drives it over the DevTools protocol
+#   chromium      tests/browser.rs and tests/socketio_browser.rs drive it over the DevTools protocol
 #   curl          tests/sse.rs reads Server-Sent Events with `curl -N`
 #   redis-server  tests/cluster.rs starts its own Redis servers on free loopback ports
 #   python3-venv  tests/python_client.rs builds a virtualenv and installs `websockets` from PyPI

@@ -1,39 +1,13 @@
 //! Socket.IO: the real `socket.io-client` v4 from npm (in Node) against `/socket.io/`
 //! (tests/node/socketio_check.cjs), and the Engine.IO handshake seen over a raw socket.
-//! The client library is installed under target/ on first use.
+//! The client library is installed under target/ on first use (`support::node_modules`).
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::json;
 use support::*;
-
-/// `node_modules` holding socket.io-client, made once for every test of this file.
-fn node_modules() -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("node-socketio");
-        let modules = dir.join("node_modules");
-        if !modules.join("socket.io-client/package.json").exists() {
-            std::fs::create_dir_all(&dir).unwrap();
-            let ok = Command::new("npm")
-                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
-                .arg(&dir)
-                .arg("socket.io-client@4")
-                .status()
-                .expect("npm is needed for the Socket.IO tests")
-                .success();
-            assert!(
-                ok,
-                "npm install socket.io-client failed (the npm registry must be reachable)"
-            );
-        }
-        modules
-    })
-    .clone()
-}
 
 fn run_node(script: &str, server: &Server, env: &[(&str, &str)]) {
     let (ok, out) = try_node(script, server, env);

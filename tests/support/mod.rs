@@ -2,6 +2,7 @@
 //! port of its own, real clients (tokio-tungstenite, raw TCP), and a tiny HTTP client.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod redis;
 pub mod sse;
 
@@ -658,4 +659,31 @@ fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
         },
         header + len,
     ))
+}
+
+/// `node_modules` holding socket.io-client v4 from npm (tests/socketio.rs runs it in Node,
+/// tests/socketio_browser.rs loads its browser bundle), installed under target/ on first use
+/// and made once per test binary.
+pub fn node_modules() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("node-socketio");
+        let modules = dir.join("node_modules");
+        if !modules.join("socket.io-client/package.json").exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+            let ok = std::process::Command::new("npm")
+                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&dir)
+                .arg("socket.io-client@4")
+                .status()
+                .expect("npm is needed for the Socket.IO tests")
+                .success();
+            assert!(
+                ok,
+                "npm install socket.io-client failed (the npm registry must be reachable)"
+            );
+        }
+        modules
+    })
+    .clone()
 }
