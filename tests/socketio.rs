@@ -197,24 +197,24 @@ async fn polling_handshake(server: &Server) -> String {
 }
 
 #[tokio::test]
-async fn an_upgrade_that_overtakes_the_connect_carries_the_session() {
+async fn an_upgrade_probe_that_comes_before_the_connect_waits_for_it() {
     let server = Server::start();
     let t = token(json!({"sub": "raw", "projects": ["p"]}));
+    // The WebSocket probes before the CONNECT is even sent: no answer yet...
     let sid = polling_handshake(&server).await;
-    // The WebSocket is probed and upgraded before the CONNECT is even sent...
     let path = format!("/socket.io/?EIO=4&transport=websocket&sid={sid}");
     let mut ws = RawWs::connect(server.addr, &path).await;
     ws.send_frame(true, 0x1, b"2probe").await;
+    // ...then the CONNECT comes by POST, and the probe is answered.
+    let post = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    let connect = format!("40{{\"token\":\"{t}\"}}");
+    let (status, _, body) = server.http("POST", &post, &[], &connect).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
     assert_eq!(ws.recv().await.unwrap().payload, b"3probe");
     ws.send_frame(true, 0x1, b"5").await;
-    // ...then the CONNECT comes by POST: the session opens on the WebSocket.
-    let post = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
-    let (status, _, body) = server
-        .http("POST", &post, &[], &format!("40{{\"token\":\"{t}\"}}"))
-        .await;
-    assert_eq!((status, body.as_str()), (200, "ok"));
-    let connect = String::from_utf8(ws.recv().await.unwrap().payload).unwrap();
-    assert!(connect.starts_with("40{"), "{connect}");
+    // The session goes on over the WebSocket, its CONNECT answer first.
+    let connected = String::from_utf8(ws.recv().await.unwrap().payload).unwrap();
+    assert!(connected.starts_with("40{"), "{connected}");
     ws.send_frame(true, 0x1, b"421[\"subscribe\",{\"channel\":\"project:p\"}]")
         .await;
     loop {
@@ -224,9 +224,22 @@ async fn an_upgrade_that_overtakes_the_connect_carries_the_session() {
             break;
         }
     }
-    // Polling is over for it: a GET no longer finds a session to poll.
     let (status, _, _) = server.http("GET", &post, &[], "").await;
-    assert_eq!(status, 400);
+    assert_eq!(status, 400, "polling is over for it");
+
+    // A probe waiting for a CONNECT that is refused is closed; the refusal goes by polling.
+    let sid = polling_handshake(&server).await;
+    let path = format!("/socket.io/?EIO=4&transport=websocket&sid={sid}");
+    let mut ws = RawWs::connect(server.addr, &path).await;
+    ws.send_frame(true, 0x1, b"2probe").await;
+    let post = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    let (status, _, _) = server
+        .http("POST", &post, &[], "40{\"token\":\"bad\"}")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(ws.recv_close_code().await, 1008);
+    let (_, _, body) = server.http("GET", &post, &[], "").await;
+    assert!(body.starts_with("44{"), "{body}");
 }
 
 #[tokio::test]

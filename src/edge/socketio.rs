@@ -33,7 +33,7 @@ use crate::proto::ws::deflate;
 use crate::runtime::conn;
 use crate::runtime::core::Core;
 use crate::runtime::pending::{Expired, Stage, Ticket};
-use crate::runtime::polling::{Answer, Connecting, PollError, Upgraded};
+use crate::runtime::polling::{Answer, Connecting, PollError, Probe, Upgraded};
 use crate::runtime::socket::Socket;
 
 use super::http::{read_some, Edge, Reply};
@@ -233,13 +233,26 @@ async fn upgrade_polling(mut ws: PreAuth<'_>, mut stream: TcpStream, sid: &str) 
         send(ws.ticket, &mut stream, close).await;
         return;
     }
+    // A probe may come before the CONNECT opened the session (a client sends both at once):
+    // it waits for that, within the socket's deadline, then asks again.
     let key_home: Box<str> = key.into();
-    let probed = me
-        .at_home(home, move |core, tx| {
-            let _ = tx.send(core.poll_probed(id, &key_home));
-        })
-        .await;
-    if probed != Some(true) {
+    let probed = loop {
+        let key_home = key_home.clone();
+        let probe = me
+            .at_home(home, move |core, tx| {
+                let _ = tx.send(core.poll_probed(id, &key_home));
+            })
+            .await;
+        match probe {
+            Some(Probe::Ready) => break true,
+            Some(Probe::NotYet(opened)) => match ws.ticket.guard(opened).await {
+                Ok(Ok(())) => continue,
+                _ => break false,
+            },
+            Some(Probe::Unknown) | None => break false,
+        }
+    };
+    if !probed {
         send(ws.ticket, &mut stream, unknown).await;
         return;
     }

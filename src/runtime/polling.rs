@@ -94,9 +94,20 @@ struct Entry {
     /// A WebSocket probed: the GET being held is answered with a noop and no packet goes
     /// out any more until the upgrade is done.
     probed: bool,
-    /// The upgraded socket, when the upgrade came before the CONNECT was through (its
-    /// session then starts on it).
-    early: Option<Upgraded>,
+    /// A probe that came before the CONNECT opened the session (a client sends both at
+    /// once): told when it did; dropped if the CONNECT is refused or the entry goes.
+    probe_waiting: Option<oneshot::Sender<()>>,
+}
+
+/// What a WebSocket probing a session finds.
+pub enum Probe {
+    /// The session is open and now probed: its held GET got a noop.
+    Ready,
+    /// Its CONNECT has not opened it yet: the receiver fires once it has (and fails if the
+    /// CONNECT is refused, the session goes, or another probe takes the wait over).
+    NotYet(oneshot::Receiver<()>),
+    /// No such session.
+    Unknown,
 }
 
 /// A probed WebSocket the session moves to.
@@ -191,7 +202,7 @@ impl Core {
                 connecting: false,
                 upgrade: None,
                 probed: false,
-                early: None,
+                probe_waiting: None,
             },
         );
         Ok(id)
@@ -232,6 +243,7 @@ impl Core {
     pub fn poll_refused(&self, id: u64, key: &str, frame: Bytes) {
         let over = self.poll_entry(id, key, |e| {
             e.connecting = false;
+            e.probe_waiting = None;
             e.refused += 1;
             if e.refused > MAX_REFUSED {
                 return true;
@@ -251,13 +263,11 @@ impl Core {
         let attached = self.poll_entry(id, key, |e| {
             e.connecting = false;
             e.conn = Some(conn.clone());
-            let ip = e.ip;
-            match e.early.take() {
-                // Upgraded already: the session starts on its WebSocket.
-                Some(upgraded) => drop(tx.send(upgraded)),
-                None => e.upgrade = Some(tx),
+            e.upgrade = Some(tx);
+            if let Some(probe) = e.probe_waiting.take() {
+                let _ = probe.send(());
             }
-            ip
+            e.ip
         });
         match attached {
             Ok(ip) => self.polls.uncount(ip),
@@ -337,16 +347,24 @@ impl Core {
         }
     }
 
-    /// A WebSocket answered the probe: the held GET gets a noop, and nothing more goes out
-    /// until the upgrade packet. False if there is no such session.
-    pub fn poll_probed(&self, id: u64, key: &str) -> bool {
+    /// A WebSocket sent the probe: if the session is open, the held GET gets a noop and
+    /// nothing more goes out until the upgrade packet. Before the CONNECT opened it, the
+    /// session is left as it is (its GETs still carry the CONNECT's answer) and the probe
+    /// is told when to ask again.
+    pub fn poll_probed(&self, id: u64, key: &str) -> Probe {
         self.poll_entry(id, key, |e| {
+            if e.conn.is_none() {
+                let (tx, rx) = oneshot::channel();
+                e.probe_waiting = Some(tx);
+                return Probe::NotYet(rx);
+            }
             e.probed = true;
             if let Some(held) = e.held.take() {
                 let _ = held.send(b"6".to_vec());
             }
+            Probe::Ready
         })
-        .is_ok()
+        .unwrap_or(Probe::Unknown)
     }
 
     /// The probed WebSocket went away before the upgrade: polling goes on.
@@ -360,20 +378,11 @@ impl Core {
         }
     }
 
-    /// The client sent the upgrade packet on the probed socket: the session moves to it (at
-    /// once, or as soon as its CONNECT is through).
+    /// The client sent the upgrade packet on the probed socket: the session moves to it.
     pub fn poll_upgrade(&self, id: u64, key: &str, upgraded: Upgraded) -> bool {
-        let mut map = self.polls.map.borrow_mut();
-        let Some(e) = map.get_mut(&id).filter(|e| *e.key == *key) else {
-            return false;
-        };
-        match e.upgrade.take() {
-            Some(tx) => tx.send(upgraded).is_ok(),
-            None if e.conn.is_none() && e.early.is_none() => {
-                e.early = Some(upgraded);
-                true
-            }
-            None => false,
+        match self.poll_entry(id, key, |e| e.upgrade.take()) {
+            Ok(Some(tx)) => tx.send(upgraded).is_ok(),
+            _ => false,
         }
     }
 
