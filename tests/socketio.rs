@@ -47,38 +47,34 @@ fn tokens() -> Vec<(&'static str, String)> {
 #[test]
 fn socket_io_client_over_websocket_joins_rooms_and_gets_events() {
     let server = Server::start();
+    client_check(&server, "websocket");
+}
+
+/// tests/node/socketio_check.cjs against `server` over `transports`.
+fn client_check(server: &Server, transports: &str) {
     let tokens = tokens();
     let mut env: Vec<(&str, &str)> = tokens.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    env.push(("TRANSPORTS", "websocket"));
-    run_node("socketio_check.cjs", &server, &env);
+    env.push(("TRANSPORTS", transports));
+    run_node("socketio_check.cjs", server, &env);
 }
 
 #[test]
 fn socket_io_client_on_a_cluster_node_gets_the_same() {
     let redis = support::redis::Redis::start();
     let server = support::redis::node_at(&redis.url(), &[]);
-    let tokens = tokens();
-    let mut env: Vec<(&str, &str)> = tokens.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    env.push(("TRANSPORTS", "polling,websocket"));
-    run_node("socketio_check.cjs", &server, &env);
+    client_check(&server, "polling,websocket");
 }
 
 #[test]
 fn socket_io_client_polling_first_then_upgrading_gets_the_same() {
     let server = Server::start();
-    let tokens = tokens();
-    let mut env: Vec<(&str, &str)> = tokens.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    env.push(("TRANSPORTS", "polling,websocket"));
-    run_node("socketio_check.cjs", &server, &env);
+    client_check(&server, "polling,websocket");
 }
 
 #[test]
 fn socket_io_client_over_polling_only_gets_the_same() {
     let server = Server::start();
-    let tokens = tokens();
-    let mut env: Vec<(&str, &str)> = tokens.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    env.push(("TRANSPORTS", "polling"));
-    run_node("socketio_check.cjs", &server, &env);
+    client_check(&server, "polling");
 }
 
 fn recovery(transports: &str, window: &str) -> (bool, String) {

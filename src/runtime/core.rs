@@ -413,14 +413,15 @@ impl Core {
                 redis.keep_session(pid, json, window);
             }
             Broker::Local => {
-                let mut store = self
-                    .shared
-                    .recovery
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let mut store = self.recovery_store();
                 store.put(pid, record, Instant::now(), window);
             }
         }
+    }
+
+    fn recovery_store(&self) -> std::sync::MutexGuard<'_, crate::delivery::recovery::Store> {
+        // The store is consistent after any single call: a panic elsewhere leaves it usable.
+        self.shared.recovery.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The session a Socket.IO client recovers, once. The connection it left may not have
@@ -435,11 +436,7 @@ impl Core {
                     .await
                     .and_then(|json| serde_json::from_str(&json).ok()),
                 Broker::Local => {
-                    let mut store = self
-                        .shared
-                        .recovery
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
+                    let mut store = self.recovery_store();
                     store.take(pid, user, Instant::now())
                 }
             };

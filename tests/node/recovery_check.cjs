@@ -6,41 +6,14 @@
 // holds: recovered must be false.
 "use strict";
 const { io } = require("socket.io-client");
+const { check, within, until, publishTo, run } = require("./common.cjs");
 
 const { URL, TOKEN, API_KEY } = process.env;
 const transports = (process.env.TRANSPORTS || "websocket").split(",");
 const REPLAY = Number(process.env.REPLAY);
-const WAIT_MS = 15000;
 
-function check(ok, what) {
-  if (!ok) {
-    console.error("FAILED: " + what);
-    process.exit(1);
-  }
-}
-
-function within(promise, what) {
-  return Promise.race([
-    promise,
-    new Promise((_, reject) => setTimeout(() => reject(new Error("timed out: " + what)), WAIT_MS)),
-  ]);
-}
-
-async function publish(channel, n) {
-  const res = await fetch(URL + "/api/v1/publish", {
-    method: "POST",
-    headers: { authorization: "Bearer " + API_KEY, "content-type": "application/json" },
-    body: JSON.stringify({ channel, event: "tick", data: { channel, n } }),
-  });
-  const json = await res.json();
-  check(res.status === 200, "publish: " + JSON.stringify(json));
-  return json.seq;
-}
-
-function until(cond, what) {
-  return within(new Promise((resolve) => {
-    const t = setInterval(() => { if (cond()) { clearInterval(t); resolve(); } }, 5);
-  }), what);
+function publish(channel, n) {
+  return publishTo(URL, API_KEY, { channel, event: "tick", data: { channel, n } });
 }
 
 function cut(socket) {
@@ -101,10 +74,4 @@ async function main() {
   console.log("recovery checks passed over " + transports.join("+"));
 }
 
-main().then(
-  () => process.exit(0),
-  (e) => {
-    console.error("FAILED: " + (e && e.stack ? e.stack : e));
-    process.exit(1);
-  }
-);
+run(main);

@@ -5,35 +5,12 @@
 // socket.recovered === true and every event exactly once, in order, on both channels.
 "use strict";
 const { io } = require("socket.io-client");
+const { check, until, publishTo, run } = require("./common.cjs");
 
 const { URL_A, URL_B, A_PID, TOKEN, API_KEY } = process.env;
-const WAIT_MS = 20000;
 
-function check(ok, what) {
-  if (!ok) {
-    console.error("FAILED: " + what);
-    process.exit(1);
-  }
-}
-
-function until(cond, what) {
-  return Promise.race([
-    new Promise((resolve) => {
-      const t = setInterval(() => { if (cond()) { clearInterval(t); resolve(); } }, 5);
-    }),
-    new Promise((_, reject) => setTimeout(() => reject(new Error("timed out: " + what)), WAIT_MS)),
-  ]);
-}
-
-async function publish(channel, n) {
-  const res = await fetch(URL_B + "/api/v1/publish", {
-    method: "POST",
-    headers: { authorization: "Bearer " + API_KEY, "content-type": "application/json" },
-    body: JSON.stringify({ channel, event: "tick", data: { n } }),
-  });
-  const json = await res.json();
-  check(res.status === 200, "publish: " + JSON.stringify(json));
-  return json.seq;
+function publish(channel, n) {
+  return publishTo(URL_B, API_KEY, { channel, event: "tick", data: { n } });
 }
 
 async function main() {
@@ -75,10 +52,4 @@ async function main() {
   console.log("drain recovery checks passed");
 }
 
-main().then(
-  () => process.exit(0),
-  (e) => {
-    console.error("FAILED: " + (e && e.stack ? e.stack : e));
-    process.exit(1);
-  }
-);
+run(main);

@@ -4,38 +4,15 @@
 // Every check fails the run with a message; nothing is skipped.
 "use strict";
 const { io } = require("socket.io-client");
+const { check, within, publishTo, run } = require("./common.cjs");
 
 const { URL, TOKEN, OTHER_TOKEN, BAD_TOKEN, API_KEY } = process.env;
 const transports = (process.env.TRANSPORTS || "websocket").split(",");
-const WAIT_MS = 10000;
 
-function check(ok, what) {
-  if (!ok) {
-    console.error("FAILED: " + what);
-    process.exit(1);
-  }
-}
-
-function within(promise, what) {
-  return Promise.race([
-    promise,
-    new Promise((_, reject) => setTimeout(() => reject(new Error("timed out: " + what)), WAIT_MS)),
-  ]);
-}
+const publish = (body) => publishTo(URL, API_KEY, body);
 
 function once(socket, event) {
   return within(new Promise((resolve) => socket.once(event, (...args) => resolve(args))), event);
-}
-
-async function publish(body) {
-  const res = await fetch(URL + "/api/v1/publish", {
-    method: "POST",
-    headers: { authorization: "Bearer " + API_KEY, "content-type": "application/json" },
-    body: JSON.stringify(body),
-  });
-  const json = await res.json();
-  check(res.status === 200, "publish answered " + res.status + " " + JSON.stringify(json));
-  return json.seq;
 }
 
 function connect(token, extra = {}) {
@@ -181,10 +158,4 @@ async function main() {
   console.log("socket.io checks passed over " + transports.join("+"));
 }
 
-main().then(
-  () => process.exit(0),
-  (e) => {
-    console.error("FAILED: " + (e && e.stack ? e.stack : e));
-    process.exit(1);
-  }
-);
+run(main);
