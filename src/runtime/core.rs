@@ -421,7 +421,10 @@ impl Core {
 
     fn recovery_store(&self) -> std::sync::MutexGuard<'_, crate::delivery::recovery::Store> {
         // The store is consistent after any single call: a panic elsewhere leaves it usable.
-        self.shared.recovery.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared
+            .recovery
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// The session a Socket.IO client recovers, once. The connection it left may not have
