@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
         let after = SseStream::parse_id(written, EPOCH, &channels);
         let expected = match resumes[0] {
             Resume::After(seq) => Resume::After(seq.max(5)),
-            Resume::Live | Resume::OtherEpoch => Resume::After(5),
+            Resume::Live | Resume::OtherEpoch | Resume::Held => Resume::After(5),
         };
         assert_eq!(after[0], expected);
     }
