@@ -412,6 +412,16 @@ async fn refused_connects_are_bounded_on_both_transports_and_per_address() {
         Some(400),
         "the session ended"
     );
+    // A body is read only for a session that exists, and before its CONNECT only a small one.
+    let unknown = "POST /socket.io/?EIO=4&transport=polling&sid=1-nope HTTP/1.1\r\n\
+                   Host: x\r\nContent-Length: 100000\r\n\r\nx";
+    let (status, _, body) = raw_exchange(server.addr, unknown.as_bytes()).await;
+    assert_eq!(status, 400, "answered on its head: {body}");
+    let sid = probe.handshake().await;
+    let big = format!("40{{\"token\":\"{}\"}}", "x".repeat(20_000));
+    let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    let (status, _) = probe.request("POST", &path, &big).await;
+    assert_eq!(status, 413);
     // Sessions waiting for their CONNECT, from one address: at most its share (4 on the
     // node, 2 per worker here), then 429.
     let mut statuses = Vec::new();

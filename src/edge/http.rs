@@ -19,6 +19,7 @@ use crate::runtime::node::Broker;
 use crate::runtime::pending::{Expired, Full, Stage, Ticket};
 
 use super::jwt::Verifier;
+use super::socketio::Standing;
 use super::{admin, publish, socketio, sse, terminal, upgrade};
 
 /// Largest request body accepted (a publish batch).
@@ -221,14 +222,24 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
         };
         // A body is read only for a route that takes one, from a publisher holding the API
         // key, and within the core's budget; anything else is answered on its head alone.
-        // A Socket.IO polling POST carries the session's packets (its id is checked where the
-        // session lives), up to Engine.IO's maxPayload.
-        let polling_post = socketio::takes_body(&request);
+        // A Socket.IO polling POST carries a session's packets: read only for a session that
+        // exists, up to Engine.IO's maxPayload once it is connected; before its CONNECT, a
+        // small body in the head's (evictable) stage.
+        let polling_post = match socketio::takes_body(&request) {
+            true => Some(socketio::standing(&core, &request).await),
+            false => None,
+        };
         let read_body = body_len > 0
-            && ((takes_body(&request) && has_api_key(&edge, &request)) || polling_post);
+            && ((takes_body(&request) && has_api_key(&edge, &request))
+                || polling_post.is_some_and(|s| s != Standing::Unknown));
+        let body_limit = match polling_post {
+            Some(Standing::Connected) => core.shared.settings.socketio_max_payload,
+            Some(_) => socketio::PREAUTH_MAX_BYTES,
+            None => usize::MAX,
+        };
         let refusal = if !read_body {
             None
-        } else if polling_post && body_len > core.shared.settings.socketio_max_payload {
+        } else if body_len > body_limit {
             Some(Reply::error(413, "the packets are larger than maxPayload"))
         } else if body_len > max_body(&core) {
             let message = match max_body(&core) {
@@ -253,7 +264,11 @@ pub async fn serve(edge: Arc<Edge>, core: Rc<Core>, mut stream: TcpStream, peer:
             return linger_close(stream, LINGER).await;
         }
         let body = if read_body {
-            ticket.stage(Stage::Body, Instant::now());
+            let stage = match polling_post {
+                Some(Standing::Unconnected) => Stage::Head,
+                _ => Stage::Body,
+            };
+            ticket.stage(stage, Instant::now());
             if buf.len() < body_len && request.has_token("expect", "100-continue") {
                 let (res, _) = stream
                     .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])

@@ -40,7 +40,7 @@ use super::http::{read_some, Edge, Reply};
 use super::upgrade::{self, Opening};
 
 /// Most bytes a client may send before its CONNECT is answered (a token is a few KiB).
-const PREAUTH_MAX_BYTES: usize = 16 * 1024;
+pub const PREAUTH_MAX_BYTES: usize = 16 * 1024;
 /// CONNECT packets one socket may try before it is closed.
 const MAX_CONNECT_ATTEMPTS: u32 = 3;
 
@@ -380,6 +380,27 @@ pub fn takes_body(req: &Request) -> bool {
     req.method == "POST" && route(&req.path) && req.query_param("sid").is_some()
 }
 
+pub use crate::runtime::polling::Standing;
+
+/// Where the session a polling request names stands (asked of its home core).
+pub async fn standing(core: &Rc<Core>, req: &Request) -> Standing {
+    let Some((id, key)) = req.query_param("sid").as_deref().and_then(|s| {
+        let (id, key) = parse_sid(s)?;
+        Some((id, Box::<str>::from(key)))
+    }) else {
+        return Standing::Unknown;
+    };
+    let home = (id >> 48) as usize;
+    if home >= core.cores() {
+        return Standing::Unknown;
+    }
+    core.at_home(home, move |core, tx| {
+        let _ = tx.send(core.poll_standing(id, &key));
+    })
+    .await
+    .unwrap_or(Standing::Unknown)
+}
+
 fn handshake(core: &Core, sid: &str, upgrades: &[&str]) -> String {
     let settings = &core.shared.settings;
     Handshake {
@@ -585,6 +606,10 @@ async fn post(
         return text_ok();
     }
     for record in text.split('\x1e') {
+        // Ended (refused too often) or connected: the rest of the body has nobody to go to.
+        if core.poll_standing(id, key) != Standing::Unconnected {
+            break;
+        }
         let packet = match engineio::decode_text(record) {
             Ok(EnginePacket::Message(engineio::Data::Text(p))) => p,
             Ok(EnginePacket::Close) => {

@@ -140,6 +140,15 @@ pub enum Answer {
     },
 }
 
+/// Where the session a request names stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Unknown,
+    /// Waiting for its CONNECT.
+    Unconnected,
+    Connected,
+}
+
 /// Where an unconnected session stands for a CONNECT.
 pub enum Connecting {
     /// Go on: check the token.
@@ -224,6 +233,15 @@ impl Core {
     /// The session's connection, once its CONNECT opened it.
     pub fn poll_conn(&self, id: u64, key: &str) -> Result<Option<Rc<Conn>>, PollError> {
         self.poll_entry(id, key, |e| e.conn.clone())
+    }
+
+    /// Whether the session exists, and is connected.
+    pub fn poll_standing(&self, id: u64, key: &str) -> Standing {
+        match self.poll_entry(id, key, |e| e.conn.is_some()) {
+            Ok(true) => Standing::Connected,
+            Ok(false) => Standing::Unconnected,
+            Err(_) => Standing::Unknown,
+        }
     }
 
     /// A CONNECT arrived: whether to check it.
