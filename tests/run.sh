@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Every test, on a fresh Debian machine too: installs what the tests need that is missing, runs
-# `cargo test --release` (unit tests, end-to-end tests over loopback sockets, the browser and
-# Python clients, cluster tests with their own Redis servers), then a set of the end-to-end
+# Every check, on a fresh Debian machine too: installs what the tests need that is missing,
+# checks formatting and lints (cargo fmt, cargo clippy), runs `cargo test --release` (unit
+# tests, end-to-end tests over loopback sockets, the browser, Node and Python clients, cluster
+# tests with their own Redis servers), then a set of the end-to-end
 # tests again in cluster mode on one Redis, then a short run of every fuzz target
 # (fuzz/run.sh 10) when they exist.
 #
 #   tests/run.sh
 #
 # Needs Rust (cargo) already; installs with apt-get, through sudo when not root:
+#   rustfmt, rust-clippy  cargo fmt and cargo clippy, when rustup is not there to add them
 #   chromium      tests/browser.rs and tests/socketio_browser.rs drive it over the DevTools protocol
 #   curl          tests/sse.rs reads Server-Sent Events with `curl -N`
 #   redis-server  tests/cluster.rs starts its own Redis servers on free loopback ports
@@ -23,7 +25,17 @@ command -v cargo >/dev/null 2>&1 || {
     exit 2
 }
 
+# cargo fmt and cargo clippy: rustup's components, or Debian's packages with Debian's cargo.
+for tool in fmt clippy; do
+    if ! cargo "$tool" --version >/dev/null 2>&1 && command -v rustup >/dev/null 2>&1; then
+        [ "$tool" = fmt ] && component=rustfmt || component=clippy
+        rustup component add "$component"
+    fi
+done
+
 need=()
+cargo fmt --version >/dev/null 2>&1 || need+=(rustfmt)
+cargo clippy --version >/dev/null 2>&1 || need+=(rust-clippy)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
@@ -51,6 +63,10 @@ if ((${#need[@]})); then
     "${sudo[@]}" apt-get update -qq
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+
+# Formatting and lints first: a change that fails them fails here, as in CI.
+cargo fmt --all -- --check
+cargo clippy --release --all-targets -- -D warnings
 
 cargo test --release
 

@@ -547,27 +547,11 @@ async fn held(stream: &TcpStream, rx: oneshot::Receiver<Vec<u8>>) -> Option<Vec<
         match outcome {
             // The session ended without a last word: the close packet says so.
             Some(answer) => return Some(answer.unwrap_or_else(|_| b"1".to_vec())),
-            None if peer_closed(stream) => return None,
+            None if crate::runtime::socket::peer_closed(stream) => return None,
             // Something pipelined behind the GET: it waits in the kernel; stop watching.
             None => watching = false,
         }
     }
-}
-
-/// Whether the peer closed its end (a peek reads 0 bytes).
-fn peer_closed(stream: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut byte = [0u8; 1];
-    // SAFETY: a peek of at most one byte into a local buffer on a descriptor `stream` owns.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            byte.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n == 0 || (n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock)
 }
 
 /// A polling POST at the session's home: its packets, in order, to the session (or, before

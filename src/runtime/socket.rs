@@ -34,18 +34,8 @@ impl Socket {
 
     /// One non-blocking send of (a prefix of) `buf`.
     pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: `fd` belongs to `self.stream`, which `&self` keeps open for this call;
-        // `buf` is only read. MSG_NOSIGNAL: a peer that left is an error here, never a
-        // SIGPIPE.
-        let n = unsafe {
-            libc::send(
-                self.fd,
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+        // `fd` belongs to `self.stream`, which `&self` keeps open for this call.
+        send_fd(self.fd, buf)
     }
 
     /// For readiness (`readable`) and `recv`.
@@ -60,26 +50,44 @@ impl Socket {
     }
 }
 
-/// One non-blocking receive into `buf`: `Ok(0)` is the end of the stream, `WouldBlock` a
-/// spurious readiness wake-up.
 /// One non-blocking send on a stream that has no `Socket` (yet): what the kernel takes now.
 pub fn try_send(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: the descriptor belongs to `stream`, open for this call; `buf` is only read.
+    send_fd(stream.as_raw_fd(), buf)
+}
+
+/// One non-blocking send on `fd`, which the caller keeps open for the call. MSG_NOSIGNAL: a
+/// peer that left is an error here, never a SIGPIPE.
+fn send_fd(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `fd` is open for this call (the caller's promise); `buf` is only read.
     let n = unsafe {
         libc::send(
-            stream.as_raw_fd(),
+            fd,
             buf.as_ptr().cast(),
             buf.len(),
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
     };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
+/// Whether the peer closed its end: a one-byte peek reads nothing (or the socket failed).
+/// What the peer sent is left where it is.
+pub fn peer_closed(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    // SAFETY: a peek of at most one byte into a local buffer on a descriptor `stream` owns.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            byte.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock)
+}
+
+/// One non-blocking receive into `buf`: `Ok(0)` is the end of the stream, `WouldBlock` a
+/// spurious readiness wake-up.
 pub fn recv(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: the descriptor belongs to `stream`, borrowed for this call, so it is open; `buf`
     // is ours, writable for its length; MSG_DONTWAIT never blocks the core.

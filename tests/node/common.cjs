@@ -38,6 +38,16 @@ async function publishTo(url, apiKey, body) {
   return json.seq;
 }
 
+/// Each channel of `published` (channel -> seqs) was received exactly so in `got`: every
+/// event once, in order.
+function checkSame(got, published) {
+  for (const channel of Object.keys(published)) {
+    check(JSON.stringify(got[channel]) === JSON.stringify(published[channel]),
+      channel + ": every event once, in order: got " + JSON.stringify(got[channel]) +
+      " published " + JSON.stringify(published[channel]));
+  }
+}
+
 /// Runs the script's `main`, exiting 0 when it resolves and 1 (with the error) when not.
 function run(main) {
   main().then(
@@ -49,4 +59,4 @@ function run(main) {
   );
 }
 
-module.exports = { check, within, until, publishTo, run };
+module.exports = { check, checkSame, within, until, publishTo, run };

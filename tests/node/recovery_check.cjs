@@ -6,7 +6,7 @@
 // holds: recovered must be false.
 "use strict";
 const { io } = require("socket.io-client");
-const { check, within, until, publishTo, run } = require("./common.cjs");
+const { check, checkSame, within, until, publishTo, run } = require("./common.cjs");
 
 const { URL, TOKEN, API_KEY } = process.env;
 const transports = (process.env.TRANSPORTS || "websocket").split(",");
@@ -55,11 +55,7 @@ async function main() {
   const marker = await publish("dashboard", -1);
   published.dashboard.push(marker);
   await until(() => got.dashboard.includes(marker), "the marker");
-  for (const channel of Object.keys(published)) {
-    check(JSON.stringify(got[channel]) === JSON.stringify(published[channel]),
-      channel + ": every event once, in order: got " + JSON.stringify(got[channel]) +
-      " published " + JSON.stringify(published[channel]));
-  }
+  checkSame(got, published);
 
   // Round 2: more missed than the replay ring holds: not recovered.
   const disconnected = new Promise((r) => socket.once("disconnect", r));

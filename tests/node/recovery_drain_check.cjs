@@ -5,7 +5,7 @@
 // socket.recovered === true and every event exactly once, in order, on both channels.
 "use strict";
 const { io } = require("socket.io-client");
-const { check, until, publishTo, run } = require("./common.cjs");
+const { check, checkSame, until, publishTo, run } = require("./common.cjs");
 
 const { URL_A, URL_B, A_PID, TOKEN, API_KEY } = process.env;
 
@@ -43,11 +43,7 @@ async function main() {
   const marker = await publish("dashboard", -1);
   published.dashboard.push(marker);
   await until(() => got.dashboard.includes(marker), "the marker");
-  for (const channel of Object.keys(published)) {
-    check(JSON.stringify(got[channel]) === JSON.stringify(published[channel]),
-      channel + ": every event once, in order: got " + JSON.stringify(got[channel]) +
-      " published " + JSON.stringify(published[channel]));
-  }
+  checkSame(got, published);
   socket.close();
   console.log("drain recovery checks passed");
 }

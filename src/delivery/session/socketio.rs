@@ -116,14 +116,11 @@ impl Session {
         sio.if_lost = if_lost;
     }
 
-    /// What this session leaves for its client's recovery (None if it has no private id, or
-    /// the client ended it on purpose).
+    /// What this session leaves for its client's recovery (None if it has no private id: the
+    /// client ended it on purpose, or recovery is off).
     pub fn recovery(&self, epoch: &str) -> Option<(String, Record)> {
         let sio = &self.cold.as_ref()?.sio;
         let pid = sio.pid.as_deref()?;
-        if matches!(self.closed_with(), (1000, reason) if reason == "disconnected by the client") {
-            return None;
-        }
         let record = Record {
             user: self.claims.sub.clone(),
             epoch: epoch.to_owned(),
@@ -258,8 +255,10 @@ impl Session {
 
     /// The client disconnected its socket (or closed the transport): the session ends.
     fn client_left(&mut self, ctx: &Ctx) {
-        self.cold()
-            .closed_with
+        let cold = self.cold();
+        cold.sio.pid = None; // ended on purpose: nothing to recover
+        cold.sio.if_lost = None;
+        cold.closed_with
             .get_or_insert_with(|| (1000, "disconnected by the client".into()));
         self.close(1000, "", ctx.now);
     }
